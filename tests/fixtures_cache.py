@@ -1,0 +1,1 @@
+"""Fixtures for small feature caches (owned by the cache tests)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the offline tiny zoo (owned by the zoo tests)."""
