@@ -69,7 +69,9 @@ class TinyFluxConfig:
                 f"but must sum to attention_head_dim={self.attention_head_dim}"
             )
         if any(d % 2 for d in self.axes_dims_rope):
-            errors.append(f"axes_dims_rope={self.axes_dims_rope}: every axis needs an even number of dims (cos/sin pairs)")
+            errors.append(
+                f"axes_dims_rope={self.axes_dims_rope}: every axis needs an even number of dims (cos/sin pairs)"
+            )
         if len(self.axes_dims_rope) != 3:
             errors.append(f"axes_dims_rope={self.axes_dims_rope}: three axes are expected (index, y, x)")
         if not 0.0 <= self.sol_geometric_weight <= 1.0:

@@ -1,0 +1,262 @@
+"""The student at a tiny size: shapes, init, gradients, teacher forcing, masks, presets."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinyflux.model.config import ConfigError, TinyFluxConfig
+from tinyflux.model.experts import geometric_sol_prior
+from tinyflux.model.math import apply_rope, rope, timestep_embedding
+from tinyflux.model.model import TinyFluxDeep, count_parameters, pack_latents, unpack_latents
+
+B, H, W, L = 2, 8, 8, 5
+
+
+def tiny_config(**overrides) -> TinyFluxConfig:
+    """1 double + 1 single block, 2 heads x 16 (STYLE.md's test size)."""
+    base = dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_double_layers=1,
+        num_single_layers=1,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return TinyFluxConfig.preset("tiny", **{**base, **overrides})
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every weight off its (often zero) initial value so that each path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def inputs(config: TinyFluxConfig, seed: int = 0, k_layers: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(B, config.in_channels, H, W, generator=g)
+    p = config.patch_size
+    txt_shape = (B, L, config.num_t5_layers, config.t5_hidden_size) if k_layers else (B, L, config.t5_hidden_size)
+    return dict(
+        hidden_states=pack_latents(lat, p),
+        encoder_hidden_states=torch.randn(*txt_shape, generator=g),
+        pooled_projections=torch.randn(B, config.pooled_projection_dim, generator=g),
+        timestep=torch.rand(B, generator=g),
+        img_ids=TinyFluxDeep.create_img_ids(B, H // p, W // p),
+    )
+
+
+def teacher(config: TinyFluxConfig, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = config.sol_spatial_size
+    spatial = torch.rand(B, s, s, generator=g)
+    return dict(
+        lune_features=torch.randn(B, config.lune_expert_dim, generator=g),
+        sol_stats=torch.rand(B, 4, generator=g),
+        sol_spatial=spatial / spatial.sum((1, 2), keepdim=True),
+    )
+
+
+@pytest.fixture
+def model() -> TinyFluxDeep:
+    torch.manual_seed(0)
+    m = TinyFluxDeep(tiny_config())
+    perturb(m)
+    return m
+
+
+def test_presets_parameter_counts():
+    with torch.device("meta"):
+        deep = TinyFluxDeep(TinyFluxConfig.preset("deep"))
+        default = TinyFluxDeep(TinyFluxConfig())
+    # deep = the released TinyFlux-Deep v4.2: 512 wide, 15 double + 25 single blocks, ~245M parameters.
+    assert 244e6 < count_parameters(deep) < 247e6
+    assert 2.3e6 < count_parameters(deep.lune) < 2.7e6
+    assert (deep.config.hidden_size, len(deep.double_blocks), len(deep.single_blocks)) == (512, 15, 25)
+    assert count_parameters(TinyFluxDeep(TinyFluxConfig.preset("tiny"))) < 2e6
+    assert default.config.hidden_size == 1536 and len(default.double_blocks) == 4 and len(default.single_blocks) == 8
+
+
+def test_config_validation_and_round_trip(tmp_path):
+    with pytest.raises(ConfigError, match="hidden_size=100 must equal num_attention_heads"):
+        TinyFluxConfig(hidden_size=100)
+    with pytest.raises(ConfigError, match="axes_dims_rope=.*sums to 60"):
+        TinyFluxConfig(axes_dims_rope=(20, 20, 20))
+    with pytest.raises(ConfigError, match="sol_geometric_weight=1.5 must lie in"):
+        TinyFluxConfig(sol_geometric_weight=1.5)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        TinyFluxConfig.preset("huge")
+    with pytest.raises(ConfigError, match=r"unknown TinyFluxConfig field\(s\) \['hidden'\]"):
+        TinyFluxConfig.from_dict({"hidden": 3})
+    cfg = TinyFluxConfig.preset("deep", patch_size=2)
+    assert TinyFluxConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.save_json(tmp_path / "c.json")
+    assert TinyFluxConfig.from_json(tmp_path / "c.json") == cfg
+
+
+def test_forward_shapes_and_zero_init():
+    cfg = tiny_config()
+    m = TinyFluxDeep(cfg)
+    v, info = m(**inputs(cfg), return_expert_pred=True)
+    assert v.shape == (B, H * W, cfg.in_channels)
+    assert torch.count_nonzero(v) == 0  # adaLN-Zero + zero final layer: v_pred starts at exactly 0
+    assert info["lune_pred"].shape == (B, cfg.lune_expert_dim)
+    assert info["sol_stats_pred"].shape == (B, 4)
+    assert info["sol_spatial_pred"].shape == (B, 8, 8)
+    torch.testing.assert_close(info["sol_spatial_pred"].sum((1, 2)), torch.ones(B))
+    assert ((info["sol_stats_pred"] >= 0) & (info["sol_stats_pred"] <= 1)).all()
+
+
+def test_gradient_checkpointing_same_outputs_and_grads(model):
+    x = inputs(model.config)
+    out1 = model(**x).square().mean()
+    out1.backward()
+    grads1 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    out2 = model(**x).square().mean()
+    out2.backward()
+    torch.testing.assert_close(out1, out2)
+    for n, p in model.named_parameters():
+        if n in grads1:
+            torch.testing.assert_close(p.grad, grads1[n], msg=n)
+    assert len(grads1) > 0.9 * len(list(model.parameters()))
+
+
+def test_teacher_forcing_changes_output_per_sample(model):
+    x, tf = inputs(model.config), teacher(model.config)
+    free = model(**x)
+    forced = model(**x, **tf)
+    assert (free - forced).abs().max() > 1e-4
+    # lune_mask / sol_mask select the teacher per sample: sample 0 forced, sample 1 free.
+    mask = torch.tensor([True, False])
+    mixed = model(**x, **tf, lune_mask=mask, sol_mask=mask)
+    torch.testing.assert_close(mixed[0], forced[0])
+    torch.testing.assert_close(mixed[1], free[1])
+
+
+def test_both_distillation_heads_receive_gradient(model):
+    _, info = model(**inputs(model.config), **teacher(model.config), return_expert_pred=True)
+    tf = teacher(model.config, seed=3)
+    loss = (
+        (info["lune_pred"] - tf["lune_features"]).square().mean()
+        + (info["sol_stats_pred"] - tf["sol_stats"]).square().mean()
+        + (info["sol_spatial_pred"] - tf["sol_spatial"]).square().mean()
+    )
+    assert loss > 0
+    loss.backward()
+    assert model.lune.mlp[0][0].weight.grad.abs().sum() > 0
+    assert model.sol.stats_head.weight.grad.abs().sum() > 0
+    assert model.sol.spatial_head.weight.grad.abs().sum() > 0
+
+
+def test_freeze_flags_remove_expert_parameters():
+    m = TinyFluxDeep(tiny_config(freeze_lune=True, freeze_sol=True))
+    trainable = {id(p) for p in m.get_trainable_parameters()}
+    assert not any(id(p) in trainable for p in m.lune.parameters())
+    assert not any(id(p) in trainable for p in m.sol.parameters())
+    assert len(trainable) == sum(1 for p in m.parameters()) - len(list(m.lune.parameters())) - len(
+        list(m.sol.parameters())
+    )
+
+
+def test_padded_text_tokens_are_ignored(model):
+    x = inputs(model.config)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, 3:] = False
+    ref = model(**x, encoder_attention_mask=mask)
+    x["encoder_hidden_states"][:, 3:] = 100.0  # garbage where the mask says padding
+    torch.testing.assert_close(model(**x, encoder_attention_mask=mask), ref)
+    assert (model(**x) - ref).abs().max() > 1e-4  # without the mask the garbage does reach the output
+
+
+def test_t5_layer_mix_and_wrong_layer_count(model):
+    x = inputs(model.config)
+    # A uniform mix of K identical layers equals passing that layer as a (B, L, D) state.
+    one = x["encoder_hidden_states"][:, :, :1]
+    x["encoder_hidden_states"] = one.expand(-1, -1, model.config.num_t5_layers, -1)
+    mixed = model(**x)
+    x["encoder_hidden_states"] = one[:, :, 0]
+    torch.testing.assert_close(model(**x), mixed)
+    x["encoder_hidden_states"] = torch.randn(B, L, 3, model.config.t5_hidden_size)
+    with pytest.raises(ValueError, match="has 3 T5 layers .* t5_layers=\\(2, 4\\)"):
+        model(**x)
+
+
+def test_shape_errors_name_the_input(model):
+    x = inputs(model.config)
+    x["pooled_projections"] = torch.randn(B, 768)
+    with pytest.raises(ValueError, match=r"pooled_projections \(2, 768\): expected \(2, 64\)"):
+        model(**x)
+
+
+def test_cross_attention_sharing_shares_one_text_projection():
+    shared = TinyFluxDeep(tiny_config(num_double_layers=3, use_cross_attention_sharing=True))
+    own = TinyFluxDeep(tiny_config(num_double_layers=3, use_cross_attention_sharing=False))
+    per_proj = count_parameters(own.double_blocks[0].txt_attn)
+    assert count_parameters(own) - count_parameters(shared) == 2 * per_proj
+    assert all(b.txt_attn is None for b in shared.double_blocks)
+    assert len(shared.state_dict()) == len(set(shared.state_dict()))
+    perturb(shared)
+    cfg = shared.config
+    assert shared(**inputs(cfg)).shape == (B, H * W, cfg.in_channels)
+
+
+def test_patch_size_2_and_pack_round_trip():
+    lat = torch.randn(B, 16, H, W)
+    tokens = pack_latents(lat, 2)
+    assert tokens.shape == (B, (H // 2) * (W // 2), 64)
+    torch.testing.assert_close(unpack_latents(tokens, H, W, 2), lat)
+    cfg = tiny_config(patch_size=2)
+    m = TinyFluxDeep(cfg)
+    perturb(m)
+    assert m(**inputs(cfg)).shape == (B, (H // 2) * (W // 2), 64)
+
+
+def test_img_ids_rope_and_timestep_embedding_closed_forms():
+    ids = TinyFluxDeep.create_img_ids(1, 2, 3)
+    assert ids[0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]]
+    emb = timestep_embedding(torch.zeros(2), 8)
+    torch.testing.assert_close(emb, torch.cat([torch.ones(2, 4), torch.zeros(2, 4)], 1))
+    # RoPE is a rotation (norm preserved) and q.k depends only on the position difference.
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def rotated(pos):
+        cos, sin = rope(torch.tensor([[[0.0, pos[0], pos[1]]]]), (4, 6, 6), 10000)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), cos, sin
+
+    q1, _, cos, sin = rotated((2.0, 5.0))
+    torch.testing.assert_close(q1.norm(), q.norm())
+    dot_a = (rotated((2.0, 5.0))[0] * rotated((1.0, 3.0))[1]).sum()
+    dot_b = (rotated((7.0, 9.0))[0] * rotated((6.0, 7.0))[1]).sum()
+    torch.testing.assert_close(dot_a, dot_b)
+
+
+def test_sol_prior_is_identity_on_q_k_at_init_and_geometric_prior_flattens_with_noise():
+    cfg = tiny_config()
+    m = TinyFluxDeep(cfg)
+    x = inputs(cfg)
+    from tinyflux.model.experts import TIME_FREQ_DIM
+
+    text_time = torch.randn(B, TIME_FREQ_DIM + cfg.pooled_projection_dim + cfg.t5_hidden_size)
+    out = m.sol(x["timestep"], text_time)
+    q_scale, k_scale = m.sol.qk_scales(out, (H, W), L)
+    torch.testing.assert_close(k_scale, torch.ones(B, cfg.num_attention_heads, L + H * W, 1))
+    tau = 0.5 + out.stats[:, 1]
+    torch.testing.assert_close(q_scale, torch.ones_like(q_scale) / tau.view(B, 1, 1, 1))
+    stats, spatial = geometric_sol_prior(torch.tensor([0.0, 1.0]), 8)  # t=0 pure noise, t=1 data
+    assert spatial[0].max() < spatial[1].max()  # flatter at noise
+    assert stats[0, 1] > stats[1, 1]  # higher entropy at noise
+
+
+def test_model_code_never_imports_accelerate():
+    code = (
+        "import sys, tinyflux.model.model, tinyflux.model.loader;"
+        "bad = [m for m in sys.modules if m.startswith(('accelerate', 'tinyflux.trainer'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
