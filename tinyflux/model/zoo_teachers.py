@@ -1,0 +1,165 @@
+"""How the teachers' features are taken from inside an SD1.5-structured UNet: inputs, Lune's mid block, Sol's attention.
+
+Definitions and conventions: docs/EXPERT_CACHE.md. A teacher sees seeded pure noise, the CLIP context of the prompt and
+the SD noise level (1 - t) * 1000 for a TinyFlux timestep t (t = 1 is data); its features depend on nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from einops import rearrange
+
+from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.sol_stats import attention_spatial_map, attention_stats
+from tinyflux.model.zoo_sources import ZooError
+
+
+def teacher_noise_level(t: torch.Tensor) -> torch.Tensor:
+    """SD-style noise level of TinyFlux timesteps: (1 - t) * 1000, so t = 1 (data) -> 0 and t = 0 (noise) -> 1000."""
+    return (1.0 - t) * 1000.0
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per seed, drawn on the CPU so a seed means the same noise on any device.
+
+    Returns (len(seeds), *shape) float32; equal seeds give equal maps.
+    """
+    drawn = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in set(seeds)}
+    return torch.stack([drawn[s] for s in seeds])
+
+
+def per_sample_timesteps(timesteps: float | torch.Tensor, n: int) -> torch.Tensor:
+    """One float or n values in [0, 1] -> (n,) float32 on the CPU."""
+    t = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu().flatten()
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ValueError(f"timesteps has {t.numel()} values for {n} prompts; pass one float or one value per prompt")
+    if ((t < 0) | (t > 1)).any():
+        raise ValueError(f"timesteps must lie in [0, 1] (TinyFlux convention, 1 = data), got {t.tolist()}")
+    return t
+
+
+def per_sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One int (shared by all prompts) or n ints -> n seeds."""
+    seeds = [int(seed)] * n if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"seed lists {len(seeds)} seeds for {n} prompts; pass one int or one seed per prompt")
+    return seeds
+
+
+class _MidBlockReached(Exception):
+    """Carries the mid-block output out of a UNet forward and stops it there: Lune needs no decoder half."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("UNet mid block reached")
+        self.output = output
+
+
+def mid_block_features(
+    unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """The UNet's mid-block output averaged over space, (B, C_mid) float32; the up blocks never run."""
+
+    def stop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        raise _MidBlockReached(output)
+
+    handle = unet.mid_block.register_forward_hook(stop)
+    try:
+        unet(sample, timestep, encoder_hidden_states=context)
+    except _MidBlockReached as reached:
+        return reached.output.float().mean(dim=(2, 3))  # (B, C_mid, h, w) -> (B, C_mid)
+    finally:
+        handle.remove()
+    raise ZooError("the Lune UNet finished its forward without running its mid block")
+
+
+class SolAttentionRecorder:
+    """Attention processor for the self-attention (attn1) layers of the Sol UNet.
+
+    Computes attention like diffusers' AttnProcessor (explicit probabilities, as SDPA does not return them) and, per
+    layer, records the Sol statistics (B, 4) and spatial map (B, S, S) of the head-averaged probabilities. Layers on a
+    1x1 grid carry no spatial information and are skipped.
+    """
+
+    def __init__(self, spatial_size: int = TinyFluxConfig().sol_spatial_size):
+        self.reset(spatial_size)
+
+    def reset(self, spatial_size: int) -> None:
+        self.spatial_size = spatial_size
+        self.stats: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ZooError("SolAttentionRecorder belongs on self-attention (attn1) layers, got cross-attention input")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_input = hidden_states.ndim == 4
+        if spatial_input:
+            height = hidden_states.shape[2]
+            hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
+        batch, tokens, _ = hidden_states.shape  # (B, N, C)
+        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, N, d)
+        key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(hidden_states))
+        out = torch.empty_like(value)  # (B*heads, N, d)
+        layer = []
+        # One sample at a time: the probabilities are (heads, N, N), 268 MB in bf16 for SD1.5's N = 64*64 at 8 heads,
+        # so the peak memory does not grow with the batch.
+        for sample in range(batch):
+            rows = slice(sample * attn.heads, (sample + 1) * attn.heads)
+            mask = None if attention_mask is None else attention_mask[rows]
+            probs = attn.get_attention_scores(query[rows], key[rows], mask)  # (heads, N, N)
+            out[rows] = torch.bmm(probs, value[rows])
+            layer.append(self._measure(probs.mean(dim=0, keepdim=True, dtype=torch.float32)))  # head mean (1, N, N)
+        if layer[0] is not None:
+            self.stats.append(torch.cat([stats for stats, _ in layer]))  # (B, 4)
+            self.maps.append(torch.cat([spatial for _, spatial in layer]))  # (B, S, S)
+
+        out = attn.batch_to_head_dim(out)  # (B, N, C)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial_input:
+            out = rearrange(out, "b (h w) c -> b c h w", h=height)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _measure(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(stats (B, 4), spatial (B, S, S)) of head-averaged probabilities (B, N, N); None for a 1x1 grid."""
+        side = math.isqrt(probs.shape[-1])
+        if side * side != probs.shape[-1]:
+            raise ZooError(f"Sol self-attention over {probs.shape[-1]} tokens is not a square grid")
+        if side < 2:
+            return None
+        return attention_stats(probs, side), attention_spatial_map(probs, side, self.spatial_size)
+
+
+def install_sol_recorder(unet: UNet2DConditionModel) -> SolAttentionRecorder:
+    """Put one SolAttentionRecorder on every self-attention (attn1) layer; cross-attention keeps its processor."""
+    recorder = SolAttentionRecorder()
+    processors = unet.attn_processors
+    self_attention = [name for name in processors if name.endswith("attn1.processor")]
+    if not self_attention:
+        raise ZooError("the Sol UNet has no self-attention (attn1) layers to record")
+    unet.set_attn_processor({name: recorder if name in self_attention else p for name, p in processors.items()})
+    return recorder
