@@ -1,0 +1,1 @@
+"""Small built-in datasets (tinyflux.data.demo: procedurally drawn shapes with captions)."""

@@ -1,0 +1,504 @@
+"""The cache build behind build_cache.py: inputs -> batched encoders and teachers -> shards, manifest and report.
+
+Deterministic sharding: inputs are listed in a fixed order (sorted keys for folders, row order for datasets, tar order
+for webdataset inputs); shard j covers inputs [j * shard_size, (j + 1) * shard_size) and process r of R builds the
+shards with j % R == r. A shard's bytes depend only on its inputs and the feature settings, so a re-run (with any
+number of processes) skips complete shards and rebuilds an interrupted one identically. Rank 0 writes the manifest and
+the report once every process is done. Formats: docs/CACHE_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from itertools import count, islice
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from tinyflux.model.config import PRESETS, TinyFluxConfig
+from tinyflux.trainer.cache_encode import (
+    DUPLICATE_KEY,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    SkippedInput,
+    check_caption,
+    encode_batch,
+    load_image,
+    prepare_image,
+)
+from tinyflux.trainer.cache_format import (
+    MANIFEST_NAME,
+    REPORT_NAME,
+    REPORT_TEXT_NAME,
+    SHARD_DIR,
+    CacheFormatError,
+    Manifest,
+    assemble_manifest,
+    dtype_name,
+    encode_sample,
+    feature_hash,
+    feature_settings,
+    fields_of,
+    parse_dtype,
+    shard_is_complete,
+    shard_path,
+    write_json_atomic,
+    write_manifest,
+    write_report,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+BUILD_LOCK = "build.json"  # the feature settings of the shards in an output directory, written before the first shard
+# The closing barrier waits for the slowest process; a resumed build can leave one rank hours of work ahead of another.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+class BuildError(ValueError):
+    """A cache build that cannot start: bad arguments, or an output directory built with other settings."""
+
+
+@dataclass
+class BuildCacheArgs:
+    """Arguments of build_cache.py (one field per flag)."""
+
+    output: str = field(metadata={"help": "cache directory to write (shards/, manifest.json, report.json)"})
+    images: Optional[str] = field(default=None, metadata={"help": "folder of images with same-stem .txt captions"})
+    dataset: Optional[str] = field(
+        default=None, metadata={"help": "a `datasets` dataset: Hub name, or a local save_to_disk / data directory"}
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "--dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "--dataset split"})
+    wds: Optional[list[str]] = field(
+        default=None, metadata={"help": "webdataset tars of images + captions (paths or brace patterns)"}
+    )
+    image_column: Optional[str] = field(
+        default=None, metadata={"help": "image column (--dataset, default 'image') or extensions (--wds, 'jpg;png')"}
+    )
+    caption_column: Optional[str] = field(
+        default=None, metadata={"help": "caption column (--dataset, default 'text') or extension (--wds, 'txt')"}
+    )
+    resolution: int = field(default=512, metadata={"help": "square side in pixels (multiple of 8)"})
+    min_size: Optional[int] = field(
+        default=None, metadata={"help": "skip images whose shorter side is below this (default resolution / 2)"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "inputs per model batch"})
+    shard_size: int = field(default=1000, metadata={"help": "inputs per shard"})
+    model_preset: str = field(default="default", metadata={"help": f"preset whose t5_layers to cache: {list(PRESETS)}"})
+    t5_layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "T5 hidden-state indices (wins over preset)"}
+    )
+    zoo: Optional[str] = field(default=None, metadata={"help": "tiny zoo directory (overrides the model sources)"})
+    vae: Optional[str] = field(default=None, metadata={"help": "VAE repo id or path (default: the zoo's, FLUX.1-dev)"})
+    t5: Optional[str] = field(default=None, metadata={"help": "T5 encoder repo id or path (default flan-t5-base)"})
+    clip: Optional[str] = field(default=None, metadata={"help": "CLIP text repo id or path (default ViT-L/14)"})
+    experts: Optional[str] = field(default=None, metadata={"help": "repo id or folder of the Lune / Sol weights"})
+    no_lune: bool = field(default=False, metadata={"help": "do not extract Lune features"})
+    no_sol: bool = field(default=False, metadata={"help": "do not extract Sol features"})
+    seed: int = field(default=0, metadata={"help": "seed of the teachers' noise (one for all samples)"})
+    device: str = field(default="auto", metadata={"help": "auto (the process's GPU, else CPU), cuda or cpu"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32"})
+    storage_dtype: str = field(default="float16", metadata={"help": "dtype of the stored tensors: float16 or bfloat16"})
+    name: Optional[str] = field(default=None, metadata={"help": "dataset name in the manifest (default: output name)"})
+    num_loaders: int = field(default=4, metadata={"help": "threads that read and resize images ahead of the models"})
+    stop_after_shards: Optional[int] = field(
+        default=None, metadata={"help": "testing: each process stops after writing this many shards (a killed build)"}
+    )
+
+    def __post_init__(self) -> None:
+        given = [f for f in ("images", "dataset", "wds") if getattr(self, f)]
+        problems = []
+        if len(given) != 1:
+            problems.append(f"give exactly one input: --images, --dataset or --wds (got {given or 'none'})")
+        if self.images and not Path(self.images).is_dir():
+            problems.append(f"--images {self.images} is not a directory")
+        if self.resolution <= 0 or self.resolution % 8:
+            problems.append(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+        for name in ("batch_size", "shard_size", "num_loaders"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} {getattr(self, name)} must be >= 1")
+        if self.model_preset not in PRESETS:
+            problems.append(f"--model_preset {self.model_preset!r}: choose one of {list(PRESETS)}")
+        if self.storage_dtype not in ("float16", "fp16", "bfloat16", "bf16"):
+            problems.append(f"--storage_dtype {self.storage_dtype!r}: choose float16 or bfloat16")
+        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+            problems.append(f"--dtype {self.dtype!r}: choose auto, bf16, fp16 or fp32")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"--device {self.device!r}: choose auto, cuda or cpu")
+        if problems:
+            raise BuildError("build_cache.py arguments:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.t5_layers) if self.t5_layers else TinyFluxConfig.preset(self.model_preset).t5_layers
+
+
+@dataclass
+class InputItem:
+    """One input: its sample key, where it came from (for the report), and how to load (image, caption)."""
+
+    key: str
+    source: str
+    load: Callable[[], tuple[Image.Image, str]]  # raises SkippedInput
+
+
+def sample_key(name: str) -> str:
+    """A tar-safe key: webdataset splits member names at the first '.', so dots become '_'."""
+    return name.replace("\\", "/").replace(".", "_")
+
+
+def _load_file(image_path: Path) -> tuple[Image.Image, str]:
+    caption_path = image_path.with_suffix(".txt")
+    if not caption_path.is_file():
+        raise SkippedInput(MISSING_CAPTION, f"no {caption_path.name} beside the image")
+    caption = check_caption(caption_path.read_text(encoding="utf-8", errors="replace"))
+    return load_image(image_path), caption
+
+
+def folder_items(root: str | Path) -> list[InputItem]:
+    """Images under `root` (recursively), sorted by key = relative path without extension."""
+    root = Path(root)
+    paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    items = [
+        InputItem(sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p), partial(_load_file, p))
+        for p in paths
+    ]
+    return sorted(items, key=lambda item: (item.key, item.source))
+
+
+def _load_row(ds: Any, i: int, image_column: str, caption_column: str) -> tuple[Image.Image, str]:
+    row = ds[i]
+    caption = check_caption(row.get(caption_column))
+    value = row.get(image_column)
+    if value is None:
+        raise SkippedInput(MISSING_IMAGE, f"column {image_column!r} is empty")
+    if isinstance(value, Image.Image):
+        return value, caption
+    if isinstance(value, dict):  # datasets' Image(decode=False): {"bytes", "path"}
+        value = value.get("bytes") or value.get("path")
+    return load_image(value), caption
+
+
+def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
+    """Rows of a `datasets` dataset in row order, keys = zero-padded row numbers."""
+    import datasets
+
+    image_column, caption_column = args.image_column or "image", args.caption_column or "text"
+    path = Path(args.dataset)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(path))
+        ds = ds[args.split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
+    missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
+    if missing:
+        raise BuildError(
+            f"--dataset {args.dataset} has no column(s) {missing}; its columns are {ds.column_names}: "
+            "pick them with --image_column / --caption_column"
+        )
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    width = max(8, len(str(len(ds))))
+    load = partial(_load_row, ds, image_column=image_column, caption_column=caption_column)
+    return [InputItem(f"{i:0{width}d}", f"{args.dataset}[{i}]", partial(load, i=i)) for i in range(len(ds))]
+
+
+def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: str) -> tuple[Image.Image, str]:
+    caption = check_caption(raw.get(caption_ext))
+    data = next((raw[ext] for ext in image_exts if ext in raw), None)
+    if data is None:
+        raise SkippedInput(MISSING_IMAGE, f"no member with extension {image_exts}")
+    return load_image(data), caption
+
+
+def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
+    """Samples of webdataset tars in tar order, streamed (each process reads them all, decodes only its own)."""
+    urls = [url for spec in args.wds for url in wds.shardlists.expand_urls(spec)]
+    image_exts = (args.image_column or "jpg;jpeg;png;webp").split(";")
+    caption_ext = args.caption_column or "txt"
+    load = partial(_load_tar_sample, image_exts=image_exts, caption_ext=caption_ext)
+    for raw in wds.tarfile_samples([{"url": url} for url in urls]):
+        yield InputItem(sample_key(raw["__key__"]), f"{raw['__url__']}:{raw['__key__']}", partial(load, raw))
+
+
+def list_inputs(args: BuildCacheArgs) -> tuple[Iterable[InputItem], int | None]:
+    """The inputs in shard order, and how many there are when known without reading them all."""
+    if args.images:
+        items = folder_items(args.images)
+        return items, len(items)
+    if args.dataset:
+        items = dataset_items(args)
+        return items, len(items)
+    return wds_items(args), None
+
+
+def _chunks(items: Iterable[InputItem], size: int) -> Iterator[tuple[int, list[InputItem]]]:
+    it = iter(items)
+    for j in count():
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        yield j, chunk
+
+
+def _prepared(item: InputItem, resolution: int, min_size: int | None) -> tuple[Image.Image, str] | SkippedInput:
+    try:
+        image, caption = item.load()
+        return prepare_image(image, resolution, min_size), caption
+    except SkippedInput as skip:
+        return skip
+
+
+def _loaded_batches(
+    pool: ThreadPoolExecutor, items: list[InputItem], batch_size: int, load: Callable[[InputItem], Any]
+) -> Iterator[tuple[list[InputItem], list[Any]]]:
+    """Input batches with their loaded results; the next batch loads in the threads while this one is encoded."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    pending: list[Future] = [pool.submit(load, item) for item in batches[0]] if batches else []
+    for k, batch in enumerate(batches):
+        ahead = [pool.submit(load, item) for item in batches[k + 1]] if k + 1 < len(batches) else []
+        yield batch, [f.result() for f in pending]
+        pending = ahead
+
+
+@dataclass
+class _Shard:
+    """What one process needs to build one shard."""
+
+    index: int
+    items: list[InputItem]
+    duplicates: set[int]  # id() of the items in this chunk whose key an earlier input already has
+
+
+class CacheBuilder:
+    """Builds the shards of one process. Use run_build(args) for the whole multi-process build."""
+
+    def __init__(self, args: BuildCacheArgs, zoo: Any, settings: dict[str, Any], bar: tqdm):
+        self.args, self.zoo, self.settings, self.bar = args, zoo, settings, bar
+        self.feature_hash = feature_hash(settings)
+        self.storage_dtype = parse_dtype(settings["storage_dtype"])
+        self.pool = ThreadPoolExecutor(args.num_loaders)
+
+    def __enter__(self) -> CacheBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown()
+
+    def skip_progress(self, inputs: int) -> None:
+        """Inputs of a shard complete from an earlier run: off the bar's total, so its rate is the real one."""
+        if self.bar.total is not None:
+            self.bar.total -= inputs
+            self.bar.refresh()
+
+    def _skip(self, item: InputItem, reason: str, detail: str) -> dict[str, str]:
+        return {"key": item.key, "reason": reason, "detail": detail, "source": item.source}
+
+    def build(self, shard: _Shard) -> dict[str, Any]:
+        """Encode a shard's usable inputs in batches and write it; returns its sidecar."""
+        args = self.args
+        positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
+        load = partial(_prepared, resolution=args.resolution, min_size=args.min_size)
+        samples, skipped, lengths, fields = [], [], [], {}
+        for batch, results in _loaded_batches(self.pool, shard.items, args.batch_size, load):
+            good = []
+            for item, result in zip(batch, results, strict=True):
+                if id(item) in shard.duplicates:
+                    skipped.append(self._skip(item, DUPLICATE_KEY, "an earlier input has the same key"))
+                elif isinstance(result, SkippedInput):
+                    skipped.append(self._skip(item, result.reason, result.detail))
+                else:
+                    good.append((item, *result))
+            if good:
+                out = encode_batch(
+                    self.zoo,
+                    [image for _, image, _ in good],
+                    [caption for _, _, caption in good],
+                    lune=self.settings["lune"],
+                    sol=self.settings["sol"],
+                    seed=self.settings["seed"],
+                    t_buckets=torch.tensor(self.settings["t_buckets"]),
+                )
+                for b, (item, _, caption) in enumerate(good):
+                    n = int(out["t5_lengths"][b])
+                    tensors = {k: v[b] for k, v in out.items() if k != "t5_lengths"}
+                    tensors["t5_embeds"] = tensors["t5_embeds"][:n]  # (n, K, D): no padding on disk
+                    tensors = {k: v.to(self.storage_dtype) for k, v in tensors.items()}
+                    meta = {"input_index": positions[id(item)], "t5_length": n}
+                    samples.append(encode_sample(item.key, caption, tensors, meta))
+                    lengths.append(n)
+                fields = fields_of(tensors)
+            self.bar.update(len(batch))
+        sidecar = {
+            "input_keys": [item.key for item in shard.items],
+            "skipped": skipped,
+            "feature_hash": self.feature_hash,
+            "fields": fields,
+            "t5_length_sum": sum(lengths),
+            "t5_length_max": max(lengths, default=0),
+        }
+        return write_shard(shard_path(args.output, shard.index), samples, sidecar)
+
+
+def _make_accelerator(args: BuildCacheArgs) -> Any:
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    # cpu=True is what makes processes of `accelerate launch --multi_gpu` on a machine without GPUs join a gloo group
+    return Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
+
+
+def _make_zoo(args: BuildCacheArgs, device: torch.device, dtype: torch.dtype) -> Any:
+    from tinyflux.model.zoo import ModelZoo
+
+    sources = {"vae_repo": args.vae, "t5_repo": args.t5, "clip_repo": args.clip, "experts_repo": args.experts}
+    sources = {k: v for k, v in sources.items() if v is not None}
+    return ModelZoo(device=str(device), dtype=dtype, zoo=args.zoo, t5_layers=args.layers, **sources)
+
+
+def build_settings(args: BuildCacheArgs, zoo: Any, compute_dtype: torch.dtype) -> dict[str, Any]:
+    sources = {"vae": zoo.vae_repo, "t5": zoo.t5_repo, "clip": zoo.clip_repo, "experts": zoo.experts_repo}
+    return feature_settings(
+        resolution=args.resolution,
+        t5_layers=args.layers,
+        seed=args.seed,
+        sources=sources,
+        compute_dtype=dtype_name(compute_dtype),
+        storage_dtype=dtype_name(parse_dtype(args.storage_dtype)),
+        lune=not args.no_lune,
+        sol=not args.no_sol,
+    )
+
+
+def check_build_lock(output: Path, settings: dict[str, Any]) -> bool:
+    """True when `output` already holds shards of these settings; BuildError when it holds shards of others."""
+    lock = output / BUILD_LOCK
+    if not lock.is_file():
+        return False
+    old = json.loads(lock.read_text())
+    if feature_hash(old) == feature_hash(settings):
+        return True
+    changed = [
+        f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+        for k in sorted(set(old) | set(settings))
+        if old.get(k) != settings.get(k)
+    ]
+    raise BuildError(
+        f"{output} holds a cache built with other feature settings ({'; '.join(changed)}). Use a new --output, "
+        f"or delete {output} to rebuild it with these settings."
+    )
+
+
+def _owned_inputs(total: int | None, shard_size: int, rank: int, world: int) -> int | None:
+    """How many of `total` inputs fall in the shards of process `rank`."""
+    if total is None:
+        return None
+    return sum(min(shard_size, total - j * shard_size) for j in range(rank, -(-total // shard_size), world))
+
+
+def _build_shards(
+    args: BuildCacheArgs, builder: CacheBuilder, items: Iterable[InputItem], rank: int, world: int
+) -> int:
+    """Build this process's incomplete shards; returns the number of shards of the whole input."""
+    seen: set[str] = set()
+    num_shards, written, reused = 0, 0, 0
+    for j, chunk in _chunks(items, args.shard_size):
+        num_shards = j + 1
+        duplicates = set()  # every process tracks every key, so all agree on which input is the duplicate
+        for item in chunk:
+            if item.key in seen:
+                duplicates.add(id(item))
+            seen.add(item.key)
+        if j % world != rank:
+            continue
+        if shard_is_complete(shard_path(args.output, j), [item.key for item in chunk], builder.feature_hash):
+            reused += 1
+            builder.skip_progress(len(chunk))
+            continue
+        if args.stop_after_shards is not None and written >= args.stop_after_shards:
+            continue
+        builder.build(_Shard(j, chunk, duplicates))
+        written += 1
+    logger.info("rank %d: %d shards written, %d complete from an earlier run", rank, written, reused)
+    return num_shards
+
+
+def _start_output(output: Path, settings: dict[str, Any], accelerator: Any) -> None:
+    """Refuse an output built with other settings (on every rank), then record ours and drop the old manifest."""
+    check_build_lock(output, settings)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (output / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output / BUILD_LOCK, settings)
+        for stale in (MANIFEST_NAME, REPORT_NAME, REPORT_TEXT_NAME):  # rewritten at the end; absent = not finished
+            (output / stale).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def run_build(args: BuildCacheArgs) -> Manifest | None:
+    """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
+    accelerator = _make_accelerator(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # accelerate names the CPU "cpu:0" on several processes, which safetensors refuses
+    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
+    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute_dtype = auto_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+    zoo = _make_zoo(args, device, compute_dtype)
+    settings = build_settings(args, zoo, compute_dtype)
+    output = Path(args.output)
+    _start_output(output, settings, accelerator)
+
+    items, total = list_inputs(args)
+    bar = tqdm(
+        total=_owned_inputs(total, args.shard_size, rank, world),
+        unit="sample",
+        desc=f"cache build, rank {rank} of {world}",
+        disable=not accelerator.is_local_main_process,
+    )
+    with CacheBuilder(args, zoo, settings, bar) as builder:
+        num_shards = _build_shards(args, builder, items, rank, world)
+    bar.close()
+    if num_shards == 0:
+        raise BuildError(f"no inputs found in {args.images or args.dataset or args.wds}")
+    accelerator.wait_for_everyone()
+    manifest = None
+    if accelerator.is_main_process:
+        manifest = _finish(output, num_shards, args.name or output.resolve().name, settings)
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def _finish(output: Path, num_shards: int, name: str, settings: dict[str, Any]) -> Manifest | None:
+    """Rank 0, after every rank: manifest + report when all shards are complete, else say how to finish."""
+    try:
+        manifest = assemble_manifest(output, num_shards, name, settings)
+    except CacheFormatError as e:
+        logger.warning("%s", e)
+        return None
+    for extra in sorted((output / SHARD_DIR).glob("shard-*.tar")):  # shards of an earlier, longer input list
+        if int(extra.stem.split("-")[1]) >= num_shards:
+            extra.unlink()
+            extra.with_suffix(".json").unlink(missing_ok=True)
+    write_manifest(output, manifest)
+    write_report(output, manifest)
+    logger.info(
+        "cache %s: %d samples in %d shards, %d inputs skipped (see %s)",
+        output,
+        manifest.num_samples,
+        num_shards,
+        manifest.num_skipped,
+        output / REPORT_TEXT_NAME,
+    )
+    return manifest

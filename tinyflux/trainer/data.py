@@ -1,0 +1,466 @@
+"""Training batches from feature caches: in memory (CachedDataset + collate_fn) or streamed from shards.
+
+A batch is a dict (the contract the trainer reads): "latents" (B, C, H, W), "t5_embeds" (B, L, K, D) zero-padded to the
+longest in the batch, "t5_mask" (B, L) bool (True = real token), "clip_pooled" (B, P), "lune" (B, T, lune_dim),
+"sol_stats" (B, T, 4), "sol_spatial" (B, T, S, S) (absent when the cache has none), "t_buckets" (T,), "index" (B,)
+long (the sample's position in its cache), "dataset_id" (B,) long, "caption" and "key" (lists of str). When a batch
+mixes caches with and without a teacher, that teacher's rows from caches without it are zero and "lune_mask" /
+"sol_mask" (B,) bool mark the real ones.
+
+Streaming (StreamingCacheDataset, driven by StreamingLoader / make_stream_loader) follows docs/CACHE_FORMAT.md:
+every rank and DataLoader worker reads its own contiguous slice of each cache's samples per epoch, shuffles it through
+a buffer, and mixes caches by weight. Everything is a pure function of (seed, layout, position), so the loader's state
+is a few integers per worker and a restored stream yields exactly the samples the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from tinyflux.model.config import TinyFluxConfig
+from tinyflux.trainer.cache_experts import DatasetCache
+from tinyflux.trainer.cache_format import CacheFormatError, Manifest, check_compatible, decode_sample, load_manifest
+
+logger = logging.getLogger(__name__)
+
+TEACHER_TENSORS = {"lune": ("lune",), "sol": ("sol_stats", "sol_spatial")}
+_MIX_BLOCK = 1024  # mixing draws are generated in seeded blocks, so draw d is computable without the ones before it
+_STATE_VERSION = 1
+
+
+def collate_fn(
+    samples: Sequence[dict[str, Any]], pad_to: int | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Samples (CachedDataset / stream items) -> one batch dict (module docstring); T5 states padded with a mask."""
+    lengths = [s["t5_embeds"].shape[0] for s in samples]
+    width = max(lengths) if pad_to is None else pad_to
+    if max(lengths) > width:
+        raise ValueError(f"a sample has {max(lengths)} T5 tokens, more than pad_to={pad_to}")
+    first = samples[0]["t5_embeds"]
+    t5 = torch.zeros(len(samples), width, *first.shape[1:], dtype=dtype)  # (B, L, K, D)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)  # (B, L)
+    for b, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+        t5[b, :n] = s["t5_embeds"].to(dtype)
+        mask[b, :n] = True
+    batch: dict[str, Any] = {
+        "latents": torch.stack([s["latents"] for s in samples]).to(dtype),  # (B, C, H, W)
+        "t5_embeds": t5,
+        "t5_mask": mask,
+        "clip_pooled": torch.stack([s["clip_pooled"] for s in samples]).to(dtype),  # (B, P)
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+        "dataset_id": torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.long),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+    for teacher, names in TEACHER_TENSORS.items():
+        have = [all(n in s for n in names) for s in samples]
+        if not any(have):
+            continue
+        ref = samples[have.index(True)]
+        for name in names:
+            rows = [s[name] if h else torch.zeros_like(ref[name]) for s, h in zip(samples, have, strict=True)]
+            batch[name] = torch.stack(rows).to(dtype)  # (B, T, ...)
+        if not all(have):
+            batch[f"{teacher}_mask"] = torch.tensor(have, dtype=torch.bool)
+    buckets = next((s["t_buckets"] for s in samples if "t_buckets" in s), None)
+    if buckets is not None:
+        batch["t_buckets"] = buckets.float()  # (T,)
+    return batch
+
+
+class CachedDataset(Dataset):
+    """Map-style dataset over an in-memory DatasetCache: sample dicts for collate_fn, tagged with `dataset_id`."""
+
+    def __init__(self, cache: DatasetCache, dataset_id: int = 0):
+        self.cache, self.dataset_id = cache, dataset_id
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {**self.cache.sample(idx), "dataset_id": self.dataset_id}
+
+
+def _rng(*words: int) -> np.random.Generator:
+    """A generator seeded by a tuple of non-negative ints (seed, source, epoch, ...): stable across runs and machines."""
+    return np.random.default_rng([int(w) for w in words])
+
+
+@dataclass
+class _Source:
+    """One cache directory as the stream sees it."""
+
+    cache_dir: str
+    manifest: Manifest
+    paths: list[str]
+    counts: list[int]
+    offsets: list[int]  # index of each shard's first sample in manifest order (the sample's "index")
+
+    @classmethod
+    def open(cls, cache_dir: str | Path) -> _Source:
+        manifest = load_manifest(cache_dir)
+        paths = [str(Path(cache_dir) / s["name"]) for s in manifest.shards]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise CacheFormatError(f"{cache_dir}: {len(missing)} shard(s) in the manifest are missing: {missing[:3]}")
+        counts = [int(s["count"]) for s in manifest.shards]
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        return cls(str(cache_dir), manifest, paths, counts, offsets)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.manifest.feature_hash}:{self.manifest.num_samples}"
+
+
+def _check_sources_agree(sources: list[_Source]) -> None:
+    """Caches mixed into one batch must agree on every per-sample shape and on the buckets."""
+    first = sources[0].manifest
+    for src in sources[1:]:
+        m = src.manifest
+        problems = [
+            f"{name} {m.fields[name].shape} vs {first.fields[name].shape}"
+            for name in ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+            if name in m.fields and name in first.fields and m.fields[name].shape != first.fields[name].shape
+        ]
+        if m.t5_layers != first.t5_layers:
+            problems.append(f"t5_layers {m.t5_layers} vs {first.t5_layers}")
+        if m.t_buckets != first.t_buckets:
+            problems.append(f"t_buckets {m.t_buckets} vs {first.t_buckets}")
+        if problems:
+            raise CacheFormatError(
+                f"{src.cache_dir} cannot be mixed with {sources[0].cache_dir}: " + "; ".join(problems) + ". "
+                "Build every cache of one run with the same --resolution, --t5_layers and models."
+            )
+
+
+def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle-buffer order: fill `size` items, then emit a random one per item read; drain in random order."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], item = item, buffer[j]
+        yield item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+class StreamingCacheDataset(IterableDataset):
+    """Collated batches streamed from one or more shard sets (cache directories), mixed by `weights`.
+
+    Layout: per cache and epoch, the shards are put in a seeded order; rank r of R takes the contiguous run
+    [r * n_r, (r + 1) * n_r) of the samples in that order (n_r = N // R) and logical worker w of W the run
+    [w * n_w, (w + 1) * n_w) of it (n_w = n_r // W), so the few leftover samples differ every epoch. Each worker reads
+    its run through a shuffle buffer seeded by (seed, cache, epoch, rank, worker). Draw d of worker w picks the cache by
+    a uniform seeded by (seed, w, d), the same on every rank, so every rank consumes each cache at the same pace.
+
+    A pass (one finite iteration) is E = sum over caches of n_w draws per worker: one epoch of a single cache.
+    `infinite=True` never ends a pass and keeps every batch full. Use it through StreamingLoader (make_stream_loader),
+    which tracks what was consumed; a plain DataLoader also works (batch_size=None) but cannot be resumed exactly.
+    """
+
+    def __init__(
+        self,
+        sources: str | Path | Sequence[str | Path],
+        weights: Sequence[float] | None = None,
+        batch_size: int = 8,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        infinite: bool = False,
+        pad_to: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        model_config: TinyFluxConfig | None = None,
+    ):
+        dirs = [sources] if isinstance(sources, (str, Path)) else list(sources)
+        if not dirs:
+            raise ValueError("no cache directories given")
+        weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(dirs) or any(w <= 0 for w in weights):
+            raise ValueError(f"weights {weights} must be {len(dirs)} positive numbers, one per cache")
+        if rank is None or world_size is None:
+            env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
+            rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
+        self.sources = [_Source.open(d) for d in dirs]
+        _check_sources_agree(self.sources)
+        if model_config is not None:
+            for src in self.sources:
+                check_compatible(src.manifest, model_config, where=f"cache {src.cache_dir}")
+        self.weights = weights
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers  # DataLoader worker processes; 0 = the main process, one logical worker
+        self.layout_workers = max(1, num_workers)
+        self.infinite, self.pad_to, self.dtype = infinite, pad_to, dtype
+        self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
+        for src, n in zip(self.sources, self.per_worker, strict=True):
+            if n == 0:
+                raise ValueError(
+                    f"{src.cache_dir} holds {src.manifest.num_samples} samples: too few for {world_size} process(es) x "
+                    f"{self.layout_workers} worker(s). Use fewer DataLoader workers or a bigger cache."
+                )
+        self._cumulative = np.cumsum(weights) / sum(weights)
+        self.start_positions = [0] * self.layout_workers  # draws already consumed, per logical worker
+        self.start_worker = 0  # logical worker of the next batch (the one DataLoader worker 0 plays)
+
+    @property
+    def pass_length(self) -> int:
+        """Samples one worker draws per pass."""
+        return sum(self.per_worker)
+
+    @property
+    def batches_per_pass(self) -> int:
+        return self.layout_workers * -(-self.pass_length // self.batch_size)
+
+    def draws(self, worker: int, start: int, count: int) -> np.ndarray:
+        """Cache ids of draws [start, start + count) of a logical worker."""
+        if len(self.sources) == 1:
+            return np.zeros(count, dtype=int)
+        first, last = start // _MIX_BLOCK, (start + count - 1) // _MIX_BLOCK
+        u = np.concatenate([_rng(self.seed, worker, b, 2).random(_MIX_BLOCK) for b in range(first, last + 1)])
+        u = u[start - first * _MIX_BLOCK :][:count]
+        return np.searchsorted(self._cumulative, u, side="right").clip(0, len(self.sources) - 1)
+
+    def _source_counts(self, worker: int, position: int) -> list[int]:
+        """How many of a worker's first `position` draws went to each cache."""
+        if len(self.sources) == 1:
+            return [position]
+        counts = np.zeros(len(self.sources), dtype=np.int64)
+        for start in range(0, position, _MIX_BLOCK):
+            ids = self.draws(worker, start, min(_MIX_BLOCK, position - start))
+            counts += np.bincount(ids, minlength=len(self.sources))
+        return counts.tolist()
+
+    def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
+        src, n = self.sources[sid], self.per_worker[sid]
+        start = self.rank * (src.manifest.num_samples // self.world_size) + worker * n
+        order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
+
+        def run() -> Iterator[tuple[int, dict[str, Any]]]:
+            pos = 0  # position of the current shard's first sample in this epoch's order
+            for k in order:
+                lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
+                pos += src.counts[k]
+                if lo >= hi:
+                    continue
+                samples = wds.tarfile_samples([{"url": src.paths[k]}])
+                for i, raw in enumerate(islice(samples, hi)):
+                    if i >= lo:
+                        yield src.offsets[k] + i, raw
+                if pos >= start + n:
+                    return
+
+        rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
+        return _shuffled(run(), self.shuffle_buffer, rng)
+
+    def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
+        sample = decode_sample(raw)
+        sample.pop("meta")
+        sample.update(index=index, dataset_id=sid, t_buckets=torch.tensor(self.sources[sid].manifest.t_buckets))
+        return sample
+
+    def worker_batches(self, worker: int, position: int) -> Iterator[dict[str, Any]]:
+        """Batches of one logical worker from draw `position` on; each carries "stream_position" = (worker, draws
+        consumed after it) for StreamingLoader."""
+        end = None if self.infinite else (position // self.pass_length + 1) * self.pass_length
+        streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
+        epochs: dict[int, int] = {}
+        for sid, count in enumerate(self._source_counts(worker, position)):
+            epochs[sid], skip = divmod(count, self.per_worker[sid])
+            if skip:  # resuming mid-epoch: replay this epoch's order, decoding nothing, up to where it stopped
+                streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+                for _ in islice(streams[sid], skip):
+                    pass
+
+        def take(sid: int) -> dict[str, Any]:
+            if sid not in streams:
+                streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+            item = next(streams[sid], None)
+            if item is None:  # this cache's epoch is done: the next one has a new shard order and shuffle
+                epochs[sid] += 1
+                streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+                item = next(streams[sid])
+            return self._decode(sid, *item)
+
+        while end is None or position < end:
+            size = self.batch_size if end is None else min(self.batch_size, end - position)
+            samples = [take(int(sid)) for sid in self.draws(worker, position, size)]
+            position += size
+            batch = collate_fn(samples, self.pad_to, self.dtype)
+            batch["stream_position"] = torch.tensor([worker, position])
+            yield batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.layout_workers:
+            raise RuntimeError(
+                f"StreamingCacheDataset was laid out for {self.layout_workers} DataLoader worker(s) but runs in {workers}: "
+                "build it with num_workers= the DataLoader's (make_stream_loader does)"
+            )
+        # DataLoader worker 0 always yields the first batch; it plays the logical worker whose turn is next
+        logical = (physical + self.start_worker) % workers
+        yield from self.worker_batches(logical, self.start_positions[logical])
+
+
+class StreamingLoader:
+    """A DataLoader over a StreamingCacheDataset that knows exactly which batches were consumed.
+
+    Iterate it like a DataLoader (one pass per iteration unless infinite). state_dict() holds, per logical worker,
+    the draws consumed; DataLoader workers yield batches in strict turn, so after a restore the same batches follow.
+    The state is identical on every rank: rank 0's is enough to resume all ranks.
+    """
+
+    def __init__(self, dataset: StreamingCacheDataset, pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.dataset = dataset
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.positions = list(dataset.start_positions)
+        self.next_worker = dataset.start_worker
+
+    @property
+    def epoch(self) -> int:
+        """The pass the next batch belongs to."""
+        return min(self.positions) // self.dataset.pass_length
+
+    def __len__(self) -> int:
+        if self.dataset.infinite:
+            raise TypeError("an infinite stream has no length")
+        return self.dataset.batches_per_pass
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
+        ds.start_positions, ds.start_worker = list(self.positions), self.next_worker
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=ds.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if ds.num_workers else None,
+        )
+        for batch in loader:
+            worker, position = batch.pop("stream_position").tolist()
+            self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of pass `epoch` if the stream is behind it; a no-op otherwise (the state decides)."""
+        if epoch > self.epoch:
+            self.positions = [epoch * self.dataset.pass_length] * self.dataset.layout_workers
+            self.next_worker = 0
+
+    def _layout(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {
+            "sources": [s.fingerprint for s in ds.sources],
+            "weights": ds.weights,
+            "seed": ds.seed,
+            "world_size": ds.world_size,
+            "num_workers": ds.layout_workers,
+            "shuffle_buffer": ds.shuffle_buffer,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "positions": list(self.positions),
+            "next_worker": self.next_worker,
+            "epoch": self.epoch,
+            "layout": self._layout(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left off: exactly, when the layout is the same; else at the start of the next pass
+        (with another world size or worker count the interrupted pass's remainder is skipped, nothing repeated)."""
+        layout, now = state["layout"], self._layout()
+        if layout["sources"] != now["sources"]:
+            raise ValueError(
+                f"the saved data state is for caches {layout['sources']}, this loader reads {now['sources']} "
+                "(feature_hash:num_samples): resume with the same --cache directories, or start a new run"
+            )
+        if layout == now:
+            self.positions, self.next_worker = list(state["positions"]), int(state["next_worker"])
+            return
+        changed = sorted(k for k in now if layout[k] != now[k])
+        old_pass = sum(
+            s.manifest.num_samples // layout["world_size"] // layout["num_workers"] for s in self.dataset.sources
+        )
+        old_epoch = min(state["positions"]) // old_pass
+        logger.warning(
+            "data stream layout changed (%s): continuing at the start of pass %d, skipping the rest of pass %d",
+            ", ".join(changed),
+            old_epoch + 1,
+            old_epoch,
+        )
+        self.positions = [(old_epoch + 1) * self.dataset.pass_length] * self.dataset.layout_workers
+        self.next_worker = 0
+
+
+def make_stream_loader(
+    cache_dirs: str | Path | Sequence[str | Path],
+    weights: Sequence[float] | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    shuffle_buffer: int = 1000,
+    infinite: bool = False,
+    model_config: TinyFluxConfig | None = None,
+    pin_memory: bool = False,
+    pad_to: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> StreamingLoader:
+    """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
+
+    rank / world_size default to the launch environment (RANK / WORLD_SIZE, or torch.distributed). With
+    `model_config`, every cache is checked against it first (CacheMismatchError says what differs and how to fix it).
+    Do not pass the loader through accelerator.prepare: it already splits the data by rank.
+    """
+    dataset = StreamingCacheDataset(
+        cache_dirs,
+        weights,
+        batch_size,
+        shuffle_buffer,
+        seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        infinite=infinite,
+        pad_to=pad_to,
+        dtype=dtype,
+        model_config=model_config,
+    )
+    return StreamingLoader(dataset, pin_memory=pin_memory)
+
+
+def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
+    """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
+    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`."""
+    script, trainer = args.script, args.trainer
+    return make_stream_loader(
+        script.cache,
+        script.cache_weights or None,
+        batch_size=trainer.batch_size,
+        num_workers=trainer.num_workers,
+        seed=trainer.seed,
+        shuffle_buffer=trainer.shuffle_buffer,
+        model_config=model_config,
+        pin_memory=torch.cuda.is_available(),
+    )
