@@ -1,0 +1,150 @@
+"""Generate images with a trained TinyFlux model.
+
+    python sample.py --model checkpoints/final --prompt "a cat on a sofa" "a red car" --num_steps 28 \
+        --guidance_scale 5.0 --seed 0 --height 512 --width 512 --output samples/
+
+--model takes anything tinyflux.model.loader.load_model takes (a .safetensors file, a directory with config.json, a Hub
+id "user/repo[:subfolder]"). Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it
+writes. Exit code 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+from tinyflux.model import zoo as zoo_sources
+from tinyflux.model.loader import LoadError, load_config, load_model
+from tinyflux.model.zoo import ModelZoo, ZooError
+from tinyflux.trainer import sampling
+from tinyflux.trainer.ema import EMA
+from tinyflux.trainer.sampling import Sampler
+from tinyflux.trainer.schedules import DEFAULT_SHIFT
+
+VAE_DOWNSAMPLE = 8  # pixels per latent pixel of the Flux VAE (and of the tiny zoo's)
+
+
+@dataclass
+class SampleArgs:
+    model: str = field(metadata={"help": "model source: .safetensors / .pt file, directory, or Hub id user/repo[:sub]"})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "one or more prompts"})
+    prompts_file: str | None = field(default=None, metadata={"help": "text file with one prompt per line"})
+    negative_prompt: str = field(
+        default=sampling.DEFAULT_NEGATIVE_PROMPT, metadata={"help": 'CFG negative prompt; "" = the null conditioning'}
+    )
+    num_steps: int = field(default=sampling.DEFAULT_NUM_STEPS, metadata={"help": "Euler steps"})
+    guidance_scale: float = field(default=sampling.DEFAULT_GUIDANCE_SCALE, metadata={"help": "CFG scale (1 = off)"})
+    shift: float = field(default=DEFAULT_SHIFT, metadata={"help": "timestep shift of the schedule (as in training)"})
+    seed: int = field(default=0, metadata={"help": "prompt i uses seed + i"})
+    height: int = field(
+        default=sampling.DEFAULT_LATENT_SIZE * VAE_DOWNSAMPLE,
+        metadata={"help": f"image height in PIXELS, a multiple of {VAE_DOWNSAMPLE} x the model's patch size"},
+    )
+    width: int = field(
+        default=sampling.DEFAULT_LATENT_SIZE * VAE_DOWNSAMPLE, metadata={"help": "image width in PIXELS"}
+    )
+    output: str = field(default="samples", metadata={"help": "directory for the grid and the single images"})
+    batch_size: int | None = field(default=None, metadata={"help": "prompts per forward pass (default: all)"})
+    config: str | None = field(
+        default=None, metadata={"help": "model config (preset name or config.json) when the weights carry none"}
+    )
+    ema: str | None = field(default=None, metadata={"help": "EMA weights (.safetensors from EMA.save) to sample with"})
+    zoo: str | None = field(default=None, metadata={"help": "offline tiny zoo directory (replaces the repos below)"})
+    vae_repo: str = field(default=zoo_sources.VAE_REPO, metadata={"help": "VAE repo or path"})
+    t5_repo: str = field(default=zoo_sources.T5_REPO, metadata={"help": "T5 repo or path"})
+    clip_repo: str = field(default=zoo_sources.CLIP_REPO, metadata={"help": "CLIP text encoder repo or path"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1"})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16"})
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+def read_prompts(args: SampleArgs) -> list[str]:
+    prompts = [p for p in args.prompt if p.strip()]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts_file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("no prompts: pass --prompt TEXT [TEXT ...] or --prompts_file FILE (one prompt per line)")
+    return prompts
+
+
+def resolve_device(args: SampleArgs) -> tuple[str, torch.dtype]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but CUDA is not available; use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype == "auto":
+        return device, torch.float32 if device == "cpu" else torch.bfloat16
+    if args.dtype not in dtypes:
+        raise UsageError(f"--dtype {args.dtype}: choose auto or one of {list(dtypes)}")
+    return device, dtypes[args.dtype]
+
+
+def latent_size(pixels: int, name: str, patch_size: int) -> int:
+    multiple = VAE_DOWNSAMPLE * patch_size
+    if pixels <= 0 or pixels % multiple:
+        raise UsageError(f"--{name} {pixels} must be a positive multiple of {multiple} (VAE factor x patch size)")
+    return pixels // VAE_DOWNSAMPLE
+
+
+def main(args: SampleArgs) -> list[str]:
+    """Generate and save; returns the written paths (grid first)."""
+    prompts = read_prompts(args)
+    device, dtype = resolve_device(args)
+    config = load_config(args.config) if args.config else None
+    model = load_model(args.model, config=config, device=device, dtype=dtype)
+    height = latent_size(args.height, "height", model.config.patch_size)
+    width = latent_size(args.width, "width", model.config.patch_size)
+    ema = None
+    if args.ema:
+        if not Path(args.ema).is_file():
+            raise UsageError(f"--ema {args.ema}: no such file")
+        ema = EMA.load(args.ema, model)
+    zoo = ModelZoo(
+        device=device,
+        dtype=dtype,
+        vae_repo=args.vae_repo,
+        t5_repo=args.t5_repo,
+        clip_repo=args.clip_repo,
+        zoo=args.zoo,
+        t5_layers=model.config.t5_layers,
+    )
+    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=args.shift)
+    images = sampler.generate(
+        prompts,
+        num_steps=args.num_steps,
+        guidance_scale=args.guidance_scale,
+        height=height,
+        width=width,
+        seed=args.seed,
+        use_ema=ema is not None,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+    )
+    grid = sampler.save_samples(images, prompts, args.output)
+    return [grid, *(str(p) for p in sampling.sample_paths(args.output, prompts)[1])]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(SampleArgs).parse_args_into_dataclasses(args=argv)
+    try:
+        paths = main(args)
+    except (UsageError, LoadError, ZooError, FileNotFoundError, ValueError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
