@@ -1,0 +1,244 @@
+"""Command line of train_tinyflux.py, generated from the dataclasses: ScriptArgs, TrainerConfig and TinyFluxConfig.
+
+Every field of those three is a flag of the same name (`--learning_rate 3e-4`, `--hidden_size 256`) and a key of the
+`--config FILE.yaml` file; the help text is the field's one-line comment. Precedence: flags > YAML > defaults.
+Model fields override the architecture chosen with --model and default to "not given", so only what is on the command
+line or in the YAML changes the preset. Unknown keys and flags are refused; contradictions fail here, at parse time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
+from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
+
+
+class ArgsError(ValueError):
+    """A command line or YAML config that cannot be turned into a run, with what to change."""
+
+
+@dataclass
+class ScriptArgs:
+    """What to train on and from: the run-level flags that are neither trainer nor architecture fields."""
+
+    config: Optional[str] = None  # YAML file whose keys are any of these flags' names; command-line flags win over it
+    model: str = "default"  # architecture preset (default, deep, tiny), a config .json, or a checkpoint to start from
+    cache: list[str] = field(default_factory=list)  # cache shard-set directories (build_cache.py outputs) to train on
+    cache_weights: list[float] = field(default_factory=list)  # mixing weight of each --cache set; default all equal
+    in_memory: bool = (
+        False  # load the --cache sets into RAM: global shuffle, batches sharded by accelerate (no weights)
+    )
+    zoo: Optional[str] = None  # encoders for sample grids: a zoo directory (make-tiny), or "hub" for the real models
+    epochs: Optional[int] = None  # stop after this many epochs of the whole run; None = train until total_steps
+
+
+@dataclass
+class RunArgs:
+    """A parsed command line: everything run_training needs."""
+
+    script: ScriptArgs
+    trainer: TrainerConfig
+    model_config: TinyFluxConfig
+    model_overrides: dict[str, Any]
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment after each field of a dataclass, read from its source: the help text of its flag."""
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = pattern.match(line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+
+
+def _nullable(tp: type) -> Any:
+    """argparse type for an Optional scalar with a non-None default: "none" / "null" turn it off."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else tp(text)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def _cli_type(tp: Any, nullable: bool = True) -> Any:
+    """The type argparse can read for a field type: dtypes as names, tuples as lists (nargs='+'), Optional scalars
+    that also read "none" (when nullable)."""
+    if _is_optional(tp):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if nullable and inner in (int, float, str):
+            return _nullable(inner)
+        return Optional[_cli_type(inner)]
+    if tp is torch.dtype:
+        return str
+    if typing.get_origin(tp) is tuple:
+        return list[typing.get_args(tp)[0]]
+    return tp
+
+
+def _cli_default(value: Any) -> Any:
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+def cli_dataclass(cls: type, all_optional: bool = False) -> type:
+    """A dataclass with cls's fields in argparse-readable types; with all_optional, every field defaults to None
+    (not given) so that only flags actually passed are reported."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    specs = []
+    for f in fields(cls):
+        tp = _cli_type(hints[f.name], nullable=not all_optional)
+        help_text = comments.get(f.name, "").replace("%", "%%")
+        if all_optional:
+            tp = tp if _is_optional(tp) else Optional[tp]
+            spec = field(default=None, metadata={"help": help_text})
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory, metadata={"help": help_text})
+        elif isinstance(f.default, tuple):
+            spec = field(default_factory=lambda value=f.default: list(value), metadata={"help": help_text})
+        else:
+            spec = field(default=_cli_default(f.default), metadata={"help": help_text})
+        specs.append((f.name, tp, spec))
+    return dataclasses.make_dataclass(f"{cls.__name__}Flags", specs)
+
+
+ScriptFlags = cli_dataclass(ScriptArgs)
+TrainerFlags = cli_dataclass(TrainerConfig)
+ModelFlags = cli_dataclass(TinyFluxConfig, all_optional=True)
+_GROUPS = (ScriptFlags, TrainerFlags, ModelFlags)
+
+
+def _check_disjoint() -> None:
+    seen: dict[str, str] = {}
+    for cls in _GROUPS:
+        for f in fields(cls):
+            if f.name in seen:
+                raise RuntimeError(f"field {f.name!r} is in both {seen[f.name]} and {cls.__name__}: rename one")
+            seen[f.name] = cls.__name__
+
+
+_check_disjoint()
+KNOWN_KEYS = frozenset(f.name for cls in _GROUPS for f in fields(cls))
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        list(_GROUPS),
+        description="Train a TinyFlux student. Flags are fields of ScriptArgs, TrainerConfig and TinyFluxConfig.",
+        allow_abbrev=False,  # a typo must not silently set another field
+    )
+    parser.prog = "train_tinyflux.py"
+    return parser
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(KNOWN_KEYS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Flat mapping of a YAML config; refuses unknown keys with a suggestion."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ArgsError(f"--config {path}: cannot read it ({e})") from e
+    except yaml.YAMLError as e:
+        raise ArgsError(f"--config {path} is not valid YAML: {e}") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ArgsError(f"--config {path} must be a mapping of flag names to values, got {type(values).__name__}")
+    unknown = sorted(set(values) - KNOWN_KEYS)
+    if unknown:
+        raise ArgsError(
+            f"--config {path}: unknown key(s): "
+            + ", ".join(f"{k!r}{_suggest(k)}" for k in unknown)
+            + ". Keys are the flags of train_tinyflux.py --help (TrainerConfig, TinyFluxConfig and run fields)."
+        )
+    if "config" in values:
+        raise ArgsError(f"--config {path}: a config file cannot name another config file")
+    return values
+
+
+def _normalise_resume(argv: list[str]) -> list[str]:
+    """`--resume` with no value means `--resume latest`."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("latest")
+    return out
+
+
+def resolve_model_config(model: str, overrides: dict[str, Any]) -> TinyFluxConfig:
+    """The architecture that --model names (preset, .json, or checkpoint), with overrides applied."""
+    from tinyflux.model.loader import LoadError, load_config
+
+    if model not in PRESETS and not Path(model).exists():
+        raise ArgsError(
+            f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config .json, "
+            f"checkpoint directory or .safetensors file"
+        )
+    try:
+        base = load_config(model)
+        return TinyFluxConfig.from_dict({**base.to_dict(), **overrides})
+    except (ConfigError, LoadError) as e:
+        raise ArgsError(f"--model {model}: {e}") from e
+
+
+def parse_args(argv: list[str] | None = None) -> RunArgs:
+    """Parse a command line (sys.argv[1:] when None) into a validated RunArgs; raises ArgsError on bad input."""
+    import sys
+
+    argv = _normalise_resume(list(sys.argv[1:] if argv is None else argv))
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config))
+    script_flags, trainer_flags, model_flags, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        flags = [a for a in rest if a.startswith("--")]
+        hints = ", ".join(f"{a}{_suggest(a.lstrip('-').split('=')[0])}" for a in flags) or " ".join(rest)
+        raise ArgsError(f"unknown argument(s): {hints}. See train_tinyflux.py --help.")
+    script = ScriptArgs(**dataclasses.asdict(script_flags))
+    try:
+        trainer = TrainerConfig(**dataclasses.asdict(trainer_flags))
+    except TrainerConfigError as e:
+        raise ArgsError(str(e)) from e
+    overrides = {k: v for k, v in dataclasses.asdict(model_flags).items() if v is not None}
+    model_config = resolve_model_config(script.model, overrides)
+    if script.epochs is not None and script.epochs < 1:
+        raise ArgsError(f"--epochs {script.epochs} must be >= 1 (or left out to train until total_steps)")
+    if script.cache_weights and len(script.cache_weights) != len(script.cache):
+        raise ArgsError(
+            f"--cache_weights has {len(script.cache_weights)} values for {len(script.cache)} --cache sets: "
+            f"give one weight per set, or none for equal weights"
+        )
+    if any(w <= 0 for w in script.cache_weights):
+        raise ArgsError(f"--cache_weights {script.cache_weights}: every weight must be > 0")
+    if script.in_memory and script.cache_weights:
+        raise ArgsError("--cache_weights mixes streamed caches; with --in_memory every sample is drawn once per epoch")
+    return RunArgs(script=script, trainer=trainer, model_config=model_config, model_overrides=overrides)

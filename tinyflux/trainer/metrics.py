@@ -1,0 +1,95 @@
+"""Throughput and model-FLOPs utilisation (MFU) estimates for the training log.
+
+FLOPs of one training sample (forward + backward), following the PaLM / Chinchilla accounting:
+
+    flops_per_sample = 6 * P * S + 12 * n_layers * hidden_size * S^2
+
+P: parameters of the student; S = image tokens + text tokens (the joint sequence every block attends over);
+n_layers = double + single blocks. The first term is the matmuls with the weights (2 FLOPs per multiply-add, forward,
+and twice that backward); the second is attention's QK^T and AV (each 2 * S^2 * hidden per layer forward, x3 with
+backward). It overcounts the double blocks slightly (a text token only meets the text half of their weights and the
+per-sample modulation / expert MLPs run once per sample, not per token) and leaves out norms, RoPE and softmax, and the
+recomputation of gradient checkpointing (MFU counts useful FLOPs only).
+
+MFU = flops_per_sample * samples_per_second / (num_processes * peak_tflops * 1e12), against the dense bf16 peak of
+the device: a float32 run therefore shows a low MFU by construction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+# Dense bf16 tensor-core peak TFLOP/s by device-name fragment (vendor datasheets, SXM parts, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "V100": 125.0,
+}
+
+
+def flops_per_sample(num_params: int, image_tokens: int, text_tokens: int, num_layers: int, hidden_size: int) -> float:
+    """Training FLOPs of one sample (forward + backward); see the module docstring for the formula."""
+    seq = image_tokens + text_tokens
+    return 6.0 * num_params * seq + 12.0 * num_layers * hidden_size * seq**2
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known CUDA device, else None (no MFU on CPU or unknown GPUs unless configured)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, tflops in PEAK_BF16_TFLOPS.items():
+        if fragment in name:
+            return tflops
+    return None
+
+
+def mfu(flops: float, samples_per_second: float, num_processes: int, peak_tflops: float) -> float:
+    """Fraction of the peak the run achieves, over all processes."""
+    return flops * samples_per_second / (num_processes * peak_tflops * 1e12)
+
+
+class StepMeter:
+    """What happened since the last log: the loss parts of each optimizer step, samples, FLOPs, the last grad norm.
+    Values stay on the device until summary(), so the steps in between never wait for it."""
+
+    def __init__(self, samples_seen: int = 0):
+        self.reset(samples_seen)
+
+    def reset(self, samples_seen: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.flops = 0.0
+        self.grad_norm: torch.Tensor | None = None
+        self.start = (time.perf_counter(), samples_seen)
+
+    def add_batch(self, flops: float) -> None:
+        self.flops += flops
+
+    def add_step(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
+        for name, value in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+        self.grad_norm = grad_norm
+
+    def summary(self, samples_seen: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """{"loss", "loss/<part>": means over the steps (reduce averages them over processes), "grad_norm",
+        "samples_per_sec", "flops_per_sample"}; {} when no step was taken."""
+        if not self.steps:
+            return {}
+        names = sorted(self.sums)
+        means = reduce(torch.stack([self.sums[n] for n in names]) / self.steps).tolist()
+        values = {("loss" if n == "loss" else f"loss/{n}"): v for n, v in zip(names, means, strict=True)}
+        samples = samples_seen - self.start[1]
+        values["samples_per_sec"] = samples / max(time.perf_counter() - self.start[0], 1e-9)
+        values["flops_per_sample"] = self.flops / max(samples, 1)
+        if self.grad_norm is not None:
+            values["grad_norm"] = float(self.grad_norm)
+        return values

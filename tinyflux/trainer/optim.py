@@ -1,0 +1,86 @@
+"""Optimizer and learning-rate scheduler factories for TrainerConfig.optimizer / lr_scheduler / warmup_type."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from tinyflux.trainer import schedules
+from tinyflux.trainer.config import TrainerConfig
+
+# bitsandbytes keeps tensors smaller than this in 32-bit state (its min_8bit_size default); the probe must be larger.
+_BNB_PROBE_NUMEL = 8192
+
+
+class OptimizerUnavailableError(RuntimeError):
+    """The configured optimizer cannot run in this environment."""
+
+
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Decay weight matrices only: biases, norm scales, gates and mixing weights (ndim < 2) are not decayed,
+    as in nanoGPT, because shrinking them towards 0 changes what the block computes rather than regularising it."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _adamw_8bit(groups: list[dict], config: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken native library raising on import
+        raise OptimizerUnavailableError(
+            f"optimizer='adamw_8bit' needs bitsandbytes, which cannot be imported here ({type(e).__name__}: {e}). "
+            f"Install it (pip install 'bitsandbytes>=0.43') or use optimizer='adamw'."
+        ) from e
+    # One real step on a throwaway tensor: bitsandbytes fails only at step time where its kernels lack this device.
+    probe = nn.Parameter(torch.zeros(_BNB_PROBE_NUMEL, device=device))
+    try:
+        probe_opt = bnb.optim.AdamW8bit([probe], lr=1e-3)
+        probe.grad = torch.ones_like(probe)
+        probe_opt.step()
+    except Exception as e:
+        raise OptimizerUnavailableError(
+            f"optimizer='adamw_8bit': bitsandbytes {getattr(bnb, '__version__', '?')} cannot run its 8-bit AdamW on "
+            f"device {device} ({type(e).__name__}: {e}). Use optimizer='adamw', or a bitsandbytes build for this device."
+        ) from e
+    return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, betas=config.betas)
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter], config: TrainerConfig, device: torch.device | str = "cpu"
+) -> torch.optim.Optimizer:
+    """The optimizer named by config.optimizer over the trainable params, at config.learning_rate."""
+    device = torch.device(device)
+    groups = param_groups(params, config.weight_decay)
+    if config.optimizer == "adamw":
+        # The fused kernel is one launch per step instead of several per parameter; CUDA only here.
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=device.type == "cuda")
+    if config.optimizer == "adamw_8bit":
+        return _adamw_8bit(groups, config, device)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # External LR (the schedule below) instead of Adafactor's relative step, so learning_rate means the same
+        # step size as for AdamW; no first moment (beta1=None) keeps its memory at O(rows + cols) per matrix.
+        return Adafactor(
+            groups, lr=config.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, beta1=None
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> LambdaLR:
+    """A LambdaLR stepped once per optimizer step: lr = learning_rate * multiplier(step) of config.lr_scheduler,
+    with config.warmup_type warmup over warmup_steps and decay to min_lr at total_steps."""
+    multiplier = schedules.get_lr_lambda(
+        config.lr_scheduler,
+        total_steps=config.total_steps,
+        warmup_steps=config.warmup_steps,
+        min_lr_ratio=config.min_lr / config.learning_rate,
+        warmup_type=config.warmup_type,
+    )
+    return LambdaLR(optimizer, multiplier)

@@ -1,0 +1,134 @@
+"""The training run behind train_tinyflux.py: parsed arguments -> model, Trainer, data, sampler -> train.
+
+`main(argv)` is the script (exit code 0 on success and on a clean stop by SIGTERM / SIGUSR1, 1 when the run fails
+with one of TinyFlux's own errors, 2 on a bad command line); `run_training(args)` does the same in-process and returns
+the Trainer (the demo calls it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import ConcatDataset, DataLoader
+
+from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
+from tinyflux.model.loader import LoadError, load_config, load_model
+from tinyflux.model.model import TinyFluxDeep
+from tinyflux.trainer import checkpoint as ckpt
+from tinyflux.trainer import data
+from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
+from tinyflux.trainer.batch import BatchMismatchError
+from tinyflux.trainer.cache_experts import DatasetCache
+from tinyflux.trainer.cache_format import CacheFormatError, CacheMismatchError, check_compatible, load_manifest
+from tinyflux.trainer.optim import OptimizerUnavailableError
+from tinyflux.trainer.trainer import NonFiniteLossError, Trainer
+
+logger = logging.getLogger("tinyflux.train")
+
+# Errors that already say what is wrong and how to fix it: main() prints them without a traceback.
+RUN_ERRORS = (
+    BatchMismatchError,
+    CacheFormatError,
+    CacheMismatchError,
+    ckpt.CheckpointError,
+    ConfigError,
+    LoadError,
+    NonFiniteLossError,
+    OptimizerUnavailableError,
+)
+
+
+def model_config_for(args: RunArgs) -> TinyFluxConfig:
+    """The architecture to build: a resumed checkpoint's own (the only one its state fits), else what args say."""
+    path = ckpt.resolve_resume(args.trainer.resume, args.trainer.checkpoint_dir)
+    if path is None:
+        return args.model_config
+    saved = load_config(str(path))
+    if saved != args.model_config:
+        logger.warning("resuming %s: using its architecture, not the one --model / model flags describe", path)
+    return saved
+
+
+def build_model(args: RunArgs, config: TinyFluxConfig) -> TinyFluxDeep:
+    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew)."""
+    source = args.script.model
+    if source in PRESETS or source.endswith(".json") or config is not args.model_config:
+        return TinyFluxDeep(config)  # fresh, or about to be overwritten by the resumed state
+    return load_model(source, config=config, device="cpu", dtype=torch.float32)
+
+
+def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
+    """The --cache shard sets, each checked against the model config: streamed and mixed by --cache_weights, or with
+    --in_memory loaded into RAM behind a shuffling DataLoader that accelerate shards across processes."""
+    caches = args.script.cache
+    if not caches:
+        raise ArgsError("no training data: pass --cache DIR [DIR ...] (directories written by build_cache.py)")
+    for cache_dir in caches:
+        if not Path(cache_dir).is_dir():
+            raise ArgsError(f"--cache {cache_dir}: not a directory; pass a cache directory written by build_cache.py")
+    if not args.script.in_memory:
+        return data.build_loader(args, config)
+    for cache_dir in caches:
+        check_compatible(load_manifest(cache_dir), config, where=f"cache {cache_dir}")
+    datasets = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
+    return DataLoader(
+        ConcatDataset(datasets),
+        batch_size=args.trainer.batch_size,
+        shuffle=True,
+        num_workers=args.trainer.num_workers,
+        collate_fn=data.collate_fn,
+    )
+
+
+def build_sampler(args: RunArgs, trainer: Trainer) -> Any:
+    """A Sampler on the trainer's model and EMA for the periodic grids (main process, when --zoo is given)."""
+    cfg = args.trainer
+    if args.script.zoo is None or cfg.sample_every is None or not trainer.accelerator.is_main_process:
+        return None
+    from tinyflux.model.zoo import ModelZoo
+    from tinyflux.trainer.sampling import Sampler
+
+    device = str(trainer.accelerator.device)
+    where: dict[str, Any] = {} if args.script.zoo == "hub" else {"zoo": args.script.zoo}
+    zoo = ModelZoo(device=device, dtype=cfg.dtype, t5_layers=trainer.model.config.t5_layers, **where)
+    return Sampler(zoo, trainer.model, trainer.ema, device=device, dtype=cfg.dtype, shift=cfg.shift)
+
+
+def run_training(args: RunArgs) -> Trainer:
+    """Build everything from parsed arguments, train, wait for Hub uploads. Returns the Trainer: .last_checkpoint is
+    the final checkpoint directory, .progress the counters, .stopped_by the signal that ended the run (or None)."""
+    set_seed(args.trainer.seed)  # the model init; the training draws have their own seeded generators
+    config = model_config_for(args)
+    loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
+    trainer = Trainer(build_model(args, config), args.trainer)
+    trainer.setup(loader, sampler=build_sampler(args, trainer))
+    trainer.train(epochs=args.script.epochs)
+    trainer.finish()
+    if trainer.stopped_by:
+        logger.info("stopped by %s at step %d; continue with --resume latest", trainer.stopped_by, trainer.current_step)
+    logger.info("final checkpoint: %s", trainer.last_checkpoint)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file of every checkpoint otherwise
+    try:
+        args = parse_args(argv)
+        run_training(args)
+    except ArgsError as e:
+        print(f"train_tinyflux.py: error: {e}", file=sys.stderr)
+        return 2
+    except RUN_ERRORS as e:
+        logger.error("%s: %s", type(e).__name__, e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

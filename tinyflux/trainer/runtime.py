@@ -1,0 +1,78 @@
+"""What wraps the model from the outside for a run: the Accelerator, regional compilation, stop signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from torch import nn
+
+from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
+
+logger = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def make_accelerator(config: TrainerConfig) -> Accelerator:
+    """The run's Accelerator: device, mixed precision (from config.dtype), gradient accumulation, tracker."""
+    if config.dtype == torch.float16 and not torch.cuda.is_available():
+        raise TrainerConfigError(
+            "dtype=float16 needs a CUDA GPU (fp16 autocast + loss scaling); use bfloat16 or float32"
+        )
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # A second Trainer in one process (tests, notebooks, the demo): accelerate's state is a process-wide
+        # singleton that refuses new settings, so start it afresh. Never done in a multi-process launch.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        log_with=None if config.log_with == "none" else config.log_with,
+        project_config=ProjectConfiguration(project_dir=config.checkpoint_dir, logging_dir=config.tensorboard_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        # The LR schedule counts optimizer steps; accelerate's default would step it once per process per step.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def compile_blocks(model: nn.Module, mode: str) -> int:
+    """torch.compile each block of the model's repeated block lists in place (regional compilation): the blocks of a
+    list share their code, so compile time is about that of one block, and state-dict names do not change."""
+    count = 0
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                block.compile(mode=None if mode == "default" else mode)
+                count += 1
+    return count
+
+
+@contextmanager
+def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Route SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) to on_signal(signum) instead of the default exit.
+    Outside the main thread signals cannot be caught and are left alone."""
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: on_signal(signum))
+    except ValueError:
+        logger.debug("not in the main thread: SIGTERM / SIGUSR1 keep their default handlers")
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def hparams(config: TrainerConfig, model_config: Any) -> dict[str, Any]:
+    """Flat scalar hyper-parameters for the tracker (TensorBoard takes bool / int / float / str only)."""
+    values = {**{f"model/{k}": v for k, v in model_config.to_dict().items()}, **config.to_dict()}
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in values.items()}

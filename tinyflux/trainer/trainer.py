@@ -1,0 +1,520 @@
+"""Trainer: one Accelerator, one place that computes the loss (train_step), and a loop that survives bad steps.
+
+The loop, per micro-batch: train_step -> accelerator.backward inside accelerator.accumulate; on the micro-batch that
+completes an accumulation cycle: clip, one verdict read off the device (was the loss / gradient finite, did a signal
+arrive), then optimizer + scheduler step (or skip), EMA update, and the periodic log / checkpoint / sample grid / Hub
+upload. Values are read off the device only at that verdict and at log steps.
+
+Random draws (timesteps, noise, dropout) come from a generator seeded by (seed, micro-batch number) and are drawn for
+the global batch, each process taking its slice: a run is reproducible, resumes exactly, and N processes with batch
+B draw the same numbers as one process with batch N * B.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from tinyflux.model.loader import CONFIG_NAME
+from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.trainer import checkpoint as ckpt
+from tinyflux.trainer.batch import (
+    Teacher,
+    check_batch,
+    kept,
+    masked_mean,
+    spatial_weights,
+    step_draws,
+    teacher_features,
+)
+from tinyflux.trainer.config import TrainerConfig
+from tinyflux.trainer.ema import EMA
+from tinyflux.trainer.hub import HubUploader
+from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
+from tinyflux.trainer.metrics import StepMeter, device_peak_tflops, flops_per_sample, mfu
+from tinyflux.trainer.optim import build_optimizer, build_scheduler
+from tinyflux.trainer.runtime import compile_blocks, hparams, make_accelerator, stop_signals
+from tinyflux.trainer.sampling import drop_text
+from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
+from tinyflux.util.predictions import flow_velocity, flow_x_t
+
+__all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Trains a TinyFluxDeep: Trainer(model, config); setup(dataloader, cache, sampler); train(epochs)."""
+
+    def __init__(self, model: TinyFluxDeep, config: TrainerConfig):
+        self.config = config
+        self.accelerator = make_accelerator(config)
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            logger.warning("model weights are not float32: converting (mixed precision keeps float32 master weights)")
+        self.model = model.to(device=self.accelerator.device, dtype=torch.float32)
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if config.compile_mode is not None:
+            logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
+        self._params = model.get_trainable_parameters()
+        self._num_params = sum(q.numel() for q in model.parameters())
+        self.optimizer = build_optimizer(self._params, config, self.accelerator.device)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self._ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
+        self.progress = ckpt.TrainingProgress()
+        self.uploader = HubUploader(config.hf_repo_id, config.checkpoint_dir) if config.hf_repo_id else None
+        self.dataloader: Any = None
+        self.cache: Any = None
+        self.sampler: Any = None
+        self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None  # step of the newest checkpoint this trainer saved or loaded
+        self._stop_at = config.total_steps
+        self.stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1" when a signal ended train()
+        self.save_failures = 0
+        self._model: nn.Module | None = None  # the prepared (possibly DDP-wrapped) model, after setup()
+        self._prepared_loader = False
+        self._stateful_loader = False  # the loader saves / restores its own position (state_dict)
+        self._pending_resume: Path | None = None
+        self._signal: int | None = None
+        self._latent_side: int | None = None  # of the training latents, seen on the first batch
+        self._epoch_actions_due = False
+        self._reset_cycle()
+        self._meter = StepMeter()
+
+    @property
+    def ema(self) -> EMA:
+        return self._ema
+
+    @property
+    def current_step(self) -> int:
+        return self.progress.step
+
+    def setup(self, dataloader: DataLoader, cache: Any = None, sampler: Any = None) -> None:
+        """Prepare model, optimizer, scheduler and data with accelerate; start the tracker; resume if configured.
+
+        A map-style dataloader is sharded across processes by accelerate; an iterable (streaming) one must shard itself
+        by node and worker (the cache's streaming loader does, with webdataset's split_by_node / split_by_worker).
+        `cache` (MultiSourceCache) supplies teacher features for batches that carry none; `sampler` (Sampler built on
+        trainer.model and trainer.ema) draws the periodic sample grids.
+        """
+        acc, cfg = self.accelerator, self.config
+        self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
+        if self._prepared_loader:
+            self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
+                self.model, self.optimizer, self.scheduler, dataloader
+            )
+        else:
+            self._model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
+            self.dataloader = dataloader
+        self._stateful_loader = not self._prepared_loader and callable(getattr(self.dataloader, "state_dict", None))
+        self.cache, self.sampler = cache, sampler
+        if cfg.log_with != "none":
+            acc.init_trackers(cfg.run_name, config=hparams(cfg, self.model.config))
+        if acc.is_main_process:
+            ckpt.clean_stale_tmp(cfg.checkpoint_dir)
+        acc.wait_for_everyone()
+        resume = self._pending_resume or ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif cfg.resume == "latest":
+            logger.info("resume=latest: no complete checkpoint in %s yet, starting from scratch", cfg.checkpoint_dir)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The loss of one micro-batch: {"loss": total (with graph), "main", "lune", "sol": its parts}.
+
+        Samples t (logit-normal + shift), noise and x_t; predicts v = data - noise; adds the Lune / Sol distillation
+        losses (weights ramped over their warmups) against the teacher features of the batch or the cache. Per sample:
+        text dropout swaps in the null conditioning (sampling.drop_text: zero T5 states and CLIP pooled, the same
+        conditioning the Sampler contrasts with for an empty negative prompt); teacher dropout hides a teacher from the
+        conditioning (the model uses its own prediction there) while its distillation loss still counts.
+        """
+        cfg, device = self.config, self.accelerator.device
+        model_cfg = self.model.config
+        latents = batch["latents"].to(device, torch.float32)  # (B, C, H, W)
+        b, _, height, width = latents.shape
+        t, noise, keep = self._draws(latents)
+        grid = (height // model_cfg.patch_size, width // model_cfg.patch_size)
+        x_t = pack_latents(flow_x_t(latents, noise, t), model_cfg.patch_size)  # (B, N, C*p*p)
+        v_target = pack_latents(flow_velocity(latents, noise), model_cfg.patch_size)  # (B, N, C*p*p)
+        t5, t5_mask, pooled = drop_text(  # (B, L, K, D), (B, L), (B, P)
+            batch["t5_embeds"].to(device, torch.float32),
+            batch["t5_mask"].to(device),
+            batch["clip_pooled"].to(device, torch.float32),
+            ~keep["text"],
+        )
+        teacher = self._teacher(batch, t)
+        v_pred, expert = self._model(
+            x_t,
+            t5,
+            pooled,
+            t,
+            TinyFluxDeep.create_img_ids(b, *grid, device),
+            lune_features=teacher.lune,
+            sol_stats=teacher.sol_stats,
+            sol_spatial=teacher.sol_spatial,
+            return_expert_pred=True,
+            encoder_attention_mask=t5_mask,
+            lune_mask=kept(keep["lune"], teacher.lune_valid) if teacher.lune is not None else None,
+            sol_mask=kept(keep["sol"], teacher.sol_valid) if teacher.sol_stats is not None else None,
+            img_shape=grid,
+        )
+        spatial = spatial_weights(teacher, expert.get("sol_spatial_pred")) if cfg.use_spatial_weighting else None
+        parts = {
+            "main": compute_main_loss(
+                v_pred.float(),
+                v_target,
+                spatial_weights=spatial,
+                use_huber=cfg.use_huber_loss,
+                huber_delta=cfg.huber_delta,
+                snr_weights=min_snr_weight(t, cfg.snr_gamma) if cfg.use_snr_weighting else None,
+                grid_size=grid,
+            )
+        }
+        loss = parts["main"]
+        step = self.progress.step
+        if teacher.lune is not None:
+            per_sample = compute_lune_loss(expert["lune_pred"], teacher.lune, cfg.lune_mode, reduction="none")
+            parts["lune"] = masked_mean(per_sample, teacher.lune_valid)
+            loss = loss + get_lune_weight(step, cfg.lune_warmup_steps, cfg.lune_weight) * parts["lune"]
+        if teacher.sol_stats is not None:
+            per_sample = compute_sol_loss(
+                expert["sol_stats_pred"],
+                expert["sol_spatial_pred"],
+                teacher.sol_stats,
+                teacher.sol_spatial,
+                reduction="none",
+            )
+            parts["sol"] = masked_mean(per_sample, teacher.sol_valid)
+            loss = loss + get_sol_weight(step, cfg.sol_warmup_steps, cfg.sol_weight) * parts["sol"]
+        parts["loss"] = loss
+        return parts
+
+    def _draws(self, latents: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        acc = self.accelerator
+        return step_draws(latents, self.config, self.progress.micro_step, acc.process_index, acc.num_processes)
+
+    def _teacher(self, batch: dict[str, Any], t: Tensor) -> Teacher:
+        cfg, model_cfg = self.config, self.model.config
+        lune = cfg.enable_lune and model_cfg.use_lune_expert
+        sol = cfg.enable_sol and model_cfg.use_sol_prior
+        return teacher_features(batch, t, self.cache, lune=lune, sol=sol)
+
+    def train(self, epochs: int | None = 1, max_steps: int | None = None) -> ckpt.TrainingProgress:
+        """Train until `epochs` epochs of the whole run (None: no epoch limit), total_steps, or `max_steps` more
+        optimizer steps in this call, whichever comes first, or until SIGTERM / SIGUSR1; then save a checkpoint
+        (unless one was just saved at this step). Returns the progress."""
+        if self._model is None:
+            raise RuntimeError("call trainer.setup(dataloader, ...) before train()")
+        cfg, p = self.config, self.progress
+        self.model.train()
+        self.stopped_by = None
+        bar = tqdm(
+            total=cfg.total_steps, initial=p.step, disable=not self.accelerator.is_local_main_process, desc="train"
+        )
+        self._meter.reset(p.samples_seen)
+        self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
+        stop = p.step >= self._stop_at
+        self._signal = None
+        with stop_signals(self._on_signal):
+            while not stop and (epochs is None or p.epoch < epochs):
+                if self._stream_finished_epoch():
+                    self._end_epoch()
+                    continue
+                seen = 0
+                for batch in self._epoch_batches():
+                    seen += 1
+                    stop = self._micro_step(batch, bar)
+                    if stop:
+                        break
+                else:
+                    if seen == 0 and p.batches_in_epoch == 0:
+                        raise RuntimeError(
+                            "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
+                        )
+                    self._end_epoch()
+        bar.close()
+        if self._saved_step != p.step:
+            self._save("step", p.step, periodic=False)
+        self.accelerator.wait_for_everyone()
+        return p
+
+    def _stream_finished_epoch(self) -> bool:
+        """After a resume: the stream had already ended this epoch when the checkpoint was taken (its last batch closed
+        the step), but the loop never saw the end; the uninterrupted run would close the epoch now."""
+        p = self.progress
+        return self._stateful_loader and p.batches_in_epoch > 0 and getattr(self.dataloader, "epoch", p.epoch) > p.epoch
+
+    def _on_signal(self, signum: int) -> None:
+        """Only a flag: the loop saves at the next step boundary and returns (exit code 0 from the script)."""
+        self._signal = signum
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        """This epoch's micro-batches, skipping those a resumed run already consumed."""
+        loader = self.dataloader
+        # A loader with its own state (the streaming loader) was restored to its position by load_checkpoint.
+        skip = 0 if self._stateful_loader else self.progress.batches_in_epoch
+        for owner in (loader, getattr(loader, "dataset", None)):  # a prepared loader, or a streaming dataset
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(self.progress.epoch)
+                break
+        if skip and self._prepared_loader:
+            loader = self.accelerator.skip_first_batches(loader, skip)
+        elif skip:
+            loader = islice(loader, skip, None)
+        return iter(loader)
+
+    def _micro_step(self, batch: dict[str, Any], bar: tqdm) -> bool:
+        """One micro-batch; at the end of an accumulation cycle the optimizer step. Returns True to stop."""
+        acc = self.accelerator
+        if self._latent_side is None:
+            check_batch(batch, self.model.config)
+            self._latent_side = batch["latents"].shape[-1]
+        b = batch["latents"].shape[0]
+        with acc.accumulate(self._model):
+            parts = self.train_step(batch)
+            acc.backward(parts["loss"])
+            for name, value in parts.items():
+                self._cycle[name] = self._cycle.get(name, 0.0) + value.detach().float()
+            self._cycle_micro += 1
+            self._count_batch(batch, b)
+            if not acc.sync_gradients:
+                return False
+            grad_norm = acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf)
+            ok, stop = self._verdict(grad_norm)
+            if ok:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return self._after_step(ok, grad_norm, stop, bar)
+
+    def _count_batch(self, batch: dict[str, Any], b: int) -> None:
+        p, n = self.progress, self.accelerator.num_processes
+        p.micro_step += 1
+        p.batches_in_epoch += 1
+        p.samples_seen += b * n
+        cfg = self.model.config
+        h, w = (side // cfg.patch_size for side in batch["latents"].shape[2:])
+        layers = cfg.num_double_layers + cfg.num_single_layers
+        per_sample = flops_per_sample(self._num_params, h * w, batch["t5_embeds"].shape[1], layers, cfg.hidden_size)
+        self._meter.add_batch(b * n * per_sample)
+
+    def _verdict(self, grad_norm: Tensor | None) -> tuple[bool, bool]:
+        """(step is finite on every process, a stop signal arrived on any): the one device read of a step."""
+        bad = ~torch.isfinite(self._cycle["loss"])
+        if grad_norm is not None and self.config.dtype != torch.float16:
+            # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient means a bad step.
+            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+        flags = torch.stack([bad.float(), torch.tensor(float(self._signal is not None), device=bad.device)])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        any_bad, any_stop = flags.tolist()
+        return any_bad == 0, any_stop > 0
+
+    def _after_step(self, ok: bool, grad_norm: Tensor | None, stop: bool, bar: tqdm) -> bool:
+        cfg, p = self.config, self.progress
+        if ok:
+            p.step += 1
+            p.nan_streak = 0
+            if p.step % cfg.ema_every == 0:
+                self._ema.update(self.model)
+            self._meter.add_step({k: v / self._cycle_micro for k, v in self._cycle.items()}, grad_norm)
+            bar.update(1)
+        else:
+            p.nan_steps += 1
+            p.nan_streak += 1
+            logger.warning(
+                "non-finite loss or gradient at step %d: step skipped (%d in a row, %d in total)",
+                p.step,
+                p.nan_streak,
+                p.nan_steps,
+            )
+            if p.nan_streak >= cfg.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"{p.nan_streak} consecutive steps had a non-finite loss or gradient (max_nan_steps="
+                    f"{cfg.max_nan_steps}) at step {p.step}. Lower learning_rate or raise warmup_steps, check the cache "
+                    f"for NaN/inf values, train in bfloat16/float32 rather than float16, and resume from the last good "
+                    f"checkpoint ({self.last_checkpoint or 'none saved yet'}) with --resume latest."
+                )
+        self._reset_cycle()
+        if ok:
+            self._periodic_actions(bar)
+        if self._epoch_actions_due:
+            self._epoch_actions()
+        if stop:
+            self.stopped_by = signal.Signals(self._signal).name if self._signal is not None else "signal"
+            path = self._save("step", p.step, periodic=False)
+            logger.warning("%s received: saved %s at step %d, stopping cleanly", self.stopped_by, path, p.step)
+            return True
+        return p.step >= self._stop_at
+
+    def _periodic_actions(self, bar: tqdm) -> None:
+        cfg, step = self.config, self.progress.step
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            self._log(bar)
+        upload_due = self.uploader is not None and cfg.upload_every_steps and step % cfg.upload_every_steps == 0
+        saved = None
+        if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or upload_due:
+            saved = self._save("step", step)
+        if saved is not None and self.uploader is not None and (upload_due or not cfg.upload_every_steps):
+            self._upload(saved)
+        if self.sampler is not None and cfg.sample_every and step % cfg.sample_every == 0:
+            self._sample()
+
+    def _end_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.batches_in_epoch = 0
+        # A prepared loader closes the accumulation cycle with its last batch; a streaming one may end mid-cycle, and a
+        # checkpoint is only consistent between optimizer steps, so the epoch's save then waits for the next step.
+        self._epoch_actions_due = True
+        if self._cycle_micro == 0:
+            self._epoch_actions()
+
+    def _epoch_actions(self) -> None:
+        cfg, epoch = self.config, self.progress.epoch
+        self._epoch_actions_due = False
+        upload_due = self.uploader is not None and cfg.upload_every_epochs and epoch % cfg.upload_every_epochs == 0
+        if (cfg.save_every_epochs and epoch % cfg.save_every_epochs == 0) or upload_due:
+            saved = self._save("epoch", epoch)
+            if saved is not None and self.uploader is not None and (upload_due or not cfg.upload_every_epochs):
+                self._upload(saved)
+
+    def _reset_cycle(self) -> None:
+        self._cycle: dict[str, Tensor] = {}
+        self._cycle_micro = 0
+
+    def _log(self, bar: tqdm) -> None:
+        """Mean loss parts since the last log (averaged over processes), grad norm, lr, samples/s, MFU."""
+        acc, cfg, p = self.accelerator, self.config, self.progress
+        reduce = (lambda x: acc.reduce(x, "mean")) if acc.num_processes > 1 else (lambda x: x)
+        values = self._meter.summary(p.samples_seen, reduce)
+        if not values:
+            return
+        flops = values.pop("flops_per_sample")
+        values.update(
+            {
+                "lr": self.scheduler.get_last_lr()[0],
+                "epoch": p.epoch,
+                "nan_steps": p.nan_steps,
+                "weight/lune": get_lune_weight(p.step, cfg.lune_warmup_steps, cfg.lune_weight),
+                "weight/sol": get_sol_weight(p.step, cfg.sol_warmup_steps, cfg.sol_weight),
+            }
+        )
+        peak = cfg.peak_tflops or device_peak_tflops(acc.device)
+        if peak:
+            values["mfu"] = mfu(flops, values["samples_per_sec"], acc.num_processes, peak)
+        acc.log(values, step=p.step)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", sps=f"{values['samples_per_sec']:.1f}")
+        self._meter.reset(p.samples_seen)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Save everything needed to resume (and to sample) into directory `path`, atomically: written into
+        `path.tmp`, marked COMPLETE, renamed. On failure the .tmp is removed, earlier checkpoints are untouched and
+        CheckpointError says what happened; the training state in memory is unchanged either way."""
+        if self._model is None:
+            raise RuntimeError(
+                "call trainer.setup(dataloader, ...) before save_checkpoint(): accelerate saves prepared state"
+            )
+        if self._stateful_loader:
+            self.progress.data_state = self.dataloader.state_dict()
+        final = ckpt.save_atomically(self.accelerator, Path(path), self._write_extras)
+        self.last_checkpoint, self._saved_step = final, self.progress.step
+        return final
+
+    def _write_extras(self, tmp: Path) -> None:
+        """What accelerate's save_state does not write: the model config, the EMA (float32, for exact resume) and the
+        progress; with model.safetensors from save_state the directory is a model directory for load_model."""
+        self.model.config.save_json(tmp / CONFIG_NAME)
+        self._ema.save(str(tmp / ckpt.EMA_WEIGHTS), dtype=torch.float32)
+        ckpt.write_text_durably(tmp / ckpt.TRAINER_STATE, self.progress.to_json())
+
+    def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
+        """Save checkpoint kind_index and prune old ones; a periodic save that fails is logged and training goes on."""
+        root = Path(self.config.checkpoint_dir)
+        try:
+            path = self.save_checkpoint(root / ckpt.checkpoint_name(kind, index))
+        except ckpt.CheckpointError as e:
+            if not periodic:
+                raise
+            self.save_failures += 1
+            logger.error("%s (training goes on; the next save tries again)", e)
+            return None
+        if self.accelerator.is_main_process:
+            keep = self.config.keep_last_n_steps if kind == "step" else self.config.keep_last_n_epochs
+            ckpt.prune(root, kind, keep)
+        self.accelerator.wait_for_everyone()
+        logger.info("saved %s", path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG (accelerate), EMA and progress from a complete checkpoint.
+        Before setup() the load is deferred to setup()."""
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+        if self._model is None:
+            self._pending_resume = path
+            return
+        self.accelerator.load_state(str(path))
+        # Into the existing EMA object, which a Sampler may hold; decay and warmup stay those of this run's config.
+        self._ema.load_state_dict(EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model).state_dict())
+        self._ema.decay = self.config.ema_decay
+        self.progress = ckpt.read_progress(path)
+        if self._stateful_loader and self.progress.data_state:
+            self.dataloader.load_state_dict(self.progress.data_state)
+        self.last_checkpoint, self._saved_step = path, self.progress.step
+        self._pending_resume = None
+        logger.info("resumed from %s at step %d (epoch %d)", path, self.progress.step, self.progress.epoch)
+
+    def _upload(self, checkpoint: Path) -> None:
+        if self.accelerator.is_main_process and self.uploader is not None:
+            self.uploader.upload_checkpoint(checkpoint, self.progress.step)
+
+    def _sample(self) -> None:
+        """A sample grid from the EMA weights (main process only); a failure is logged, never fatal."""
+        if not self.accelerator.is_main_process:
+            return
+        cfg, step = self.config, self.progress.step
+        prompts = cfg.sample_prompts or ["a photo of a cat", "a red car on a street"]
+        size = cfg.sample_size or self._latent_side or 64
+        try:
+            images = self.sampler.generate(
+                prompts,
+                num_steps=cfg.sample_steps,
+                guidance_scale=cfg.sample_guidance_scale,
+                height=size,
+                width=size,
+                seed=cfg.seed,
+                use_ema=True,
+            )
+            grid = self.sampler.save_samples(images, prompts, cfg.sample_dir, step=step)
+        except Exception:
+            logger.exception("sample grid at step %d failed (training goes on)", step)
+            return
+        finally:
+            self.model.train()
+        logger.info("sample grid: %s", grid)
+        if cfg.log_with == "tensorboard":
+            self.accelerator.get_tracker("tensorboard").log_images({"samples": images}, step, dataformats="NCHW")
+        if self.uploader is not None:
+            self.uploader.upload_samples(grid, step)
+
+    def finish(self, upload_timeout: float | None = None) -> None:
+        """End of the run: wait for Hub uploads (up to upload_timeout seconds) and close the trackers."""
+        if self.uploader is not None and self.uploader.pending:
+            logger.info("waiting for %d Hub upload(s)", self.uploader.pending)
+            self.uploader.wait(upload_timeout)
+        self.accelerator.end_training()
