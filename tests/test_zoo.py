@@ -337,3 +337,10 @@ def test_gated_repos_ask_for_a_token() -> None:
 def test_cuda_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(ZooError, match="CUDA is not available.*device='cpu'"):
         ModelZoo(device="cuda")
+
+
+def test_indexed_cpu_device_loads_the_teachers(tiny_zoo_path) -> None:
+    # accelerate reports "cpu:0" on several CPU processes; safetensors' loader refuses that name.
+    zoo = ModelZoo(device="cpu:0", dtype=torch.float32, zoo=tiny_zoo_path, t5_layers=TINY.t5_layers)
+    assert zoo.device == torch.device("cpu")
+    assert next(zoo.load_lune().parameters()).device == torch.device("cpu")

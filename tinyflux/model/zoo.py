@@ -72,7 +72,8 @@ def _check_device(device: str | torch.device) -> torch.device:
             f"device={str(device)!r} was asked for but CUDA is not available here. "
             "Pass device='cpu' (with dtype=torch.float32), or run on a machine with a GPU."
         )
-    return device
+    # "cpu:0" (what accelerate reports on several CPU processes) is refused by safetensors' loader: drop the index.
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def _check_t5_layers(layers: tuple[int, ...], num_layers: int, source: str) -> None:

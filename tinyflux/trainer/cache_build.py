@@ -451,8 +451,7 @@ def run_build(args: BuildCacheArgs) -> Manifest | None:
     """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
     accelerator = _make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    # accelerate names the CPU "cpu:0" on several processes, which safetensors refuses
-    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
+    device = accelerator.device
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compute_dtype = auto_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
     zoo = _make_zoo(args, device, compute_dtype)
