@@ -109,3 +109,24 @@ def test_hub_id_and_subfolder_from_local_cache_offline(saved, tmp_path, monkeypa
     assert_same_weights(load_model("someone/tiny-flux:runs/v4", device="cpu", dtype=torch.float32), model)
     with pytest.raises(LoadError, match="not in the local Hub cache"):
         load_model("someone/other-repo", device="cpu")
+
+
+def test_corrupt_weights_fail_with_a_clear_message(saved, tmp_path):
+    from tinyflux.trainer.ema import EMA
+
+    model, path = saved
+    path.write_bytes(path.read_bytes()[:100])  # a truncated download
+    with pytest.raises(LoadError, match="is not a readable safetensors file.*re-save or re-download"):
+        load_model(str(path.parent), device="cpu")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LoadError, match="is not a readable torch checkpoint"):
+        load_model(str(tmp_path / "bad.pt"), config=model.config, device="cpu")
+    with pytest.raises(ValueError, match="EMA file .* is not a readable safetensors file"):
+        EMA.load(str(path), model)
+
+
+def test_wrapper_components_are_stripped_not_substrings():
+    from tinyflux.model.loader import clean_name
+
+    assert clean_name("module._orig_mod.double_blocks.0.img_mod.lin.weight") == "double_blocks.0.img_mod.lin.weight"
+    assert clean_name("_fsdp_wrapped_module.submodule.weight") == "submodule.weight"  # "submodule" kept whole

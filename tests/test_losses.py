@@ -84,25 +84,29 @@ def test_snr_weights_scale_per_sample():
 @pytest.mark.parametrize(
     ("t", "gamma", "expected"),
     [
-        (0.5, 5.0, 0.5),  # SNR 1
-        (0.25, 5.0, (1 / 9) / (10 / 9)),  # SNR 1/9: weight SNR / (SNR + 1) = 0.1
-        (0.9, 5.0, 5 / 82),  # SNR 81 > gamma: gamma / (SNR + 1)
-        (0.75, 5.0, 5 / 10),  # SNR 9
-        (0.75, 20.0, 9 / 10),
-        (0.0, 5.0, 0.0),
+        (0.5, 5.0, 1.0),  # SNR 1 <= gamma: full weight
+        (0.25, 5.0, 1.0),  # SNR 1/9
+        (0.9, 5.0, 5 / 81),  # SNR 81 > gamma: gamma / SNR
+        (0.75, 5.0, 5 / 9),  # SNR 9
+        (0.75, 20.0, 1.0),
+        (0.0, 5.0, 1.0),  # pure noise: full weight, so the shift toward noise is not undone
         (1.0, 5.0, 0.0),
     ],
 )
 def test_min_snr_weight_closed_forms(t, gamma, expected):
-    assert min_snr_weight(torch.tensor([t]), gamma).item() == pytest.approx(expected, abs=1e-7)
+    assert min_snr_weight(torch.tensor([t]), gamma).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_min_snr_weight_matches_definition_and_is_finite():
     t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
     snr = (t / (1 - t)) ** 2
-    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
     torch.testing.assert_close(min_snr_weight(t, 5.0), expected.float())
     assert torch.isfinite(min_snr_weight(torch.tensor([0.0, 1.0]))).all()
+    # Full weight up to t = sqrt(gamma) / (1 + sqrt(gamma)), then decreasing toward data.
+    knee = 5**0.5 / (1 + 5**0.5)
+    assert min_snr_weight(torch.tensor([knee - 1e-3]), 5.0).item() == 1.0
+    assert min_snr_weight(torch.tensor([knee + 0.05]), 5.0).item() < 1.0
 
 
 def test_lune_loss_modes():

@@ -250,6 +250,8 @@ def test_sol_prior_is_identity_on_q_k_at_init_and_geometric_prior_flattens_with_
     stats, spatial = geometric_sol_prior(torch.tensor([0.0, 1.0]), 8)  # t=0 pure noise, t=1 data
     assert spatial[0].max() < spatial[1].max()  # flatter at noise
     assert stats[0, 1] > stats[1, 1]  # higher entropy at noise
+    assert stats[0, 2] > stats[1, 2]  # neighbouring queries overlap more at noise (clustering)
+    assert stats[0, 0] < stats[1, 0] and stats[0, 3] < stats[1, 3]  # less local, less sparse at noise
 
 
 def test_model_code_never_imports_accelerate():

@@ -71,12 +71,14 @@ def geometric_sol_prior(t: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Closed-form Sol prior from the noise level sigma = 1 - t alone.
 
     Near noise attention is diffuse and global, near data local and sharp, so with s = sigma:
-      locality = 1 - s/2, entropy = 1/2 + s/2, clustering = 1/2 - s/2 (all in [0, 1]), sparsity = 1/2 - s/2.
+      locality = 1 - s/2, entropy = 1/2 + s/2, clustering = 1/2 + s/2, sparsity = 1/2 - s/2 (all in [0, 1]).
+    Clustering (docs/EXPERT_CACHE.md) is the overlap of neighbouring queries' attention: diffuse attention overlaps
+    (uniform = 1), sharp self-attention does not (identity = 0), so it rises with noise like entropy.
     Spatial map: a centred Gaussian on [-1, 1]^2 with std 0.15 + 0.85 s, normalised to sum 1, so it flattens with noise.
     Returns stats (B, 4) and spatial (B, size, size).
     """
     s = (1 - t.float()).clamp(0, 1)[:, None]  # (B, 1)
-    stats = torch.cat([1 - s / 2, 0.5 + s / 2, 0.5 - s / 2, 0.5 - s / 2], dim=1)  # (B, 4)
+    stats = torch.cat([1 - s / 2, 0.5 + s / 2, 0.5 + s / 2, 0.5 - s / 2], dim=1)  # (B, 4)
     coords = torch.linspace(-1, 1, size, device=t.device)
     r2 = coords[:, None] ** 2 + coords[None, :] ** 2  # (S, S)
     std = 0.15 + 0.85 * s[:, :, None]  # (B, 1, 1)

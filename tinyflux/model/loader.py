@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
@@ -22,7 +23,8 @@ from tinyflux.model.model import TinyFluxDeep
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_METADATA_KEY = "tinyflux_config"
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# Name components that DDP, torch.compile, FSDP1 and activation-checkpoint wrappers insert into parameter names.
+WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 class LoadError(RuntimeError):
@@ -60,22 +62,28 @@ def _resolve(source: str, filename: str) -> Path | None:
         ) from e
 
 
+def clean_name(name: str) -> str:
+    """Parameter name without wrapper components: "module._orig_mod.a.b" -> "a.b"."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
 def _unwrap_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        out[key] = value
-    return out
+    return {clean_name(key): value for key, value in state.items()}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise LoadError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        return _unwrap_keys(load_file(str(path)))
+        try:
+            return _unwrap_keys(load_file(str(path)))
+        except SafetensorError as e:
+            raise LoadError(f"{path} is not a readable safetensors file ({e}); re-save or re-download it") from e
     if path.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise LoadError(f"{path} is not a readable torch checkpoint ({e}); re-save or re-download it") from e
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -86,8 +94,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _config_from_metadata(path: Path) -> TinyFluxConfig | None:
     if path.suffix != ".safetensors" or not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise LoadError(f"{path} is not a readable safetensors file ({e}); re-save or re-download it") from e
     return TinyFluxConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in meta else None
 
 

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tinyflux.model.loader import clean_name
+
+__all__ = ["EMA", "clean_name"]
+
 # Wrappers add these path components to parameter names: DDP ("module."), torch.compile ("_orig_mod.").
-WRAPPER_PREFIXES = ("module", "_orig_mod")
 FORMAT = "tinyflux-ema"
 
 
@@ -25,11 +28,6 @@ class _Bound:
     buffers: list[Tensor]
     same_device: bool  # every parameter on the shadow's device
     fused: bool  # and float32 too: one _foreach_lerp_ does the update
-
-
-def clean_name(name: str) -> str:
-    """Parameter name without DDP / torch.compile wrapper components: "module._orig_mod.a.b" -> "a.b"."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_PREFIXES)
 
 
 def _named_floats(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
@@ -197,10 +195,16 @@ class EMA:
         """
         if not Path(path).is_file():
             raise FileNotFoundError(f"EMA file {path} not found")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            raw = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(
+                f"EMA file {path} is not a readable safetensors file ({e}); re-save or re-download it"
+            ) from e
         ema = cls(model, decay=float(metadata.get("decay", 0.9999)))
-        tensors = {clean_name(k): v for k, v in load_file(str(path)).items()}
+        tensors = {clean_name(k): v for k, v in raw.items()}
         shadow = {n: t for n, t in tensors.items() if n in ema.shadow}
         buffers = {n: t for n, t in tensors.items() if n not in ema.shadow}
         ema._load_tensors(shadow, buffers, source=f"file {path}")

@@ -137,25 +137,23 @@ def compute_main_loss(
 
 
 def min_snr_weight(t: Tensor, gamma: float = 5.0) -> Tensor:
-    """Min-SNR-gamma weight for the velocity loss at rectified-flow times t (B,): min(SNR, gamma) / (SNR + 1).
+    """Min-SNR-gamma weight for the velocity loss at rectified-flow times t (B,): min(SNR, gamma) / SNR.
 
     SNR: x_t = t*data + (1-t)*noise has signal-to-noise ratio SNR(t) = (t / (1-t))^2 (0 at noise, inf at data).
-    Why this form: Min-SNR (Hang et al. 2023) weights the data-prediction (x0) loss by min(SNR, gamma), which caps
-    the weight of nearly clean timesteps. In the variance-preserving v-parameterisation the data error is
-    sqrt(1 - alpha) times the v error and 1 - alpha = 1 / (SNR + 1), so the same objective on a v loss is
-    min(SNR, gamma) / (SNR + 1); that is the weight returned. For rectified flow it is exactly that objective on the
-    variance-normalised x_t / sqrt(t^2 + (1-t)^2) (the same SNR; see predictions.flow_t_to_alpha). On the raw
-    velocity v = data - noise the data error is (1-t) * v error, so the exact x0-equivalent would be
-    min(SNR, gamma) * (1-t)^2; the returned weight is that times 1 / (t^2 + (1-t)^2), a factor in [1, 2] that peaks
-    at t = 0.5, so mid-range timesteps count up to twice as much.
-    Computed as min(t^2, gamma*(1-t)^2) / (t^2 + (1-t)^2), finite on all of [0, 1]: 0 at t = 0, 0 at t = 1,
-    1/2 at t = 0.5 (for gamma >= 1). Returns float32 (B,).
+    The plain flow-matching loss on v = data - noise is the base objective (what SD3 / Flux train); Min-SNR (Hang et
+    al. 2023) only caps the timesteps whose SNR exceeds gamma, where the clean-looking input makes the v target
+    (mostly the noise) expensive to fit and little is learned. So the weight is 1 for SNR <= gamma, i.e.
+    t <= sqrt(gamma) / (1 + sqrt(gamma)) (0.691 for gamma = 5), and gamma / SNR above it, going to 0 at data. This is
+    the eps-prediction form of Min-SNR applied to the v loss, and the rule of the original TinyFlux trainer. It keeps
+    the noise-heavy timesteps that the shift asks for at full weight (the v-parameterisation's
+    min(SNR, gamma) / (SNR + 1) would weight them by about SNR, i.e. almost 0 near noise, undoing the shift).
+    Computed as min(1, gamma * (1-t)^2 / t^2), finite on all of [0, 1]: 1 at t = 0, 0 at t = 1. Returns float32 (B,).
     """
     if gamma <= 0:
         raise ValueError(f"snr gamma={gamma} must be > 0")
     t = t.float()
-    signal, noise = t.square(), (1 - t).square()
-    return torch.minimum(signal, gamma * noise) / (signal + noise)
+    capped = gamma * (1 - t).square() / t.square().clamp(min=torch.finfo(torch.float32).tiny)
+    return capped.clamp(max=1.0)
 
 
 def compute_lune_loss(
