@@ -14,7 +14,9 @@ import sys
 
 from transformers import HfArgumentParser
 
+from tinyflux.model.zoo import ZooError
 from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
+from tinyflux.trainer.cache_format import CacheFormatError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = HfArgumentParser(BuildCacheArgs).parse_args_into_dataclasses(argv)
         run_build(args)
-    except BuildError as e:
+    except (BuildError, ZooError, CacheFormatError) as e:
         print(f"build_cache.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -178,3 +179,45 @@ def test_the_script_explains_bad_arguments(tmp_path: Path, capsys: pytest.Captur
     assert build_cache_main(["--output", str(tmp_path / "x"), "--resolution", "100"]) == 2
     err = capsys.readouterr().err
     assert "give exactly one input: --images, --dataset or --wds" in err and "multiple of 8" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--wds", "nothere.tar"], "--wds: nothere.tar does not exist"),
+        (["--dataset", "./nothere"], "--dataset ./nothere: could not load it"),
+        (["--images", "{images}", "--zoo", "{tmp}/nozoo"], "is not a tiny zoo .* make-tiny"),
+    ],
+)
+def test_bad_sources_exit_2_with_a_message(tmp_path, capsys, extra, message):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"junk")
+    (images / "a.txt").write_text("a caption")
+    argv = [a.format(images=images, tmp=tmp_path) for a in extra]
+    assert build_cache_main([*argv, "--output", str(tmp_path / "out"), "--model_preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "build_cache.py: error:" in err
+    assert re.search(message, err), err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "afile").write_text("x")
+    assert build_cache_main(["--images", str(tmp_path / "images"), "--output", str(tmp_path / "afile")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_all_inputs_bad_fails_and_still_writes_the_report(tmp_path, capsys, tiny_zoo_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"junk")
+    (images / "a.txt").write_text("a caption")
+    Image.new("RGB", (64, 64)).save(images / "b.png")  # no caption
+    argv = ["--images", str(images), "--output", str(tmp_path / "out"), "--zoo", str(tiny_zoo_path)]
+    assert build_cache_main([*argv, "--model_preset", "tiny", "--resolution", "64"]) == 2
+    assert "no input in" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["num_inputs"], report["num_samples"], report["num_skipped"]) == (2, 0, 2)
+    assert sorted(item["reason"] for item in report["skipped"]) == ["corrupt_image", "missing_caption"]
+    assert not (tmp_path / "out" / "manifest.json").exists()

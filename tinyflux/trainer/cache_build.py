@@ -50,6 +50,7 @@ from tinyflux.trainer.cache_format import (
     feature_settings,
     fields_of,
     parse_dtype,
+    read_sidecar,
     shard_is_complete,
     shard_path,
     write_json_atomic,
@@ -124,6 +125,11 @@ class BuildCacheArgs:
             problems.append(f"give exactly one input: --images, --dataset or --wds (got {given or 'none'})")
         if self.images and not Path(self.images).is_dir():
             problems.append(f"--images {self.images} is not a directory")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            problems.append(f"--output {self.output} exists and is not a directory")
+        for url in (u for spec in self.wds or () for u in wds.shardlists.expand_urls(spec)):
+            if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+                problems.append(f"--wds: {url} does not exist")
         if self.resolution <= 0 or self.resolution % 8:
             problems.append(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
         for name in ("batch_size", "shard_size", "num_loaders"):
@@ -197,11 +203,17 @@ def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
 
     image_column, caption_column = args.image_column or "image", args.caption_column or "text"
     path = Path(args.dataset)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        ds = ds[args.split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[args.split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
+    except Exception as e:  # datasets raises many types (HFValidationError, FileNotFoundError, DatasetNotFoundError..)
+        raise BuildError(
+            f"--dataset {args.dataset}: could not load it ({type(e).__name__}: {e}). Pass a Hub dataset name, a "
+            "folder written by save_to_disk, or a data folder; for a gated or private Hub dataset set HF_TOKEN"
+        ) from e
     missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
     if missing:
         raise BuildError(
@@ -481,9 +493,14 @@ def run_build(args: BuildCacheArgs) -> Manifest | None:
 
 def _finish(output: Path, num_shards: int, name: str, settings: dict[str, Any]) -> Manifest | None:
     """Rank 0, after every rank: manifest + report when all shards are complete, else say how to finish."""
+    shards = [shard_path(output, j) for j in range(num_shards)]
     try:
         manifest = assemble_manifest(output, num_shards, name, settings)
     except CacheFormatError as e:
+        sidecars = [read_sidecar(p) for p in shards]
+        if all(s is not None and s["count"] == 0 for s in sidecars):  # complete, but every input was skipped
+            write_report(output, shards)
+            raise BuildError(str(e)) from e
         logger.warning("%s", e)
         return None
     for extra in sorted((output / SHARD_DIR).glob("shard-*.tar")):  # shards of an earlier, longer input list
@@ -491,7 +508,7 @@ def _finish(output: Path, num_shards: int, name: str, settings: dict[str, Any]) 
             extra.unlink()
             extra.with_suffix(".json").unlink(missing_ok=True)
     write_manifest(output, manifest)
-    write_report(output, manifest)
+    write_report(output, shards)
     logger.info(
         "cache %s: %d samples in %d shards, %d inputs skipped (see %s)",
         output,

@@ -409,7 +409,7 @@ class DatasetCache:
             write_shard(shard_path(cache_dir, j), samples, sidecar)
         manifest = assemble_manifest(cache_dir, num_shards, self.name, settings)
         write_manifest(cache_dir, manifest)
-        write_report(cache_dir, manifest)
+        write_report(cache_dir, shard_paths(cache_dir, manifest))
         return manifest
 
     @classmethod

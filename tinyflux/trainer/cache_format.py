@@ -358,27 +358,32 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
     )
 
 
-def skipped_inputs(cache_dir: str | Path, manifest: Manifest) -> list[dict[str, str]]:
+def skipped_inputs(shards: list[Path]) -> list[dict[str, str]]:
     """Every input the build skipped: {'key', 'reason', 'detail', 'source'}, in input order."""
-    return [item for s in manifest.shards for item in read_sidecar(Path(cache_dir) / s["name"])["skipped"]]
+    return [item for path in shards for item in read_sidecar(path)["skipped"]]
 
 
-def write_report(cache_dir: str | Path, manifest: Manifest) -> None:
-    """report.json and report.txt next to the manifest: how many inputs were used, and each skipped one with why."""
-    skipped = skipped_inputs(cache_dir, manifest)
+def write_report(cache_dir: str | Path, shards: list[Path]) -> None:
+    """report.json and report.txt next to the manifest: how many inputs were used, and each skipped one with why.
+
+    Read from the shards' sidecars alone, so it is written even when no input produced a sample (and no manifest).
+    """
+    sidecars = [read_sidecar(path) for path in shards]
+    skipped = skipped_inputs(shards)
+    num_inputs, num_samples = sum(len(s["input_keys"]) for s in sidecars), sum(s["count"] for s in sidecars)
     by_reason: dict[str, int] = {}
     for item in skipped:
         by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
     report = {
-        "num_inputs": manifest.num_inputs,
-        "num_samples": manifest.num_samples,
+        "num_inputs": num_inputs,
+        "num_samples": num_samples,
         "num_skipped": len(skipped),
         "by_reason": by_reason,
         "skipped": skipped,
     }
     write_json_atomic(Path(cache_dir) / REPORT_NAME, report)
     lines = [
-        f"{manifest.num_inputs} inputs, {manifest.num_samples} cached, {len(skipped)} skipped",
+        f"{num_inputs} inputs, {num_samples} cached, {len(skipped)} skipped",
         *(f"  {reason}: {n}" for reason, n in sorted(by_reason.items())),
         "",
         *(f"{item['reason']:<16} {item['key']}  {item['detail']}  ({item['source']})" for item in skipped),
