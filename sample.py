@@ -20,12 +20,11 @@ from transformers import HfArgumentParser
 from tinyflux.model import zoo as zoo_sources
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.zoo import ModelZoo, ZooError
+from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer import sampling
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.sampling import Sampler
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
-
-VAE_DOWNSAMPLE = 8  # pixels per latent pixel of the Flux VAE (and of the tiny zoo's)
 
 
 @dataclass

@@ -31,6 +31,7 @@ SOL_FILENAME = "sd15-flow-sol-unet.safetensors"
 UNET_CONFIG_NAME = "config.json"  # a local teacher's UNet config, beside its .safetensors
 T5_MAX_LENGTH = 128  # T5 tokens per prompt (padded / truncated)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
+VAE_DOWNSAMPLE = 8  # pixels per latent pixel: the Flux VAE and the tiny zoo's (four blocks, three 2x downsamplings)
 ZOO_SUBFOLDERS = {"vae": "vae", "t5": "t5", "clip": "clip", "experts": "experts"}  # a tiny zoo's layout
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, held here so that the teachers need no second download.

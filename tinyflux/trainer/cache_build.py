@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
+from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.cache_encode import (
     DUPLICATE_KEY,
     MISSING_CAPTION,
@@ -130,8 +131,10 @@ class BuildCacheArgs:
         for url in (u for spec in self.wds or () for u in wds.shardlists.expand_urls(spec)):
             if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
                 problems.append(f"--wds: {url} does not exist")
-        if self.resolution <= 0 or self.resolution % 8:
-            problems.append(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+        if self.resolution <= 0 or self.resolution % VAE_DOWNSAMPLE:
+            problems.append(
+                f"--resolution {self.resolution} must be a positive multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)"
+            )
         for name in ("batch_size", "shard_size", "num_loaders"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 1")

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.cache_encode import lune_features, prepare_image, sol_features, text_features
 from tinyflux.trainer.cache_format import (
     T_BUCKETS,
@@ -311,7 +312,7 @@ class DatasetCache:
         lune = LuneFeatureCache.build(zoo, prompts, seed=seed, dtype=dtype) if extract_lune else None
         sol = SolFeatureCache.build(zoo, prompts, seed=seed, dtype=dtype) if extract_sol else None
         settings = {
-            "resolution": encodings.latents.shape[-1] * 8,
+            "resolution": encodings.latents.shape[-1] * VAE_DOWNSAMPLE,
             "t5_layers": list(zoo.t5_layers),
             "seed": seed,
             "sources": {"vae": zoo.vae_repo, "t5": zoo.t5_repo, "clip": zoo.clip_repo, "experts": zoo.experts_repo},
@@ -373,7 +374,7 @@ class DatasetCache:
                 f"DatasetCache.settings lacks {missing}: pass settings={{'t5_layers': [...]}} to record them"
             )
         return feature_settings(
-            resolution=self.settings.get("resolution", self.encodings.latents.shape[-1] * 8),
+            resolution=self.settings.get("resolution", self.encodings.latents.shape[-1] * VAE_DOWNSAMPLE),
             t5_layers=self.settings["t5_layers"],
             seed=self.settings.get("seed", 0),
             sources=self.settings.get("sources", {"origin": "in-memory DatasetCache"}),
