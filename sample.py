@@ -25,6 +25,7 @@ from tinyflux.trainer import sampling
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.sampling import Sampler
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
+from tinyflux.util.dtypes import parse_dtype
 
 
 @dataclass
@@ -80,12 +81,12 @@ def resolve_device(args: SampleArgs) -> tuple[str, torch.dtype]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} but CUDA is not available; use --device cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype == "auto":
         return device, torch.float32 if device == "cpu" else torch.bfloat16
-    if args.dtype not in dtypes:
-        raise UsageError(f"--dtype {args.dtype}: choose auto or one of {list(dtypes)}")
-    return device, dtypes[args.dtype]
+    try:
+        return device, parse_dtype(args.dtype)
+    except ValueError as e:
+        raise UsageError(f"--dtype: {e} (or auto)") from None
 
 
 def latent_size(pixels: int, name: str, patch_size: int) -> int:

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_tensors
 from webdataset import TarWriter
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
+from tinyflux.util.dtypes import dtype_name
 
 FORMAT_NAME = "tinyflux-cache"
 FORMAT_VERSION = 1
@@ -36,15 +37,6 @@ SAMPLE_TENSORS = ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "s
 # Fixed tar header fields make a rebuilt shard byte-identical to the first build of it.
 _TAR_FIELDS = dict(user="tinyflux", group="tinyflux", mode=0o444, mtime=0)  # int: a float mtime costs a pax header
 
-_DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
-
 
 class CacheFormatError(ValueError):
     """A cache directory or shard that cannot be read as a TinyFlux cache."""
@@ -52,19 +44,6 @@ class CacheFormatError(ValueError):
 
 class CacheMismatchError(ValueError):
     """A cache whose features do not fit the model config (see check_compatible)."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """torch dtype from 'float16' / 'fp16' / 'bfloat16' / 'bf16' / 'float32' / 'fp32' (or a dtype)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def shard_name(index: int) -> str:
