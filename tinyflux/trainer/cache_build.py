@@ -45,12 +45,10 @@ from tinyflux.trainer.cache_format import (
     CacheFormatError,
     Manifest,
     assemble_manifest,
-    dtype_name,
     encode_sample,
     feature_hash,
     feature_settings,
     fields_of,
-    parse_dtype,
     read_sidecar,
     shard_is_complete,
     shard_path,
@@ -59,6 +57,7 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
+from tinyflux.util.dtypes import dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from tinyflux.trainer.cache_format import (
     Manifest,
     assemble_manifest,
     decode_sample,
-    dtype_name,
     encode_sample,
     feature_hash,
     feature_settings,
@@ -38,6 +37,7 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
+from tinyflux.util.dtypes import dtype_name
 
 if TYPE_CHECKING:
     from tinyflux.model.zoo import ModelZoo
