@@ -3,21 +3,26 @@
 A checkpoint is a directory `step_XXXXXXX/` (every N steps, on a signal, at the end) or `epoch_XXXX/` (every N epochs)
 under TrainerConfig.checkpoint_dir. Inside:
 
-    model.safetensors          raw model weights (accelerate's save_state; loadable with load_model(dir))
+    model.safetensors          whole model weights (loadable with load_model(dir)): accelerate's save_state for one
+                               process / DDP, gathered onto the main process (an export) under FSDP2 and DeepSpeed
     config.json                TinyFluxConfig, so the directory is a model directory for load_model / sample.py
     ema.safetensors            EMA weights in float32 (same keys: load_model(dir, weights_name="ema.safetensors"))
     optimizer.bin, scheduler.bin, random_states_<rank>.pkl    accelerate's save_state (its own format)
+    pytorch_model_fsdp_0/, optimizer_0/    FSDP2: model and optimizer shards (torch.distributed.checkpoint)
+    pytorch_model/             DeepSpeed: its engine's checkpoint (ZeRO partitions, with DeepSpeed's zero_to_fp32.py)
     trainer_state.json         TrainingProgress: step, epoch, position in the data stream, NaN counters
     COMPLETE                   written last, inside the .tmp directory, before the atomic rename
 
-Everything is written into `NAME.tmp/` and renamed to `NAME/` only after all ranks finished: a crash or a full disk
-leaves at most a `.tmp` directory, never a half-written checkpoint under a final name, and the previous checkpoint
-is never touched before the new one is complete.
+Everything is written into `NAME.tmp/` and renamed to `NAME/` only after every process reported its part written: a
+crash or a full disk leaves at most a `.tmp` directory, never a half-written checkpoint under a final name, and the
+previous checkpoint is never touched before the new one is complete. The checkpoint directory must be on a file system
+that every node sees (every rank writes its shards and RNG state into it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +40,7 @@ EMA_WEIGHTS = "ema.safetensors"
 TMP_SUFFIX = ".tmp"
 KINDS = ("step", "epoch")
 _NAME = re.compile(r"^(step|epoch)_(\d+)$")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -48,6 +54,7 @@ class TrainingProgress:
     step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
     epoch: int = 0  # epochs finished
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
+    samples_in_epoch: int = 0  # samples of the current epoch already consumed, all processes
     micro_step: int = 0  # micro-batches consumed over the whole run; keys the per-batch random draws
     samples_seen: int = 0  # samples consumed over the whole run, all processes
     nan_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
@@ -62,6 +69,25 @@ class TrainingProgress:
         d = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def batches_to_skip(progress: TrainingProgress, global_batch: int | None) -> int:
+    """Micro-batches of the current epoch a resumed run must skip, for a loader of `global_batch` samples per
+    micro-batch over all processes (None: unknown, count in micro-batches). Counting in samples lets a run resume with
+    another number of processes (same global batch) at the same sample; should the new global batch not divide the
+    samples already read, the few in between are skipped, never repeated."""
+    if not global_batch or not progress.samples_in_epoch:
+        return progress.batches_in_epoch
+    skip = -(-progress.samples_in_epoch // global_batch)
+    if skip * global_batch != progress.samples_in_epoch:
+        logger.warning(
+            "resuming with a global batch of %d samples, which does not divide the %d already read this epoch: "
+            "skipping %d unread samples",
+            global_batch,
+            progress.samples_in_epoch,
+            skip * global_batch - progress.samples_in_epoch,
+        )
+    return skip
 
 
 def checkpoint_name(kind: str, index: int) -> str:
@@ -172,8 +198,11 @@ def all_ok(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def save_atomically(accelerator: Accelerator, final: Path, write_extras: Callable[[Path], None]) -> Path:
-    """Save accelerate's state (all processes) plus write_extras(tmp_dir) (main process) into `final.tmp`, mark it
-    COMPLETE and rename it to `final`. Every process agrees after each stage, so a failure anywhere (a full disk)
+    """Save accelerate's state plus write_extras(tmp_dir) into `final.tmp`, mark it COMPLETE and rename it to `final`.
+
+    Every process runs save_state (sharded engines write their shards, all write their RNG state) and write_extras
+    (which may gather sharded tensors, a collective, and writes files on the main process only); the main process
+    then writes the marker and renames. Every process agrees after each stage, so a failure anywhere (a full disk)
     stops all of them at the same point: the .tmp is removed, nothing else is touched, and CheckpointError says why."""
     tmp = final.with_name(final.name + TMP_SUFFIX)
     error: BaseException | None = None
@@ -189,16 +218,14 @@ def save_atomically(accelerator: Accelerator, final: Path, write_extras: Callabl
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
-    def extras_and_rename() -> None:
-        write_extras(tmp)
-        finalize(tmp, final)
-
     if accelerator.is_main_process:
         attempt(fresh_tmp)
     if all_ok(accelerator, error is None):
         attempt(lambda: accelerator.save_state(str(tmp)))
+    if all_ok(accelerator, error is None):
+        attempt(lambda: write_extras(tmp))
     if all_ok(accelerator, error is None) and accelerator.is_main_process:
-        attempt(extras_and_rename)
+        attempt(lambda: finalize(tmp, final))
     if all_ok(accelerator, error is None):
         return final
     if accelerator.is_main_process:

@@ -25,6 +25,7 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.batch import BatchMismatchError
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError, CacheMismatchError, check_compatible, load_manifest
+from tinyflux.trainer.engines import EngineError
 from tinyflux.trainer.optim import OptimizerUnavailableError
 from tinyflux.trainer.trainer import NonFiniteLossError, Trainer
 
@@ -37,6 +38,7 @@ RUN_ERRORS = (
     CacheMismatchError,
     ckpt.CheckpointError,
     ConfigError,
+    EngineError,
     LoadError,
     NonFiniteLossError,
     OptimizerUnavailableError,
@@ -86,9 +88,17 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
 
 
 def build_sampler(args: RunArgs, trainer: Trainer) -> Any:
-    """A Sampler on the trainer's model and EMA for the periodic grids (main process, when --zoo is given)."""
+    """A Sampler on the trainer's model and EMA for the periodic grids (main process, when --zoo is given; not under
+    FSDP2 / ZeRO-3, where no process holds the whole model)."""
     cfg = args.trainer
     if args.script.zoo is None or cfg.sample_every is None or not trainer.accelerator.is_main_process:
+        return None
+    if trainer.engine.shards_parameters:
+        logger.warning(
+            "--zoo: no sample grids under %s (no process holds the whole model); sample from a checkpoint with "
+            "sample.py --model CHECKPOINT_DIR",
+            trainer.engine,
+        )
         return None
     from tinyflux.model.zoo import ModelZoo
     from tinyflux.trainer.sampling import Sampler

@@ -15,13 +15,16 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch import nn
 
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
+from tinyflux.trainer.engines import check_installed
 
 logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
-    """The run's Accelerator: device, mixed precision (from config.dtype), gradient accumulation, tracker."""
+    """The run's Accelerator: device, mixed precision (from config.dtype), gradient accumulation, tracker. The engine
+    (DDP, FSDP2, DeepSpeed) comes from the `accelerate launch` config; engines.configure checks it afterwards."""
+    check_installed()
     if config.dtype == torch.float16 and not torch.cuda.is_available():
         raise TrainerConfigError(
             "dtype=float16 needs a CUDA GPU (fp16 autocast + loss scaling); use bfloat16 or float32"

@@ -8,6 +8,9 @@ upload. Values are read off the device only at that verdict and at log steps.
 Random draws (timesteps, noise, dropout) come from a generator seeded by (seed, micro-batch number) and are drawn for
 the global batch, each process taking its slice: a run is reproducible, resumes exactly, and N processes with batch
 B draw the same numbers as one process with batch N * B.
+
+The engine (one process, DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) is the `accelerate launch` config's; what differs
+between them (sharded EMA, exports, DeepSpeed's settings) is in engines.py, checkpoints in trainer_checkpointing.py.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from tinyflux.model.loader import CONFIG_NAME
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
+from tinyflux.trainer import engines
 from tinyflux.trainer.batch import (
     Teacher,
     check_batch,
@@ -46,6 +49,7 @@ from tinyflux.trainer.optim import build_optimizer, build_scheduler
 from tinyflux.trainer.runtime import compile_blocks, hparams, make_accelerator, stop_signals
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
+from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
@@ -57,12 +61,13 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-class Trainer:
+class Trainer(CheckpointingMixin):
     """Trains a TinyFluxDeep: Trainer(model, config); setup(dataloader, cache, sampler); train(epochs)."""
 
     def __init__(self, model: TinyFluxDeep, config: TrainerConfig):
         self.config = config
         self.accelerator = make_accelerator(config)
+        self.engine = engines.configure(self.accelerator, config)
         if any(p.dtype != torch.float32 for p in model.parameters()):
             logger.warning("model weights are not float32: converting (mixed precision keeps float32 master weights)")
         self.model = model.to(device=self.accelerator.device, dtype=torch.float32)
@@ -85,7 +90,8 @@ class Trainer:
         self._stop_at = config.total_steps
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1" when a signal ended train()
         self.save_failures = 0
-        self._model: nn.Module | None = None  # the prepared (possibly DDP-wrapped) model, after setup()
+        self._model: nn.Module | None = None  # the prepared model (DDP / DeepSpeed wrapper, or FSDP2 in place)
+        self._input_dtype = torch.float32  # of the model's floating inputs: its parameters' dtype after setup()
         self._prepared_loader = False
         self._stateful_loader = False  # the loader saves / restores its own position (state_dict)
         self._pending_resume: Path | None = None
@@ -112,6 +118,9 @@ class Trainer:
         trainer.model and trainer.ema) draws the periodic sample grids.
         """
         acc, cfg = self.accelerator, self.config
+        resume = self._pending_resume or ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        if resume is not None:
+            self._load_ema(resume)  # before prepare, while every parameter is whole on every process
         self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
         if self._prepared_loader:
             self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
@@ -120,6 +129,18 @@ class Trainer:
         else:
             self._model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
             self.dataloader = dataloader
+        # FSDP2 shards in place: the parameters are new (DTensor) objects that clipping and the EMA must use.
+        self._params = self.model.get_trainable_parameters()
+        if self.engine.name == "fsdp2":
+            engines.shard_ema(self._ema, self.model)
+        self._input_dtype = engines.input_dtype(self.model)
+        if sampler is not None and self.engine.shards_parameters:
+            logger.warning(
+                "no sample grids under %s: the sampler needs the whole model in one process. Sample from a "
+                "checkpoint instead (its model.safetensors / ema.safetensors are whole): sample.py --model DIR",
+                self.engine,
+            )
+            sampler = None
         self._stateful_loader = not self._prepared_loader and callable(getattr(self.dataloader, "state_dict", None))
         self.cache, self.sampler = cache, sampler
         if cfg.log_with != "none":
@@ -127,9 +148,8 @@ class Trainer:
         if acc.is_main_process:
             ckpt.clean_stale_tmp(cfg.checkpoint_dir)
         acc.wait_for_everyone()
-        resume = self._pending_resume or ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
         if resume is not None:
-            self.load_checkpoint(resume)
+            self._load_training_state(resume)
         elif cfg.resume == "latest":
             logger.info("resume=latest: no complete checkpoint in %s yet, starting from scratch", cfg.checkpoint_dir)
 
@@ -158,24 +178,25 @@ class Trainer:
         )
         teacher = self._teacher(batch, t)
         v_pred, expert = self._model(
-            x_t,
-            t5,
-            pooled,
+            self._input(x_t),
+            self._input(t5),
+            self._input(pooled),
             t,
             TinyFluxDeep.create_img_ids(b, *grid, device),
-            lune_features=teacher.lune,
-            sol_stats=teacher.sol_stats,
-            sol_spatial=teacher.sol_spatial,
+            lune_features=self._input(teacher.lune),
+            sol_stats=self._input(teacher.sol_stats),
+            sol_spatial=self._input(teacher.sol_spatial),
             return_expert_pred=True,
             encoder_attention_mask=t5_mask,
             lune_mask=kept(keep["lune"], teacher.lune_valid) if teacher.lune is not None else None,
             sol_mask=kept(keep["sol"], teacher.sol_valid) if teacher.sol_stats is not None else None,
             img_shape=grid,
         )
+        v_pred, expert = v_pred.float(), {k: v.float() for k, v in expert.items()}  # losses in float32, any engine
         spatial = spatial_weights(teacher, expert.get("sol_spatial_pred")) if cfg.use_spatial_weighting else None
         parts = {
             "main": compute_main_loss(
-                v_pred.float(),
+                v_pred,
                 v_target,
                 spatial_weights=spatial,
                 use_huber=cfg.use_huber_loss,
@@ -202,6 +223,10 @@ class Trainer:
             loss = loss + get_sol_weight(step, cfg.sol_warmup_steps, cfg.sol_weight) * parts["sol"]
         parts["loss"] = loss
         return parts
+
+    def _input(self, x: Tensor | None) -> Tensor | None:
+        """A floating model input in the parameters' dtype (bf16 under DeepSpeed, which runs the module in bf16)."""
+        return x if x is None else x.to(self._input_dtype)
 
     def _draws(self, latents: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         acc = self.accelerator
@@ -266,7 +291,7 @@ class Trainer:
         """This epoch's micro-batches, skipping those a resumed run already consumed."""
         loader = self.dataloader
         # A loader with its own state (the streaming loader) was restored to its position by load_checkpoint.
-        skip = 0 if self._stateful_loader else self.progress.batches_in_epoch
+        skip = 0 if self._stateful_loader else self._batches_to_skip()
         for owner in (loader, getattr(loader, "dataset", None)):  # a prepared loader, or a streaming dataset
             if hasattr(owner, "set_epoch"):
                 owner.set_epoch(self.progress.epoch)
@@ -276,6 +301,10 @@ class Trainer:
         elif skip:
             loader = islice(loader, skip, None)
         return iter(loader)
+
+    def _batches_to_skip(self) -> int:
+        total = getattr(self.dataloader, "total_batch_size", None) if self._prepared_loader else None
+        return ckpt.batches_to_skip(self.progress, total)
 
     def _micro_step(self, batch: dict[str, Any], bar: tqdm) -> bool:
         """One micro-batch; at the end of an accumulation cycle the optimizer step. Returns True to stop."""
@@ -293,7 +322,10 @@ class Trainer:
             self._count_batch(batch, b)
             if not acc.sync_gradients:
                 return False
-            grad_norm = acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf)
+            # DeepSpeed clips inside its own step (at backward) and only reports the norm here.
+            grad_norm = engines.plain_norm(
+                acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf), acc.device
+            )
             ok, stop = self._verdict(grad_norm)
             if ok:
                 self.optimizer.step()
@@ -305,6 +337,7 @@ class Trainer:
         p, n = self.progress, self.accelerator.num_processes
         p.micro_step += 1
         p.batches_in_epoch += 1
+        p.samples_in_epoch += b * n
         p.samples_seen += b * n
         cfg = self.model.config
         h, w = (side // cfg.patch_size for side in batch["latents"].shape[2:])
@@ -330,7 +363,8 @@ class Trainer:
             p.step += 1
             p.nan_streak = 0
             if p.step % cfg.ema_every == 0:
-                self._ema.update(self.model)
+                with engines.whole_parameters(self.model, self.engine):
+                    self._ema.update(self.model)
             self._meter.add_step({k: v / self._cycle_micro for k, v in self._cycle.items()}, grad_norm)
             bar.update(1)
         else:
@@ -377,6 +411,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         self.progress.epoch += 1
         self.progress.batches_in_epoch = 0
+        self.progress.samples_in_epoch = 0
         # A prepared loader closes the accumulation cycle with its last batch; a streaming one may end mid-cycle, and a
         # checkpoint is only consistent between optimizer steps, so the epoch's save then waits for the next step.
         self._epoch_actions_due = True
@@ -397,7 +432,7 @@ class Trainer:
         self._cycle_micro = 0
 
     def _log(self, bar: tqdm) -> None:
-        """Mean loss parts since the last log (averaged over processes), grad norm, lr, samples/s, MFU."""
+        """Mean loss parts since the last log (averaged over processes), grad norm, lr, samples/s, MFU, peak memory."""
         acc, cfg, p = self.accelerator, self.config, self.progress
         reduce = (lambda x: acc.reduce(x, "mean")) if acc.num_processes > 1 else (lambda x: x)
         values = self._meter.summary(p.samples_seen, reduce)
@@ -416,72 +451,11 @@ class Trainer:
         peak = cfg.peak_tflops or device_peak_tflops(acc.device)
         if peak:
             values["mfu"] = mfu(flops, values["samples_per_sec"], acc.num_processes, peak)
+        if acc.device.type == "cuda":  # what the engines trade against each other: the main process's peak
+            values["memory/peak_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         acc.log(values, step=p.step)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", sps=f"{values['samples_per_sec']:.1f}")
         self._meter.reset(p.samples_seen)
-
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Save everything needed to resume (and to sample) into directory `path`, atomically: written into
-        `path.tmp`, marked COMPLETE, renamed. On failure the .tmp is removed, earlier checkpoints are untouched and
-        CheckpointError says what happened; the training state in memory is unchanged either way."""
-        if self._model is None:
-            raise RuntimeError(
-                "call trainer.setup(dataloader, ...) before save_checkpoint(): accelerate saves prepared state"
-            )
-        if self._stateful_loader:
-            self.progress.data_state = self.dataloader.state_dict()
-        final = ckpt.save_atomically(self.accelerator, Path(path), self._write_extras)
-        self.last_checkpoint, self._saved_step = final, self.progress.step
-        return final
-
-    def _write_extras(self, tmp: Path) -> None:
-        """What accelerate's save_state does not write: the model config, the EMA (float32, for exact resume) and the
-        progress; with model.safetensors from save_state the directory is a model directory for load_model."""
-        self.model.config.save_json(tmp / CONFIG_NAME)
-        self._ema.save(str(tmp / ckpt.EMA_WEIGHTS), dtype=torch.float32)
-        ckpt.write_text_durably(tmp / ckpt.TRAINER_STATE, self.progress.to_json())
-
-    def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
-        """Save checkpoint kind_index and prune old ones; a periodic save that fails is logged and training goes on."""
-        root = Path(self.config.checkpoint_dir)
-        try:
-            path = self.save_checkpoint(root / ckpt.checkpoint_name(kind, index))
-        except ckpt.CheckpointError as e:
-            if not periodic:
-                raise
-            self.save_failures += 1
-            logger.error("%s (training goes on; the next save tries again)", e)
-            return None
-        if self.accelerator.is_main_process:
-            keep = self.config.keep_last_n_steps if kind == "step" else self.config.keep_last_n_epochs
-            ckpt.prune(root, kind, keep)
-        self.accelerator.wait_for_everyone()
-        logger.info("saved %s", path)
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore model, optimizer, scheduler, RNG (accelerate), EMA and progress from a complete checkpoint.
-        Before setup() the load is deferred to setup()."""
-        path = Path(path)
-        if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (no {ckpt.MARKER} marker)")
-        if self._model is None:
-            self._pending_resume = path
-            return
-        self.accelerator.load_state(str(path))
-        # Into the existing EMA object, which a Sampler may hold; decay and warmup stay those of this run's config.
-        self._ema.load_state_dict(EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model).state_dict())
-        self._ema.decay = self.config.ema_decay
-        self.progress = ckpt.read_progress(path)
-        if self._stateful_loader and self.progress.data_state:
-            self.dataloader.load_state_dict(self.progress.data_state)
-        self.last_checkpoint, self._saved_step = path, self.progress.step
-        self._pending_resume = None
-        logger.info("resumed from %s at step %d (epoch %d)", path, self.progress.step, self.progress.epoch)
-
-    def _upload(self, checkpoint: Path) -> None:
-        if self.accelerator.is_main_process and self.uploader is not None:
-            self.uploader.upload_checkpoint(checkpoint, self.progress.step)
 
     def _sample(self) -> None:
         """A sample grid from the EMA weights (main process only); a failure is logged, never fatal."""

@@ -1,0 +1,112 @@
+"""The Trainer's checkpoints: save_checkpoint / load_checkpoint and the periodic save with keep-last-N and upload.
+
+Saving goes through checkpoint.save_atomically (every process writes its part, the main process marks it COMPLETE
+and renames it); under FSDP2 and DeepSpeed the weights stay sharded in accelerate's state and a whole
+model.safetensors is exported next to them. Loading reads the EMA before accelerator.prepare, while its tensors are
+whole on every process (FSDP2 then shards it like the parameters), and accelerate's state after.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tinyflux.model.loader import CONFIG_NAME, save_model
+from tinyflux.trainer import checkpoint as ckpt
+from tinyflux.trainer import engines
+from tinyflux.trainer.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointingMixin:
+    """Checkpoint methods of tinyflux.trainer.trainer.Trainer (which owns every attribute they use)."""
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Save everything needed to resume (and to sample) into directory `path`, atomically: written into
+        `path.tmp`, marked COMPLETE, renamed. On failure the .tmp is removed, earlier checkpoints are untouched and
+        CheckpointError says what happened; the training state in memory is unchanged either way."""
+        if self._model is None:
+            raise RuntimeError(
+                "call trainer.setup(dataloader, ...) before save_checkpoint(): accelerate saves prepared state"
+            )
+        if self._stateful_loader:
+            self.progress.data_state = self.dataloader.state_dict()
+        final = ckpt.save_atomically(self.accelerator, Path(path), self._write_extras)
+        self.last_checkpoint, self._saved_step = final, self.progress.step
+        return final
+
+    def _write_extras(self, tmp: Path) -> None:
+        """What accelerate's save_state does not write: the model config, the EMA (float32, for exact resume), the
+        progress and, where save_state keeps the weights sharded (FSDP2, DeepSpeed), a consolidated model.safetensors,
+        so that the directory is a model directory for load_model and sample.py under every engine.
+
+        Runs on every process: the gathers are collectives and all come before any file is written, so a failed
+        write on the main process cannot leave the others waiting in a gather."""
+        weights = None if self.engine.saves_model_weights else engines.full_state_dict(self.accelerator, self._model)
+        ema = engines.gathered_ema(self._ema, self.accelerator)
+        if not self.accelerator.is_main_process:
+            return
+        if weights is not None:
+            save_model(self.model, tmp, state_dict=weights)
+        self.model.config.save_json(tmp / CONFIG_NAME)
+        ema.save(str(tmp / ckpt.EMA_WEIGHTS), dtype=torch.float32)
+        ckpt.write_text_durably(tmp / ckpt.TRAINER_STATE, self.progress.to_json())
+
+    def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
+        """Save checkpoint kind_index and prune old ones; a periodic save that fails is logged and training goes on."""
+        root = Path(self.config.checkpoint_dir)
+        try:
+            path = self.save_checkpoint(root / ckpt.checkpoint_name(kind, index))
+        except ckpt.CheckpointError as e:
+            if not periodic:
+                raise
+            self.save_failures += 1
+            logger.error("%s (training goes on; the next save tries again)", e)
+            return None
+        if self.accelerator.is_main_process:
+            keep = self.config.keep_last_n_steps if kind == "step" else self.config.keep_last_n_epochs
+            ckpt.prune(root, kind, keep)
+        self.accelerator.wait_for_everyone()
+        logger.info("saved %s", path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG (accelerate), EMA and progress from a complete checkpoint.
+        Before setup() the load is deferred to setup(); under FSDP2 / ZeRO-3 it must be (resume= in the config)."""
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+        if self._model is None:
+            self._pending_resume = path
+            return
+        if self.engine.shards_parameters:
+            raise ckpt.CheckpointError(
+                f"under {self.engine} a checkpoint loads during setup(), while the EMA is still whole: pass "
+                f"resume={str(path)!r} in the TrainerConfig (--resume on the command line) instead"
+            )
+        self._load_ema(path)
+        self._load_training_state(path)
+
+    def _load_ema(self, path: Path) -> None:
+        """The EMA file (whole float32 tensors) into the existing EMA object, which a Sampler may hold; decay and
+        warmup stay those of this run's config."""
+        self._ema.load_state_dict(EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model).state_dict())
+        self._ema.decay = self.config.ema_decay
+
+    def _load_training_state(self, path: Path) -> None:
+        """accelerate's state (model, optimizer, scheduler, RNG; sharded ones reshard to this number of processes),
+        then the progress and the data stream's position."""
+        self.accelerator.load_state(str(path))
+        self.progress = ckpt.read_progress(path)
+        if self._stateful_loader and self.progress.data_state:
+            self.dataloader.load_state_dict(self.progress.data_state)
+        self.last_checkpoint, self._saved_step = path, self.progress.step
+        self._pending_resume = None
+        logger.info("resumed from %s at step %d (epoch %d)", path, self.progress.step, self.progress.epoch)
+
+    def _upload(self, checkpoint: Path) -> None:
+        if self.accelerator.is_main_process and self.uploader is not None:
+            self.uploader.upload_checkpoint(checkpoint, self.progress.step)
