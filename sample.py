@@ -10,9 +10,11 @@ writes. Exit code 2 on bad input.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import HfArgumentParser
@@ -22,6 +24,7 @@ from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.zoo import ModelZoo, ZooError
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer import sampling
+from tinyflux.trainer.checkpoint import TRAINER_CONFIG
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.sampling import Sampler
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
@@ -38,7 +41,13 @@ class SampleArgs:
     )
     num_steps: int = field(default=sampling.DEFAULT_NUM_STEPS, metadata={"help": "Euler steps"})
     guidance_scale: float = field(default=sampling.DEFAULT_GUIDANCE_SCALE, metadata={"help": "CFG scale (1 = off)"})
-    shift: float = field(default=DEFAULT_SHIFT, metadata={"help": "timestep shift of the schedule (as in training)"})
+    shift: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": f"timestep shift of the schedule; default: the training shift from the checkpoint's "
+            f"{TRAINER_CONFIG}, else {DEFAULT_SHIFT}"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "prompt i uses seed + i"})
     height: int = field(
         default=sampling.DEFAULT_LATENT_SIZE * VAE_DOWNSAMPLE,
@@ -89,6 +98,17 @@ def resolve_device(args: SampleArgs) -> tuple[str, torch.dtype]:
         raise UsageError(f"--dtype: {e} (or auto)") from None
 
 
+def training_shift(args: SampleArgs) -> float:
+    """--shift, else the shift the checkpoint was trained with (its trainer_config.json), else the default."""
+    if args.shift is not None:
+        return args.shift
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    config = model_dir / TRAINER_CONFIG
+    if config.is_file():
+        return float(json.loads(config.read_text()).get("shift", DEFAULT_SHIFT))
+    return DEFAULT_SHIFT
+
+
 def latent_size(pixels: int, name: str, patch_size: int) -> int:
     multiple = VAE_DOWNSAMPLE * patch_size
     if pixels <= 0 or pixels % multiple:
@@ -118,7 +138,7 @@ def main(args: SampleArgs) -> list[str]:
         zoo=args.zoo,
         t5_layers=model.config.t5_layers,
     )
-    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=args.shift)
+    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=training_shift(args))
     images = sampler.generate(
         prompts,
         num_steps=args.num_steps,

@@ -221,3 +221,26 @@ def test_sigusr1_saves_then_stops_at_the_next_step(tmp_path):
     assert trainer.stopped_by == "SIGUSR1" and trainer.current_step == 1
     assert trainer.last_checkpoint.name == "step_0000001" and ckpt.is_complete(trainer.last_checkpoint)
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is removed after train()
+
+
+def test_a_fresh_run_refuses_a_checkpoint_dir_of_another_run(tmp_path):
+    make_trainer(tmp_path, total_steps=2, save_every_steps=1).train(epochs=None)
+    with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints of another run.*--resume latest"):
+        make_trainer(tmp_path, total_steps=2, save_every_steps=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+
+
+def test_checkpoint_records_the_training_config(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1, shift=2.0)
+    trainer.train(epochs=None)
+    saved = json.loads((trainer.last_checkpoint / ckpt.TRAINER_CONFIG).read_text())
+    assert saved["shift"] == 2.0 and saved["total_steps"] == 1
+
+
+@pytest.mark.parametrize("damaged", [ckpt.EMA_WEIGHTS, "model.safetensors"])
+def test_resuming_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, damaged):
+    make_trainer(tmp_path, total_steps=1).train(epochs=None)
+    target = tmp_path / "checkpoints" / "step_0000001" / damaged
+    target.write_bytes(target.read_bytes()[:64])
+    with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*step_0000001"):
+        make_trainer(tmp_path, total_steps=2, resume="latest")

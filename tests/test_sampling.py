@@ -256,3 +256,12 @@ def test_sampler_and_training_target_share_one_convention(zoo):
     sampler = Sampler(zoo, oracle, device="cpu", dtype=torch.float32)
     out = sampler.generate(["a cat", "a dog"], num_steps=5, height=SIDE, width=SIDE, seed=3, return_latents=True)
     torch.testing.assert_close(out, data[None].expand(2, -1, -1, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_sample_py_uses_the_training_shift_unless_told(tmp_path):
+    (tmp_path / "trainer_config.json").write_text('{"shift": 1.5}')
+    assert sample.training_shift(sample.SampleArgs(model=str(tmp_path))) == 1.5
+    assert sample.training_shift(sample.SampleArgs(model=str(tmp_path / "model.safetensors"))) == 1.5
+    assert sample.training_shift(sample.SampleArgs(model=str(tmp_path), shift=4.0)) == 4.0
+    (tmp_path / "other").mkdir()
+    assert sample.training_shift(sample.SampleArgs(model=str(tmp_path / "other"))) == sample.DEFAULT_SHIFT

@@ -37,6 +37,7 @@ from accelerate import Accelerator
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+TRAINER_CONFIG = "trainer_config.json"  # the TrainerConfig of the run that wrote the checkpoint
 TMP_SUFFIX = ".tmp"
 KINDS = ("step", "epoch")
 _NAME = re.compile(r"^(step|epoch)_(\d+)$")

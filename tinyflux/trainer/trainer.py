@@ -119,6 +119,12 @@ class Trainer(CheckpointingMixin):
         """
         acc, cfg = self.accelerator, self.config
         resume = self._pending_resume or ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        if resume is None and cfg.resume is None and ckpt.list_checkpoints(cfg.checkpoint_dir):
+            # a fresh run would overwrite same-named checkpoints and prune by step number across both runs
+            raise ckpt.CheckpointError(
+                f"{cfg.checkpoint_dir} already holds checkpoints of another run; continue it with --resume latest, "
+                "or train into a new --checkpoint_dir"
+            )
         if resume is not None:
             self._load_ema(resume)  # before prepare, while every parameter is whole on every process
         self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)

@@ -8,10 +8,12 @@ whole on every process (FSDP2 then shards it like the parameters), and accelerat
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from tinyflux.model.loader import CONFIG_NAME, save_model
 from tinyflux.trainer import checkpoint as ckpt
@@ -54,6 +56,8 @@ class CheckpointingMixin:
         self.model.config.save_json(tmp / CONFIG_NAME)
         ema.save(str(tmp / ckpt.EMA_WEIGHTS), dtype=torch.float32)
         ckpt.write_text_durably(tmp / ckpt.TRAINER_STATE, self.progress.to_json())
+        # the run's settings beside its weights: sample.py reads the training shift from it
+        ckpt.write_text_durably(tmp / ckpt.TRAINER_CONFIG, json.dumps(self.config.to_dict(), indent=2))
 
     def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
         """Save checkpoint kind_index and prune old ones; a periodic save that fails is logged and training goes on."""
@@ -93,13 +97,23 @@ class CheckpointingMixin:
     def _load_ema(self, path: Path) -> None:
         """The EMA file (whole float32 tensors) into the existing EMA object, which a Sampler may hold; decay and
         warmup stay those of this run's config."""
-        self._ema.load_state_dict(EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model).state_dict())
+        try:
+            loaded = EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: its EMA cannot be read ({e})") from e
+        self._ema.load_state_dict(loaded.state_dict())
         self._ema.decay = self.config.ema_decay
 
     def _load_training_state(self, path: Path) -> None:
         """accelerate's state (model, optimizer, scheduler, RNG; sharded ones reshard to this number of processes),
         then the progress and the data stream's position."""
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: accelerate could not load its state ({type(e).__name__}: {e}). The "
+                "checkpoint is damaged or was written by another model / engine; resume from an older one"
+            ) from e
         self.progress = ckpt.read_progress(path)
         if self._stateful_loader and self.progress.data_state:
             self.dataloader.load_state_dict(self.progress.data_state)
