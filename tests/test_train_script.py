@@ -200,7 +200,11 @@ def test_two_processes_give_the_same_weights_as_one_with_the_same_global_batch(c
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
     argv = run_argv(cache_dir, tmp_path / "two", *common, "--batch_size", "2")
     result = subprocess.run(
-        [*launch, str(ROOT / "train_tinyflux.py"), *argv], capture_output=True, text=True, timeout=300
+        [*launch, str(ROOT / "train_tinyflux.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two" / "checkpoints" / "step_0000004"
