@@ -12,21 +12,20 @@ from typing import Any, Optional
 import torch
 
 from tinyflux.trainer.losses import LUNE_MODES
-from tinyflux.trainer.schedules import LR_SCHEDULERS, WARMUP_TYPES
+from tinyflux.trainer.schedules import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_STEPS,
+    DEFAULT_SHIFT,
+    LR_SCHEDULERS,
+    WARMUP_TYPES,
+)
+from tinyflux.util import dtypes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOG_WITH = ("tensorboard", "none")
 
-# Names accepted for `dtype` in YAML and on the command line, and the accelerate mixed-precision mode each one means.
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
+# The accelerate mixed-precision mode of each training dtype (names: tinyflux.util.dtypes).
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
 
 
@@ -35,15 +34,15 @@ class TrainerConfigError(ValueError):
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """torch dtype from a dtype or one of the names in DTYPES ("bfloat16", "float16", "float32", ...)."""
+    """torch dtype from a dtype or one of the names in tinyflux.util.dtypes ("bfloat16", "bf16", "float32", ...)."""
     if isinstance(value, torch.dtype):
         if value not in MIXED_PRECISION:
             raise TrainerConfigError(f"dtype={value} is not supported; use one of bfloat16, float16, float32")
         return value
-    name = str(value).removeprefix("torch.")
-    if name not in DTYPES:
-        raise TrainerConfigError(f"dtype={value!r} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    try:
+        return dtypes.parse_dtype(value)
+    except ValueError as e:
+        raise TrainerConfigError(f"dtype: {e}") from None
 
 
 @dataclass
@@ -70,7 +69,7 @@ class TrainerConfig:
     compile_mode: Optional[str] = None  # torch.compile each transformer block with this mode; None = eager
 
     # Flow matching
-    shift: float = 3.0  # Flux timestep shift on sigma = 1 - t; > 1 puts more training steps near noise
+    shift: float = DEFAULT_SHIFT  # Flux timestep shift on sigma = 1 - t; > 1 puts more training steps near noise
     logit_normal_sampling: bool = True  # draw t from a logit-normal (else uniform) before the shift
     logit_mean: float = 0.0  # mean of the logit-normal
     logit_std: float = 1.0  # std of the logit-normal
@@ -136,8 +135,8 @@ class TrainerConfig:
     run_name: str = "tinyflux"  # tracker project name (TensorBoard subdirectory)
     peak_tflops: Optional[float] = None  # per-device peak dense TFLOP/s for MFU; None = look up the GPU, no MFU on CPU
     resume: Optional[str] = None  # checkpoint directory, or "latest" (newest complete one in checkpoint_dir)
-    sample_steps: int = 28  # Euler steps of the sample grid
-    sample_guidance_scale: float = 5.0  # CFG scale of the sample grid
+    sample_steps: int = DEFAULT_NUM_STEPS  # Euler steps of the sample grid
+    sample_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # CFG scale of the sample grid
     sample_size: Optional[int] = None  # latent side of sample images; None = the training latents' side
 
     def __post_init__(self) -> None:

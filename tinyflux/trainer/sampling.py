@@ -23,10 +23,8 @@ from torch import Tensor
 from tinyflux.model.model import TinyFluxDeep, pack_latents, unpack_latents
 from tinyflux.model.zoo import ModelZoo
 from tinyflux.trainer.ema import EMA
-from tinyflux.trainer.schedules import DEFAULT_SHIFT, get_schedule
+from tinyflux.trainer.schedules import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DEFAULT_SHIFT, get_schedule
 
-DEFAULT_NUM_STEPS = 28
-DEFAULT_GUIDANCE_SCALE = 5.0
 DEFAULT_LATENT_SIZE = 64  # latent pixels: 64 -> 512 px images with the Flux VAE
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality"
 NULL_TEXT_TOKENS = 1  # the null conditioning: this many all-zero T5 tokens (mask True), zero CLIP pooled

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_SHIFT = 3.0  # Flux's shift for 512px-class images; the trainer's and the sampler's default
+DEFAULT_NUM_STEPS = 28  # Euler steps of a sample (the sampler's and the training sample grids' default)
+DEFAULT_GUIDANCE_SCALE = 5.0  # CFG scale of a sample
 WARMUP_TYPES = ("linear", "cosine")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 
