@@ -12,59 +12,12 @@ them (the same transformer as diffusers', apples to apples).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
-from diffusers import FluxTransformer2DModel
+from common import describe_device, diffusers_twin, make_config, time_calls
 
-from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, count_parameters, pack_latents
-
-# A CPU-sized stand-in for `deep`: same shape rules (heads x 64, 3-axis RoPE), 1/8 of the width and 1/5 of the depth.
-SMALL = dict(
-    hidden_size=128,
-    num_attention_heads=2,
-    attention_head_dim=64,
-    num_double_layers=3,
-    num_single_layers=5,
-    axes_dims_rope=(16, 24, 24),
-    t5_layers=(12,),
-    use_cross_attention_sharing=False,
-)
-
-
-def make_config(preset: str) -> TinyFluxConfig:
-    return TinyFluxConfig(**SMALL) if preset == "small" else TinyFluxConfig.preset(preset)
-
-
-def diffusers_twin(cfg: TinyFluxConfig) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.token_channels,
-        num_layers=cfg.num_double_layers,
-        num_single_layers=cfg.num_single_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.t5_hidden_size,
-        pooled_projection_dim=cfg.pooled_projection_dim,
-        guidance_embeds=False,
-        axes_dims_rope=cfg.axes_dims_rope,
-    )
-
-
-def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step, after warmup steps (compile, allocator, autotune)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -141,13 +94,13 @@ def main() -> None:
     for name, model, fwd in runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sec = time_steps(make_step(model, fwd), args.steps, args.warmup, device)
+        _, sec = time_calls(make_step(model, fwd), args.steps, args.warmup, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         rows.append((name, count_parameters(model), b / sec, sec * 1e3, peak))
 
     print(
         f"\none training step: preset={args.preset} batch={b} latent={s}x{s} ({n} image + {args.text_len} text tokens) "
-        f"dtype={args.dtype} compile={args.compile} device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+        f"dtype={args.dtype} compile={args.compile} device={describe_device(device)}"
     )
     print(f"{'model':34s} {'params':>10s} {'samples/s':>10s} {'ms/step':>9s} {'peak GiB':>9s}")
     for name, params, sps, ms, peak in rows:
