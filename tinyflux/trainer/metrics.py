@@ -4,12 +4,12 @@ FLOPs of one training sample (forward + backward), following the PaLM / Chinchil
 
     flops_per_sample = 6 * P * S + 12 * n_layers * hidden_size * S^2
 
-P: parameters of the student; S = image tokens + text tokens (the joint sequence every block attends over);
-n_layers = double + single blocks. The first term is the matmuls with the weights (2 FLOPs per multiply-add, forward,
-and twice that backward); the second is attention's QK^T and AV (each 2 * S^2 * hidden per layer forward, x3 with
-backward). It overcounts the double blocks slightly (a text token only meets the text half of their weights and the
-per-sample modulation / expert MLPs run once per sample, not per token) and leaves out norms, RoPE and softmax, and the
-recomputation of gradient checkpointing (MFU counts useful FLOPs only).
+P: the weight matmul parameters one token meets on average (token_matmul_params: a double block's image weights see
+only image tokens, its text weights only text tokens; the modulation and expert MLPs run once per sample and are left
+out); S = image tokens + text tokens (the joint sequence every block attends over); n_layers = double + single blocks.
+The first term is the matmuls with the weights (2 FLOPs per multiply-add, forward, and twice that backward); the
+second is attention's QK^T and AV (each 2 * S^2 * hidden per layer forward, x3 with backward). It leaves out norms,
+RoPE and softmax, and the recomputation of gradient checkpointing (MFU counts useful FLOPs only).
 
 MFU = flops_per_sample * samples_per_second / (num_processes * peak_tflops * 1e12), against the dense bf16 peak of
 the device: a float32 run therefore shows a low MFU by construction.
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 # Dense bf16 tensor-core peak TFLOP/s by device-name fragment (vendor datasheets, SXM parts, no sparsity).
 PEAK_BF16_TFLOPS = {
@@ -34,7 +36,41 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def flops_per_sample(num_params: int, image_tokens: int, text_tokens: int, num_layers: int, hidden_size: int) -> float:
+@dataclass(frozen=True)
+class StreamParams:
+    """Linear-weight parameters of a TinyFluxDeep by the tokens that pass through them."""
+
+    image: int  # img_in, the double blocks' image attention + MLP, the final projection
+    text: int  # txt_in, the double blocks' text attention (own or shared) + MLP
+    joint: int  # the single blocks' fused linears: every token
+
+    @classmethod
+    def of(cls, model: nn.Module) -> StreamParams:
+        def weights(*modules: nn.Module | None) -> int:
+            return sum(
+                m.weight.numel()
+                for mod in modules
+                if mod is not None
+                for m in mod.modules()
+                if isinstance(m, nn.Linear)
+            )
+
+        image = weights(model.img_in, model.final_layer.linear)
+        text = weights(model.txt_in)
+        for block in model.double_blocks:
+            image += weights(block.img_attn, block.img_mlp)
+            text += weights(block.txt_attn or model.shared_txt_attn, block.txt_mlp)
+        joint = sum(weights(block.linear1, block.linear2) for block in model.single_blocks)
+        return cls(image, text, joint)
+
+    def per_token(self, image_tokens: int, text_tokens: int) -> float:
+        """The P of 6 * P * S: multiply-adds per token, averaged over the joint sequence."""
+        return (self.image * image_tokens + self.text * text_tokens) / (image_tokens + text_tokens) + self.joint
+
+
+def flops_per_sample(
+    num_params: float, image_tokens: int, text_tokens: int, num_layers: int, hidden_size: int
+) -> float:
     """Training FLOPs of one sample (forward + backward); see the module docstring for the formula."""
     seq = image_tokens + text_tokens
     return 6.0 * num_params * seq + 12.0 * num_layers * hidden_size * seq**2

@@ -44,7 +44,7 @@ from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
-from tinyflux.trainer.metrics import StepMeter, device_peak_tflops, flops_per_sample, mfu
+from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
 from tinyflux.trainer.optim import build_optimizer, build_scheduler
 from tinyflux.trainer.runtime import compile_blocks, hparams, make_accelerator, stop_signals
 from tinyflux.trainer.sampling import drop_text
@@ -76,7 +76,7 @@ class Trainer(CheckpointingMixin):
         if config.compile_mode is not None:
             logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
         self._params = model.get_trainable_parameters()
-        self._num_params = sum(q.numel() for q in model.parameters())
+        self._stream_params = StreamParams.of(model)
         self.optimizer = build_optimizer(self._params, config, self.accelerator.device)
         self.scheduler = build_scheduler(self.optimizer, config)
         self._ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
@@ -348,7 +348,9 @@ class Trainer(CheckpointingMixin):
         cfg = self.model.config
         h, w = (side // cfg.patch_size for side in batch["latents"].shape[2:])
         layers = cfg.num_double_layers + cfg.num_single_layers
-        per_sample = flops_per_sample(self._num_params, h * w, batch["t5_embeds"].shape[1], layers, cfg.hidden_size)
+        text = batch["t5_embeds"].shape[1]
+        per_token = self._stream_params.per_token(h * w, text)
+        per_sample = flops_per_sample(per_token, h * w, text, layers, cfg.hidden_size)
         self._meter.add_batch(b * n * per_sample)
 
     def _verdict(self, grad_norm: Tensor | None) -> tuple[bool, bool]:
