@@ -6,7 +6,6 @@ built caches run build_cache's pipeline on the tiny zoo over a small demo image 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +70,6 @@ def synthetic_shards_no_sol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic_b")
     make_synthetic_cache(20, seed=1, sol=False, name="no_sol").to_shards(out, shard_size=6)
     return out
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_demo_folder(root: Path, n: int = 10) -> tuple[list[str], dict[str, str]]:

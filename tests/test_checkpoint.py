@@ -22,7 +22,6 @@ from tests.trainer_helpers import (
     config,
     loader,
     make_trainer,
-    one_thread,  # noqa: F401  (an autouse fixture: one torch thread)
     params,
 )
 from tinyflux.model.loader import load_model
@@ -31,6 +30,8 @@ from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import ema as ema_module
 from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_checkpoint_is_a_model_directory_and_keeps_the_last_n(tmp_path):

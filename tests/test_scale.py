@@ -40,13 +40,7 @@ FSDP_NEEDS_A_GPU = (
 )
 NO_DEEPSPEED = "deepspeed is not installed (pip install deepspeed; it is no TinyFlux requirement) or no CUDA GPU"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def synthetic_cache(config: TinyFluxConfig, n: int, side: int, text_len: int, seed: int = 0) -> DatasetCache:

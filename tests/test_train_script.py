@@ -27,15 +27,7 @@ from tinyflux.trainer.run import main, run_training
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and spinning OpenMP threads crawl when other tests share
-    the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_flags_come_from_the_dataclasses_with_their_comments_as_help():

@@ -19,7 +19,6 @@ from tests.trainer_helpers import (
     forward_kwargs,
     loader,
     make_trainer,
-    one_thread,  # noqa: F401  (an autouse fixture: one torch thread)
     params,
     perturb,
 )
@@ -38,6 +37,8 @@ from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.data import CachedDataset, collate_fn
 from tinyflux.trainer.optim import OptimizerUnavailableError, build_optimizer, build_scheduler
 from tinyflux.trainer.trainer import NonFiniteLossError, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_config_contradictions_fail_with_the_field_names():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -17,16 +16,6 @@ from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 TINY = TinyFluxConfig.preset("tiny")
 TEXT_LEN = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and spinning OpenMP threads crawl when other tests share
-    the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SyntheticCache(Dataset):

@@ -119,28 +119,42 @@ def _check_ratio(min_lr_ratio: float) -> None:
         raise ValueError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1] (min_lr / learning_rate)")
 
 
-def cosine_schedule(
-    step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, warmup_type: str = "linear"
+def _cosine_decay(q: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * q))
+
+
+def _linear_decay(q: float) -> float:
+    return 1 - q
+
+
+def _warmup_then_decay(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    warmup_type: str,
+    decay: Callable[[float], float],
 ) -> float:
-    """LR multiplier: warmup 0 -> 1 over warmup_steps, then half-cosine 1 -> min_lr_ratio at total_steps (held after)."""
+    """Warmup 0 -> 1, then 1 -> min_lr_ratio along decay(q), q the fraction of the post-warmup phase done."""
     _check_ratio(min_lr_ratio)
     _check_warmup_type(warmup_type)
     if step < warmup_steps:
         return _warmup_factor(step, warmup_steps, warmup_type)
-    q = _decay_progress(step, total_steps, warmup_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * q))
+    return min_lr_ratio + (1 - min_lr_ratio) * decay(_decay_progress(step, total_steps, warmup_steps))
+
+
+def cosine_schedule(
+    step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, warmup_type: str = "linear"
+) -> float:
+    """LR multiplier: warmup 0 -> 1 over warmup_steps, then half-cosine 1 -> min_lr_ratio at total_steps (held after)."""
+    return _warmup_then_decay(step, total_steps, warmup_steps, min_lr_ratio, warmup_type, _cosine_decay)
 
 
 def linear_decay(
     step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, warmup_type: str = "linear"
 ) -> float:
     """LR multiplier: warmup 0 -> 1 over warmup_steps, then linear 1 -> min_lr_ratio at total_steps (held after)."""
-    _check_ratio(min_lr_ratio)
-    _check_warmup_type(warmup_type)
-    if step < warmup_steps:
-        return _warmup_factor(step, warmup_steps, warmup_type)
-    q = _decay_progress(step, total_steps, warmup_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * (1 - q)
+    return _warmup_then_decay(step, total_steps, warmup_steps, min_lr_ratio, warmup_type, _linear_decay)
 
 
 def constant_with_warmup(step: int, warmup_steps: int, warmup_type: str = "linear") -> float:
