@@ -90,6 +90,11 @@ def text_features(
     return t5, lengths, pooled
 
 
+def _every_bucket(prompts: list[str], t_buckets: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Each prompt at each bucket, bucket-major: rows (T * N) and their timesteps (T * N,), for one teacher call."""
+    return [p for _ in t_buckets for p in prompts], t_buckets.repeat_interleave(len(prompts))
+
+
 def lune_features(
     zoo: ModelZoo,
     prompts: Sequence[str],
@@ -104,8 +109,7 @@ def lune_features(
     """
     prompts, t_buckets = list(prompts), t_buckets.float()
     if batch_timesteps:
-        rows = [p for _ in t_buckets for p in prompts]
-        t = t_buckets.repeat_interleave(len(prompts))  # (T * N,)
+        rows, t = _every_bucket(prompts, t_buckets)
         out = zoo.extract_lune(rows, t, seed=seed, batch_size=batch_size * len(t_buckets))  # (T * N, D)
         return rearrange(out, "(t n) d -> n t d", t=len(t_buckets))
     per_t = [zoo.extract_lune(prompts, float(t), seed=seed, batch_size=batch_size) for t in t_buckets]
@@ -125,8 +129,7 @@ def sol_features(
     prompts, t_buckets = list(prompts), t_buckets.float()
     num_t = len(t_buckets)
     if batch_timesteps:
-        rows = [p for _ in t_buckets for p in prompts]
-        t = t_buckets.repeat_interleave(len(prompts))  # (T * N,)
+        rows, t = _every_bucket(prompts, t_buckets)
         stats, spatial = zoo.extract_sol(rows, t, seed=seed, batch_size=batch_size * num_t, spatial_size=spatial_size)
         stats = rearrange(stats, "(t n) c -> n t c", t=num_t)
         return stats, rearrange(spatial, "(t n) h w -> n t h w", t=num_t)
