@@ -157,6 +157,11 @@ def test_spatial_weighting_changes_the_main_loss(tmp_path):
     plain = make_trainer(tmp_path / "a").train_step(first_batch())["main"]
     weighted = make_trainer(tmp_path / "b", use_spatial_weighting=True).train_step(first_batch())["main"]
     assert not torch.isclose(plain, weighted)
+    # A uniform Sol map weighs every token 1 (weights have mean 1): exactly the plain loss.
+    uniform = first_batch()
+    uniform["sol_spatial"] = torch.full_like(uniform["sol_spatial"], 1 / 64)
+    flat = make_trainer(tmp_path / "c", use_spatial_weighting=True).train_step(uniform)["main"]
+    torch.testing.assert_close(flat, plain)
 
 
 def test_a_cache_that_does_not_fit_the_model_fails_clearly(tmp_path):
