@@ -141,3 +141,20 @@ def test_stream_refuses_a_cache_that_does_not_fit_the_model(synthetic_shards: Pa
     with pytest.raises(CacheMismatchError, match="t5_layers: cache .* has \\(2, 4\\), the model expects \\(12,\\)"):
         make_stream_loader(synthetic_shards, model_config=TinyFluxConfig.preset("deep"), rank=0, world_size=1)
     make_stream_loader(synthetic_shards, model_config=TINY, rank=0, world_size=1)
+
+
+def test_the_training_script_streams_batches_in_the_caches_storage_dtype(synthetic_shards: Path) -> None:
+    from types import SimpleNamespace
+
+    from tinyflux.trainer.data import build_loader
+
+    args = SimpleNamespace(
+        script=SimpleNamespace(cache=[str(synthetic_shards)], cache_weights=None),
+        trainer=SimpleNamespace(batch_size=4, num_workers=0, seed=3, shuffle_buffer=6),
+    )
+    stored = next(iter(build_loader(args, TINY)))
+    wide = next(iter(make_stream_loader(synthetic_shards, batch_size=4, seed=3, shuffle_buffer=6, model_config=TINY)))
+    assert stored["latents"].dtype == torch.float16 and wide["latents"].dtype == torch.float32
+    assert stored["key"] == wide["key"]
+    for name in ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial", "t_buckets"):
+        assert torch.equal(stored[name].float(), wide[name]), name  # exact: the cache holds float16 values

@@ -65,6 +65,13 @@ def check_batch(batch: dict[str, Any], config: TinyFluxConfig) -> None:
         )
 
 
+def to_device(x: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A batch tensor on the device, copied without blocking the host (the CUDA loaders pin their batches) in its
+    stored dtype (float16 moves half the bytes of float32), then cast there."""
+    x = x.to(device, non_blocking=True)
+    return x if dtype is None else x.to(dtype)
+
+
 def teacher_features(
     batch: dict[str, Any], t: Tensor, cache: Any = None, lune: bool = True, sol: bool = True
 ) -> Teacher:
@@ -73,18 +80,18 @@ def teacher_features(
     device = t.device
     out = Teacher()
     if "t_buckets" in batch:
-        buckets = batch["t_buckets"].to(device, torch.float32)
+        buckets = to_device(batch["t_buckets"], device, torch.float32)
 
         def at_t(key: str) -> Tensor:
-            return interpolate_buckets(batch[key].to(device, torch.float32), buckets, t)
+            return interpolate_buckets(to_device(batch[key], device, torch.float32), buckets, t)
 
         # A batch mixing caches with and without a teacher marks the real rows in "lune_mask" / "sol_mask".
         if lune and "lune" in batch:
             out.lune = at_t("lune")
-            out.lune_valid = batch["lune_mask"].to(device) if "lune_mask" in batch else None
+            out.lune_valid = to_device(batch["lune_mask"], device) if "lune_mask" in batch else None
         if sol and "sol_stats" in batch and "sol_spatial" in batch:
             out.sol_stats, out.sol_spatial = at_t("sol_stats"), at_t("sol_spatial")
-            out.sol_valid = batch["sol_mask"].to(device) if "sol_mask" in batch else None
+            out.sol_valid = to_device(batch["sol_mask"], device) if "sol_mask" in batch else None
     if cache is None or not (lune and out.lune is None or sol and out.sol_stats is None):
         return out
     # A MultiSourceCache may mix datasets with and without features: their rows come back as zeros, so keep which

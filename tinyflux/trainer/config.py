@@ -51,7 +51,7 @@ class TrainerConfig:
 
     # Optimization
     learning_rate: float = 1e-4  # peak learning rate, reached at the end of warmup
-    optimizer: str = "adamw"  # "adamw" (torch, fused on CUDA), "adamw_8bit" (bitsandbytes), "adafactor" (no momentum)
+    optimizer: str = "adamw"  # "adamw" (torch, fused), "adamw_8bit" (bitsandbytes), "adafactor" (no momentum)
     weight_decay: float = 0.01  # decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decays (adamw, adamw_8bit); Adafactor keeps no moments
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError, Manifest, check_compatible, decode_sample, load_manifest
+from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +455,9 @@ def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
     """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
     batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`."""
     script, trainer = args.script, args.trainer
+    # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
+    # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
+    stored = {load_manifest(d).storage_dtype for d in script.cache}
     return make_stream_loader(
         script.cache,
         script.cache_weights or None,
@@ -463,4 +467,5 @@ def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
         shuffle_buffer=trainer.shuffle_buffer,
         model_config=model_config,
         pin_memory=torch.cuda.is_available(),
+        dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
     )

@@ -102,6 +102,7 @@ class StepMeter:
     def reset(self, samples_seen: int) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
+        self.kept: torch.Tensor | float = 0.0  # steps whose parts count in the means (finite ones)
         self.flops = 0.0
         self.grad_norm: torch.Tensor | None = None
         self.start = (time.perf_counter(), samples_seen)
@@ -109,9 +110,16 @@ class StepMeter:
     def add_batch(self, flops: float) -> None:
         self.flops += flops
 
-    def add_step(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
+    def add_step(
+        self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, skip: bool | torch.Tensor = False
+    ) -> None:
+        """One optimizer step's loss parts; a skipped (non-finite) step counts as a step but not in the means. `skip`
+        may be a bool tensor on the device: it is not read here."""
+        device = next(iter(parts.values())).device if parts else None
+        skipped = torch.as_tensor(skip, device=device)
         for name, value in parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.sums[name] = self.sums.get(name, 0.0) + torch.where(skipped, 0.0, value)
+        self.kept = self.kept + (~skipped).float()
         self.steps += 1
         self.grad_norm = grad_norm
 
@@ -121,7 +129,7 @@ class StepMeter:
         if not self.steps:
             return {}
         names = sorted(self.sums)
-        means = reduce(torch.stack([self.sums[n] for n in names]) / self.steps).tolist()
+        means = reduce(torch.stack([self.sums[n] for n in names]) / self.kept).tolist()
         values = {("loss" if n == "loss" else f"loss/{n}"): v for n, v in zip(names, means, strict=True)}
         samples = samples_seen - self.start[1]
         values["samples_per_sec"] = samples / max(time.perf_counter() - self.start[0], 1e-9)

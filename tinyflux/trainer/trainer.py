@@ -1,9 +1,11 @@
 """Trainer: one Accelerator, one place that computes the loss (train_step), and a loop that survives bad steps.
 
 The loop, per micro-batch: train_step -> accelerator.backward inside accelerator.accumulate; on the micro-batch that
-completes an accumulation cycle: clip, one verdict read off the device (was the loss / gradient finite, did a signal
-arrive), then optimizer + scheduler step (or skip), EMA update, and the periodic log / checkpoint / sample grid / Hub
-upload. Values are read off the device only at that verdict and at log steps.
+completes an accumulation cycle: clip, the step's verdict (was the loss / gradient finite on every process, did a signal
+arrive on any), optimizer + scheduler step (a non-finite step applies no update), EMA update, and the periodic log /
+checkpoint / sample grid / Hub upload. Values are read off the device only at log steps and checkpoints: with torch's
+fused AdamW the optimizer and the EMA skip a bad step on the device and the host reads the verdict one step late
+(verdict.py); with other optimizers and engines it reads it at once.
 
 Random draws (timesteps, noise, dropout) come from a generator seeded by (seed, micro-batch number) and are drawn for
 the global batch, each process taking its slice: a run is reproducible, resumes exactly, and N processes with batch
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import warnings
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -39,6 +42,7 @@ from tinyflux.trainer.batch import (
     spatial_weights,
     step_draws,
     teacher_features,
+    to_device,
 )
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.ema import EMA
@@ -50,15 +54,12 @@ from tinyflux.trainer.runtime import compile_blocks, hparams, make_accelerator, 
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
+from tinyflux.trainer.verdict import Flags, NonFiniteLossError, StepVerdicts, book, fused_adam
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class Trainer(CheckpointingMixin):
@@ -98,6 +99,8 @@ class Trainer(CheckpointingMixin):
         self._signal: int | None = None
         self._latent_side: int | None = None  # of the training latents, seen on the first batch
         self._epoch_actions_due = False
+        self._verdicts: StepVerdicts | None = None  # built by setup(), on the prepared optimizer
+        self._stop_requested = False  # a stop signal found in a verdict settled outside _after_step
         self._reset_cycle()
         self._meter = StepMeter()
 
@@ -140,6 +143,10 @@ class Trainer(CheckpointingMixin):
         if self.engine.name == "fsdp2":
             engines.shard_ema(self._ema, self.model)
         self._input_dtype = engines.input_dtype(self.model)
+        # The optimizer and the EMA skip a bad step on the device where both can (one process or DDP: whole parameters,
+        # torch's fused AdamW, no fp16 loss scaler): then no step waits for the host to read its verdict.
+        deferred = self.engine.name in ("single", "ddp") and fused_adam(self.optimizer) and cfg.dtype != torch.float16
+        self._verdicts = StepVerdicts(self.optimizer, acc.device, deferred=deferred, num_processes=acc.num_processes)
         if sampler is not None and self.engine.shards_parameters:
             logger.warning(
                 "no sample grids under %s: the sampler needs the whole model in one process. Sample from a "
@@ -170,16 +177,16 @@ class Trainer(CheckpointingMixin):
         """
         cfg, device = self.config, self.accelerator.device
         model_cfg = self.model.config
-        latents = batch["latents"].to(device, torch.float32)  # (B, C, H, W)
+        latents = to_device(batch["latents"], device, torch.float32)  # (B, C, H, W)
         b, _, height, width = latents.shape
         t, noise, keep = self._draws(latents)
         grid = (height // model_cfg.patch_size, width // model_cfg.patch_size)
         x_t = pack_latents(flow_x_t(latents, noise, t), model_cfg.patch_size)  # (B, N, C*p*p)
         v_target = pack_latents(flow_velocity(latents, noise), model_cfg.patch_size)  # (B, N, C*p*p)
         t5, t5_mask, pooled = drop_text(  # (B, L, K, D), (B, L), (B, P)
-            batch["t5_embeds"].to(device, torch.float32),
-            batch["t5_mask"].to(device),
-            batch["clip_pooled"].to(device, torch.float32),
+            to_device(batch["t5_embeds"], device, torch.float32),
+            to_device(batch["t5_mask"], device),
+            to_device(batch["clip_pooled"], device, torch.float32),
             ~keep["text"],
         )
         teacher = self._teacher(batch, t)
@@ -260,6 +267,7 @@ class Trainer(CheckpointingMixin):
         self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
         stop = p.step >= self._stop_at
         self._signal = None
+        self._stop_requested = False
         with stop_signals(self._on_signal):
             while not stop and (epochs is None or p.epoch < epochs):
                 if self._stream_finished_epoch():
@@ -278,6 +286,7 @@ class Trainer(CheckpointingMixin):
                         )
                     self._end_epoch()
         bar.close()
+        self._settle()
         if self._saved_step != p.step:
             self._save("step", p.step, periodic=False)
         self.accelerator.wait_for_everyone()
@@ -332,12 +341,25 @@ class Trainer(CheckpointingMixin):
             grad_norm = engines.plain_norm(
                 acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf), acc.device
             )
-            ok, stop = self._verdict(grad_norm)
-            if ok:
+            flags = self._verdicts.measure(
+                self._cycle["loss"],
+                grad_norm,
+                # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient is a bad step.
+                check_grad=self.config.dtype != torch.float16,
+                signal=self._signal is not None,
+                reduce=lambda x: acc.reduce(x, "sum"),
+            )
+            self._verdicts.gate(flags)
+            verdict = self._verdicts.push(flags)  # this step's, or on the deferred path the previous one's
+            if self._verdicts.deferred or not verdict.bad:
                 self.optimizer.step()
                 self.scheduler.step()
+            else:
+                with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
+                    self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return self._after_step(ok, grad_norm, stop, bar)
+        return self._after_step(flags, verdict, grad_norm, bar)
 
     def _count_batch(self, batch: dict[str, Any], b: int) -> None:
         p, n = self.progress, self.accelerator.num_processes
@@ -353,55 +375,41 @@ class Trainer(CheckpointingMixin):
         per_sample = flops_per_sample(per_token, h * w, text, layers, cfg.hidden_size)
         self._meter.add_batch(b * n * per_sample)
 
-    def _verdict(self, grad_norm: Tensor | None) -> tuple[bool, bool]:
-        """(step is finite on every process, a stop signal arrived on any): the one device read of a step."""
-        bad = ~torch.isfinite(self._cycle["loss"])
-        if grad_norm is not None and self.config.dtype != torch.float16:
-            # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient means a bad step.
-            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
-        flags = torch.stack([bad.float(), torch.tensor(float(self._signal is not None), device=bad.device)])
-        if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, "sum")
-        any_bad, any_stop = flags.tolist()
-        return any_bad == 0, any_stop > 0
-
-    def _after_step(self, ok: bool, grad_norm: Tensor | None, stop: bool, bar: tqdm) -> bool:
+    def _after_step(self, flags: Tensor, verdict: Flags | None, grad_norm: Tensor | None, bar: tqdm) -> bool:
+        """Count the step, update the EMA (not for a bad step: on the device), then act on the verdict the host can read
+        now (this step's, or the previous one's on the deferred path). Returns True to stop."""
         cfg, p = self.config, self.progress
-        if ok:
-            p.step += 1
-            p.nan_streak = 0
-            if p.step % cfg.ema_every == 0:
-                with engines.whole_parameters(self.model, self.engine):
-                    self._ema.update(self.model)
-            self._meter.add_step({k: v / self._cycle_micro for k, v in self._cycle.items()}, grad_norm)
-            bar.update(1)
-        else:
-            p.nan_steps += 1
-            p.nan_streak += 1
-            logger.warning(
-                "non-finite loss or gradient at step %d: step skipped (%d in a row, %d in total)",
-                p.step,
-                p.nan_streak,
-                p.nan_steps,
-            )
-            if p.nan_streak >= cfg.max_nan_steps:
-                raise NonFiniteLossError(
-                    f"{p.nan_streak} consecutive steps had a non-finite loss or gradient (max_nan_steps="
-                    f"{cfg.max_nan_steps}) at step {p.step}. Lower learning_rate or raise warmup_steps, check the cache "
-                    f"for NaN/inf values, train in bfloat16/float32 rather than float16, and resume from the last good "
-                    f"checkpoint ({self.last_checkpoint or 'none saved yet'}) with --resume latest."
-                )
+        bad = flags[0] > 0 if self._verdicts.deferred else verdict.bad  # on the device / already read
+        p.step += 1
+        if p.step % cfg.ema_every == 0:
+            with engines.whole_parameters(self.model, self.engine):
+                self._ema.update(self.model, skip=bad)
+        self._meter.add_step({k: v / self._cycle_micro for k, v in self._cycle.items()}, grad_norm, skip=bad)
+        bar.update(1)
         self._reset_cycle()
-        if ok:
-            self._periodic_actions(bar)
+        stop = book(p, verdict, p.step - self._verdicts.deferred, cfg.max_nan_steps, self.last_checkpoint)
+        # One process needs no agreement on when to stop: it acts on its own signal at once.
+        stop = stop or (self._signal is not None and self.accelerator.num_processes == 1)
+        self._periodic_actions(bar)
         if self._epoch_actions_due:
             self._epoch_actions()
+        stop = stop or self._stop_requested
         if stop:
             self.stopped_by = signal.Signals(self._signal).name if self._signal is not None else "signal"
             path = self._save("step", p.step, periodic=False)
             logger.warning("%s received: saved %s at step %d, stopping cleanly", self.stopped_by, path, p.step)
             return True
         return p.step >= self._stop_at
+
+    def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
+        self._settle()  # a checkpoint's progress books every verdict up to its step
+        return super()._save(kind, index, periodic)
+
+    def _settle(self) -> None:
+        """Book the verdict still pending on the deferred path (before a checkpoint records the progress)."""
+        if self._verdicts is not None:
+            cfg, p = self.config, self.progress
+            self._stop_requested |= book(p, self._verdicts.settle(), p.step, cfg.max_nan_steps, self.last_checkpoint)
 
     def _periodic_actions(self, bar: tqdm) -> None:
         cfg, step = self.config, self.progress.step
