@@ -11,7 +11,7 @@ fraction of the measured matmul ceiling.
 TinyFlux's step is the real one: Trainer.train on a streaming cache of synthetic samples written by the real shard
 writer (Lune and Sol teacher features included), read by make_stream_loader with --workers DataLoader workers, so it
 counts data loading, the forward with both expert heads, the losses, backward, gradient clipping, the finiteness
-verdict, the optimizer (fused AdamW on CUDA), the LR scheduler and the EMA. The peer reads pre-made tensors already
+verdict, the optimizer (fused AdamW), the LR scheduler and the EMA. The peer reads pre-made tensors already
 on the device and does forward, MSE, backward and AdamW only. `--compile` adds regional compilation of both models
 (each repeated block: Trainer's compile_mode, diffusers' compile_repeated_blocks).
 """
@@ -54,8 +54,10 @@ from common import (
 )
 
 from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.math import ATTENTION_BACKENDS
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.data import make_stream_loader
+from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
 # Device-side and host-side events that make the host wait for the device (or are the wait itself).
@@ -113,6 +115,7 @@ def trainer_config(
         dtype=dtype,
         compile_mode="default" if compile else None,
         gradient_checkpointing=args.grad_ckpt,
+        attention_backend=args.attention_backend,
         save_every_steps=None,
         sample_every=None,
         log_every=10**9,
@@ -185,7 +188,7 @@ def run_trainer(
 def run_peer(
     cfg: TinyFluxConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, *, compile: bool
 ) -> RunResult:
-    """diffusers' FluxTransformer2DModel: forward, MSE, backward, AdamW (fused on CUDA) on tensors already on the
+    """diffusers' FluxTransformer2DModel: forward, MSE, backward, AdamW (fused, as the Trainer) on tensors already on the
     device; bf16 autocast over float32 weights, as the Trainer does."""
     torch._dynamo.reset()
     reset_peak(device)
@@ -203,7 +206,7 @@ def run_peer(
         model.enable_gradient_checkpointing()
     if compile:
         model.compile_repeated_blocks()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as the Trainer
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -354,8 +357,16 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
 
 def attention_check(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """SDPA forward + backward at the step's attention shape, with the text key mask the Trainer always passes and
-    without one (diffusers' call), for each SDPA backend that accepts the call. The cuDNN backend is never tried."""
+    without one (diffusers' call), for each SDPA backend that accepts the call. The cuDNN backend is never tried.
+    Then FlexAttention, compiled as its docs require, with the same mask as the BlockMask the model's "flex" backend
+    builds (TinyFluxDeep.set_attention_backend), and without one; plus that BlockMask's build time (once per forward)
+    and flex's largest difference from SDPA's output. Flex has no CPU backward: on a CPU its timed rows read NaN."""
+    import warnings
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from tinyflux.model.math import flex_masked_attention, key_padding_block_mask
 
     cfg = make_config(args.preset)
     b, h, d = args.batch, cfg.num_attention_heads, cfg.attention_head_dim
@@ -367,6 +378,13 @@ def attention_check(args: argparse.Namespace, device: torch.device, dtype: torch
     flops = 4 * b * h * seq * seq * d * 3  # QK^T and PV, 2 FLOPs per multiply-add, x3 with backward
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     rows = []
+
+    def add_rows(name: str, times: dict[str, float]) -> None:
+        rows.append(Row(f"{name} fwd+bwd, one layer (x{layers} per step)", times["masked"] * 1e3,
+                        times["no mask"] * 1e3, "ms"))  # fmt: skip
+        rows.append(Row(f"{name} throughput", flops / times["masked"] / 1e12, flops / times["no mask"] / 1e12,
+                        "TFLOP/s", 1e12, 1e12))  # fmt: skip
+
     for backend in backends:
         times = {}
         for label, m in (("masked", mask), ("no mask", None)):
@@ -380,13 +398,41 @@ def attention_check(args: argparse.Namespace, device: torch.device, dtype: torch
                     times[label] = best_of_rounds(call, args.steps, 2, args.rounds, device)[1]
             except RuntimeError:
                 times[label] = math.nan  # this backend refuses the call (e.g. flash with a mask)
-        name = f"{backend.name} fwd+bwd, one layer (x{layers} per step)"
-        rows.append(Row(name, times["masked"] * 1e3, times["no mask"] * 1e3, "ms"))
-        rows.append(Row(f"{backend.name} throughput", flops / times["masked"] / 1e12, flops / times["no mask"] / 1e12,
-                        "TFLOP/s", 1e12, 1e12))  # fmt: skip
+        add_rows(backend.name, times)
+
+    # Flex: the same mask as one BlockMask (its tiles of only padding are skipped, the rest run fused). The dense
+    # FLOPs count stays the throughput's numerator, so skipped tiles show up as a higher figure, not fewer FLOPs.
+    keep = mask[:, 0, 0]  # (B, S)
+    block_mask = key_padding_block_mask(keep)
+    compiled = torch.compile(flex_attention)
+    times, warm = {}, {}
+    for label, bm in (("masked", block_mask), ("no mask", None)):
+
+        def call(bm: Any = bm) -> None:
+            compiled(q, k, v, block_mask=bm).sum().backward()
+
+        try:
+            warm[label], times[label] = best_of_rounds(call, args.steps, 2, args.rounds, device)
+        except Exception as err:  # any refusal (no CPU backward, no Triton) leaves a NaN row
+            warm[label] = times[label] = math.nan
+            print(f"FLEX {label}: refused ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+    add_rows("FLEX (torch.compile)", times)
+    rows.append(Row("FLEX compile + 2 warm-up calls", warm["masked"], warm["no mask"], "s"))
+    build = best_of_rounds(lambda: key_padding_block_mask(keep), args.steps, 2, args.rounds, device)[1]
+    rows.append(Row("FLEX BlockMask build (once per forward)", build * 1e3, None, "ms"))
+    # The model's own call (math.flex_masked_attention): compiled on an accelerator, the eager reference on CPU.
+    qd, kd, vd, diffs = q.detach(), k.detach(), v.detach(), []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # CPU: known and intended
+        for bm, m in ((block_mask, mask), (None, None)):
+            ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=m).transpose(1, 2).flatten(2)
+            diffs.append((flex_masked_attention(qd, kd, vd, bm) - ref).abs().max().item())
+    rows.append(Row("FLEX max abs difference from SDPA's output", diffs[0], diffs[1], "abs"))
+    dtype_name = str(dtype).removeprefix("torch.")
     title = (
-        f"Attention kernels: B={b} H={h} S={seq} Dh={d} dtype={str(dtype).removeprefix('torch.')}; TinyFlux column = "
-        f"with the (B,1,1,S) text key mask the Trainer passes, peer column = without (diffusers), NaN = refused"
+        f"Attention kernels: B={b} H={h} S={seq} Dh={d} dtype={dtype_name}; TinyFlux column = with the "
+        f"(B,1,1,S) text key mask the Trainer passes (flex: the same keys as a BlockMask), peer column = without "
+        f"(diffusers), NaN = refused"
     )
     print_table(title, rows, matmul_ceiling_tflops(device, dtype), describe_device(device), "the same call, no mask")
 
@@ -412,7 +458,12 @@ def main() -> None:
     ap.add_argument("--find_max_batch", action="store_true", help="GPU: the largest batch that fits (see --memory_gib)")
     ap.add_argument("--memory_gib", type=float, default=80.0, help="memory budget of --find_max_batch")
     ap.add_argument("--profile", action="store_true", help="profile the Trainer step instead of the side-by-side table")
-    ap.add_argument("--attention", action="store_true", help="time SDPA backends with and without the text mask")
+    ap.add_argument(
+        "--attention", action="store_true", help="time SDPA backends and FlexAttention with and without the text mask"
+    )
+    ap.add_argument(
+        "--attention_backend", default="sdpa", choices=ATTENTION_BACKENDS, help="the Trainer's attention kernel"
+    )
     ap.add_argument("--top", type=int, default=15, help="rows of the --profile tables")
     ap.add_argument(
         "--workdir", default=None, help="keep the synthetic cache and checkpoints here (default: a temp dir)"

@@ -18,6 +18,7 @@ from tests.trainer_helpers import (
     first_batch,
     forward_kwargs,
     make_trainer,
+    params,
     perturb,
 )
 from tinyflux.model.model import TinyFluxDeep, pack_latents
@@ -211,6 +212,26 @@ def test_compile_mode_compiles_each_block_in_place(tmp_path):
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert trainer.model._compiled_call_impl is None  # regional: the model itself stays eager
     assert "double_blocks.0.img_attn.proj.weight" in trainer.model.state_dict()  # names unchanged
+
+
+def test_attention_backend_reaches_the_model_and_flex_is_refused_on_the_cpu(tmp_path):
+    assert make_trainer(tmp_path / "sdpa").model.attention_backend == "sdpa"
+    with pytest.raises(TrainerConfigError, match="attention_backend='flex' cannot train on the CPU"):
+        make_trainer(tmp_path / "flex", attention_backend="flex")
+    with pytest.raises(TrainerConfigError, match="attention_backend='flash'"):
+        config(tmp_path, attention_backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no CPU backward")
+def test_flex_attention_trains_like_sdpa_on_a_gpu(tmp_path):
+    weights = {}
+    for backend in ("sdpa", "flex"):
+        trainer = make_trainer(tmp_path / backend, attention_backend=backend, total_steps=2)
+        trainer.train(epochs=None)
+        weights[backend] = params(trainer.model)
+    for name, value in weights["sdpa"].items():
+        torch.testing.assert_close(weights["flex"][name], value, atol=1e-4, rtol=1e-3)
 
 
 def test_bf16_mixed_precision_on_cpu_trains(tmp_path):

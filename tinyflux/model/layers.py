@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from tinyflux.model.math import apply_rope, attention
+from tinyflux.model.math import apply_rope, attention, flex_masked_attention
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +72,8 @@ class AttentionContext:
 
     cos/sin: RoPE over text then image tokens (B, 1, L + N, Dh / 2). mask: keys to keep (B, 1, 1, L + N) or None.
     q_scale/k_scale: Sol prior's per-head token scales (B, H, L + N, 1) with the temperature folded into q_scale,
-    or None when the prior is disabled.
+    or None when the prior is disabled. backend: "sdpa" (mask) or "flex" (block_mask: the same keys as a BlockMask,
+    or None for no mask).
     """
 
     cos: Tensor
@@ -79,12 +81,16 @@ class AttentionContext:
     mask: Tensor | None = None
     q_scale: Tensor | None = None
     k_scale: Tensor | None = None
+    backend: str = "sdpa"
+    block_mask: BlockMask | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q, k, v: (B, H, L + N, Dh) -> (B, L + N, H * Dh)."""
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         if self.q_scale is not None:
             q, k = q * self.q_scale.to(q.dtype), k * self.k_scale.to(k.dtype)
+        if self.backend == "flex":
+            return flex_masked_attention(q, k, v, self.block_mask)
         return attention(q, k, v, self.mask)
 
 

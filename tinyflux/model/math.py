@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# Attention kernels the model can run (TinyFluxDeep.set_attention_backend); a runtime choice, not architecture.
+ATTENTION_BACKENDS = ("sdpa", "flex")
+# FlexAttention's tile: the BlockMask marks each (query tile, key tile) pair as skipped, masked or full.
+FLEX_BLOCK_SIZE = 128
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
@@ -44,4 +52,66 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     Returns (B, N, H * D).
     """
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D)
+    return out.transpose(1, 2).flatten(2)  # (B, N, H*D)
+
+
+def key_padding_block_mask(keep: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """BlockMask for a key-padding mask keep (B, S) bool (keys to keep), the same for every query and head.
+
+    Equal to create_block_mask(lambda b, h, q, kv: keep[b, kv], B, None, S, S) but built from O(B * S) block counts
+    instead of its (B, 1, S, S) dense mask. As there, a tile is full (no mask_mod call) when all its keys are kept and
+    its query and key ranges lie inside S, masked when some keys are kept, and skipped when none are: a run of padded
+    text tokens that fills a tile costs nothing.
+    """
+    b, s = keep.shape
+    n = -(-s // block_size)  # tiles per side; the last one may stop short of block_size
+    kept = F.pad(keep, (0, n * block_size - s)).view(b, n, block_size).sum(-1)  # (B, n) kept keys per key tile
+    # A key tile that runs past S has fewer than block_size kept keys; a query tile that does must not be full either.
+    whole_q = torch.arange(n, device=keep.device) < s // block_size  # (n_q,)
+    full = (kept == block_size)[:, None, :] & whole_q[None, :, None]  # (B, n_q, n_kv)
+    partial = (kept > 0)[:, None, :] & ~full  # (B, n_q, n_kv)
+
+    def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+        # BlockMask's layout: per query tile the count of listed key tiles, and their indices listed first.
+        dense = dense[:, None].to(torch.int32)  # (B, 1, n_q, n_kv): one head row broadcast over all heads
+        order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), order.to(torch.int32)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return keep[b, kv_idx]
+
+    num, idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, block_size, mask_mod, seq_lengths=(s, s))
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    return torch.compile(flex_attention)
+
+
+@functools.cache
+def _eager_flex_attention() -> Callable[..., Tensor]:
+    # PyTorch 2.13's CPU flex kernel (inductor's C++ template) misreads q/k/v that are views of a larger buffer, as the
+    # blocks' rearranged qkv and RoPE outputs are: wrong numbers or a lowering error. On CPU the call stays eager, also
+    # inside compiled blocks. Built on first use: torch.compiler.disable imports dynamo (~1.4 s).
+    return torch.compiler.disable(flex_attention)
+
+
+def flex_masked_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None = None) -> Tensor:
+    """attention() through FlexAttention with a BlockMask (key_padding_block_mask) in place of the dense mask.
+
+    q, k, v: (B, H, N, D). Returns (B, N, H * D). On an accelerator the call is fused: an eager caller gets
+    torch.compile(flex_attention) (eager flex_attention is an unfused reference that materialises the (B, H, N, N)
+    scores; the FlexAttention docs prescribe compiling it), and inside a torch.compile region (the Trainer's compiled
+    blocks) the compiler lowers the plain call itself. On CPU it is always the eager reference, which has no backward
+    (PyTorch refuses it): CPU flex serves inference and tests only.
+    """
+    if q.device.type == "cpu":
+        attend = _eager_flex_attention()
+    elif torch.compiler.is_compiling():
+        attend = flex_attention
+    else:
+        attend = _compiled_flex_attention()
+    out = attend(q, k, v, block_mask=block_mask)  # (B, H, N, D)
     return out.transpose(1, 2).flatten(2)  # (B, N, H*D)

@@ -23,7 +23,7 @@ from tinyflux.model.layers import (
     QKVProjection,
     SingleStreamBlock,
 )
-from tinyflux.model.math import rope, timestep_embedding
+from tinyflux.model.math import ATTENTION_BACKENDS, key_padding_block_mask, rope, timestep_embedding
 
 __all__ = ["PRESETS", "ConfigError", "TinyFluxConfig", "TinyFluxDeep", "pack_latents", "unpack_latents"]
 
@@ -65,6 +65,7 @@ class TinyFluxDeep(nn.Module):
         )
         self.final_layer = LastLayer(d, c.token_channels)
         self.gradient_checkpointing = False
+        self.attention_backend = "sdpa"
         self.initialize_weights()
         if c.freeze_lune and self.lune is not None:
             self.lune.requires_grad_(False)
@@ -113,6 +114,18 @@ class TinyFluxDeep(nn.Module):
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def set_attention_backend(self, name: str) -> None:
+        """The kernel every block's joint attention runs: "sdpa" (default) or "flex" (FlexAttention).
+
+        A runtime choice like gradient checkpointing, not architecture: it changes no parameter, no state-dict entry
+        and not the config. Both compute the same attention. SDPA needs the text key mask as a dense (B, 1, 1, L + N)
+        tensor, which keeps it off the flash kernel; "flex" turns the mask into one BlockMask per forward, whose
+        kernel skips key tiles that hold only padding (fused on an accelerator, see math.flex_masked_attention).
+        """
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        self.attention_backend = name
 
     def get_trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train: all but the Lune predictor / Sol prior when freeze_lune / freeze_sol."""
@@ -205,7 +218,12 @@ class TinyFluxDeep(nn.Module):
         if encoder_attention_mask is not None:
             img_keep = encoder_attention_mask.new_ones(b, n)
             mask = torch.cat([encoder_attention_mask.bool(), img_keep.bool()], dim=1)[:, None, None, :]  # (B,1,1,L+N)
-        ctx = AttentionContext(cos, sin, mask)
+        if self.attention_backend == "flex":
+            # One BlockMask serves every block; without a text mask flex attends to all keys, as SDPA does.
+            block_mask = None if mask is None else key_padding_block_mask(mask[:, 0, 0])
+            ctx = AttentionContext(cos, sin, backend="flex", block_mask=block_mask)
+        else:
+            ctx = AttentionContext(cos, sin, mask)
         if self.sol is not None:
             sol = self.sol(timestep, text_time, sol_stats, sol_spatial, sol_mask)
             expert["sol_stats_pred"], expert["sol_spatial_pred"] = sol.stats_pred, sol.spatial_pred

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from tinyflux.model.math import ATTENTION_BACKENDS
 from tinyflux.trainer.losses import LUNE_MODES
 from tinyflux.trainer.schedules import (
     DEFAULT_GUIDANCE_SCALE,
@@ -67,6 +68,7 @@ class TrainerConfig:
     # Memory optimization
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     compile_mode: Optional[str] = None  # torch.compile each transformer block with this mode; None = eager
+    attention_backend: str = "sdpa"  # joint-attention kernel: "sdpa", or "flex" (FlexAttention; GPU only for training)
 
     # Flow matching
     shift: float = DEFAULT_SHIFT  # Flux timestep shift on sigma = 1 - t; > 1 puts more training steps near noise
@@ -165,6 +167,7 @@ class TrainerConfig:
         choice("log_with", LOG_WITH)
         if self.compile_mode is not None:
             choice("compile_mode", COMPILE_MODES)
+        choice("attention_backend", ATTENTION_BACKENDS)
         for name in ("learning_rate", "snr_gamma", "huber_delta", "logit_std", "shift"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be > 0")

@@ -44,7 +44,7 @@ from tinyflux.trainer.batch import (
     teacher_features,
     to_device,
 )
-from tinyflux.trainer.config import TrainerConfig
+from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
@@ -74,6 +74,12 @@ class Trainer(CheckpointingMixin):
         self.model = model.to(device=self.accelerator.device, dtype=torch.float32)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if config.attention_backend == "flex" and self.accelerator.device.type == "cpu":
+            raise TrainerConfigError(
+                "attention_backend='flex' cannot train on the CPU: PyTorch has no CPU backward for FlexAttention. "
+                "Use attention_backend='sdpa' (the same attention), or train on a GPU"
+            )
+        model.set_attention_backend(config.attention_backend)
         if config.compile_mode is not None:
             logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
         self._params = model.get_trainable_parameters()
