@@ -1,6 +1,7 @@
 """Scaling out. Two CPU processes (DDP over gloo) train, save, resume in another number of processes and export the
-weights one process reaches; FSDP2 and DeepSpeed do the same on GPUs (skipped without, saying why); the SLURM scripts
-render a well-formed launch line from SLURM's variables and turn the time-limit signal into save, then requeue."""
+weights one process reaches; FSDP2 and DeepSpeed do the same on GPUs (skipped without, saying why; FSDP2's code path
+also runs on CPU in test_fsdp_cpu.py); the SLURM scripts render a well-formed launch line from SLURM's variables and
+turn the time-limit signal into save, then requeue."""
 
 from __future__ import annotations
 
@@ -26,19 +27,28 @@ from tinyflux.model.loader import load_model
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.trainer.cache_format import T_BUCKETS
+from tinyflux.trainer.runtime import FSDP_ON_CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
 SLURM = ROOT / "slurm"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FSDP_NEEDS_A_GPU = (
-    "accelerate (1.15) turns a launch into FSDP only when it is a GPU-type one (AcceleratorState switches MULTI_GPU, "
-    "MULTI_NPU, MULTI_XPU, ... to FSDP). Without CUDA the Trainer must build its Accelerator with cpu=True to get a "
-    "gloo process group, which makes the launch MULTI_CPU, and there accelerate drops the FSDP plugin: fsdp.yaml on "
-    "CPU trains as DistributedDataParallel (test_ddp_two_processes_... launches it to check that and the warning). "
-    "Needs CUDA GPUs"
+    "accelerate (1.15) turns a launch into FSDP only when it is a GPU-type one (AcceleratorState.__init__ switches "
+    "MULTI_GPU, MULTI_NPU, MULTI_XPU, ... to FSDP, never MULTI_CPU): without CUDA the Trainer's Accelerator has "
+    "cpu=True (gloo), and fsdp.yaml trains as DDP (test_ddp_two_processes_... checks that and the warning). The FSDP2 "
+    "code path itself (sharded EMA, sharded save, export, resharding resume) runs on CPU in tests/test_fsdp_cpu.py "
+    "through the test-only TINYFLUX_FSDP_ON_CPU=1 switch; this test adds NCCL, CUDA and accelerate's own FSDP "
+    "selection. Needs CUDA GPUs"
 )
-NO_DEEPSPEED = "deepspeed is not installed (pip install deepspeed; it is no TinyFlux requirement) or no CUDA GPU"
+NO_DEEPSPEED = (
+    "deepspeed is not installed (pip install deepspeed; it is no TinyFlux requirement) or no CUDA GPU. On CPU, "
+    "accelerate (1.15) drops DeepSpeed as it drops FSDP (AcceleratorState.__init__: ACCELERATE_USE_DEEPSPEED and not "
+    "cpu); built with cpu=False and InitProcessGroupKwargs(backend='gloo') it does run ZeRO-2/3 on CPU, but deepspeed "
+    "JIT-compiles its shared-memory comm op with a C++ toolchain on first use (minutes) and a process sometimes aborts "
+    "at exit ('terminate called without an active exception'), so that is not in the CPU suite (docs/SCALING.md)"
+)
+# The CPU runs here check accelerate's own engine selection; the FSDP-on-CPU switch belongs to tests/test_fsdp_cpu.py.
+ENV = {**{k: v for k, v in os.environ.items() if k != FSDP_ON_CPU_ENV}, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -81,16 +91,18 @@ def argv(cache: Path, out: Path, *extra: str, model: str = "tiny", dtype: str = 
     ]  # fmt: skip
 
 
-def launch(config_file: str | None, *args: str, num_processes: int = 1, cpu: bool = False) -> str:
+def launch(
+    config_file: str | None, *args: str, num_processes: int = 1, cpu: bool = False, env: dict[str, str] | None = None
+) -> str:
     """`accelerate launch --config_file CONFIG train_tinyflux.py ARGS`, or `python train_tinyflux.py ARGS` when
-    config_file is None; on the CPU only when `cpu` (a GPU machine runs the CPU tests too). Returns the output; the
-    test fails with its tail if the run does."""
+    config_file is None; on the CPU only when `cpu` (a GPU machine runs the CPU tests too), with `env` added to the
+    environment. Returns the output; the test fails with its tail if the run does."""
     script = [str(ROOT / "train_tinyflux.py"), *args]
     cmd = [sys.executable, *script]
     if config_file is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config_file)]
         cmd += ["--num_processes", str(num_processes), *script]
-    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""} if cpu else ENV
+    env = {**ENV, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {}), **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

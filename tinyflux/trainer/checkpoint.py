@@ -52,13 +52,13 @@ class CheckpointError(RuntimeError):
 class TrainingProgress:
     """Where a run stands: enough, with accelerate's state and the EMA, to continue exactly where it stopped."""
 
-    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
+    step: int = 0  # optimizer steps taken (non-finite ones included: they apply no update)
     epoch: int = 0  # epochs finished
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
     samples_in_epoch: int = 0  # samples of the current epoch already consumed, all processes
     micro_step: int = 0  # micro-batches consumed over the whole run; keys the per-batch random draws
     samples_seen: int = 0  # samples consumed over the whole run, all processes
-    nan_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
+    nan_steps: int = 0  # optimizer steps with a non-finite loss or gradient (no update applied), in total
     nan_streak: int = 0  # consecutive skipped steps right now
     data_state: dict[str, Any] = field(default_factory=dict)  # the loader's own state_dict(), when it has one
 
@@ -101,6 +101,18 @@ def checkpoint_name(kind: str, index: int) -> str:
 def is_complete(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and (path / MARKER).is_file() and (path / TRAINER_STATE).is_file()
+
+
+def saved_engine(path: str | os.PathLike) -> str:
+    """The kind of engine whose accelerate state checkpoint `path` holds, from its files: "fsdp2" (a sharded
+    pytorch_model_fsdp_0/), "deepspeed" (its engine's pytorch_model/) or "whole" (one process / DDP). The three formats
+    do not load into one another; within one, any number of processes resumes it (DeepSpeed: the same number)."""
+    path = Path(path)
+    if (path / "pytorch_model_fsdp_0").is_dir():
+        return "fsdp2"
+    if (path / "pytorch_model").is_dir():
+        return "deepspeed"
+    return "whole"
 
 
 def read_progress(path: str | os.PathLike) -> TrainingProgress:

@@ -57,6 +57,11 @@ class Engine:
         return f"deepspeed-zero{self.zero_stage}" if self.name == "deepspeed" else self.name
 
 
+def state_format(engine: Engine) -> str:
+    """The format of the accelerate state `engine` saves, as checkpoint.saved_engine names it."""
+    return engine.name if engine.name in ("fsdp2", "deepspeed") else "whole"
+
+
 def requested_engine() -> str | None:
     """The engine `accelerate launch` was asked for by its config file: "deepspeed", "fsdp", or None."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -199,6 +204,9 @@ def shard_ema(ema: EMA, model: nn.Module) -> None:
             whole = shadow.to(param.device)
             ema.shadow[name] = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
     ema.to(next(model.parameters()).device)  # forgets the tensors bound to the unsharded model
+    local = sum(t.to_local().numel() if isinstance(t, dtensor) else t.numel() for t in ema.shadow.values())
+    whole_count = sum(t.numel() for t in ema.shadow.values())  # a DTensor's numel is the whole tensor's
+    logger.info("EMA sharded like the parameters: this process keeps %d of the EMA's %d values", local, whole_count)
 
 
 def gathered_ema(ema: EMA, accelerator: Accelerator) -> EMA | None:

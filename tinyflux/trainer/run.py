@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.model.zoo import ZooError
+from tinyflux.model.zoo_sources import ZooError
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import data
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,14 +12,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+)
 from torch import nn
 
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
-from tinyflux.trainer.engines import check_installed
+from tinyflux.trainer.engines import check_installed, requested_engine
 
 logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Test-only: keep an FSDP launch FSDP on a machine without CUDA (see keep_fsdp_on_cpu).
+FSDP_ON_CPU_ENV = "TINYFLUX_FSDP_ON_CPU"
 
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
@@ -38,7 +46,7 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         # x86 handles subnormal floats in microcode: Adam's second moments of the zero-initialised adaLN layers go
         # subnormal early on and made CPU steps 3-10x slower at random (bench/NOTES.md). GPUs are unaffected.
         torch.set_flush_denormal(True)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -47,6 +55,31 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         # The LR schedule counts optimizer steps; accelerate's default would step it once per process per step.
         step_scheduler_with_optimizer=False,
+    )
+    if os.environ.get(FSDP_ON_CPU_ENV) == "1":
+        keep_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn a CPU (gloo) launch of an FSDP config into an FSDP run: for the CPU tests of the FSDP2 path only.
+
+    accelerate (1.15) makes a launch FSDP only for GPU-type distributed types (AcceleratorState.__init__ switches
+    MULTI_GPU, MULTI_NPU, MULTI_XPU, ... to FSDP, never MULTI_CPU) and drops the plugin otherwise, although torch's
+    fully_shard runs on CPU tensors over gloo. This sets what that branch would have set, in both shared states: the
+    distributed type, and the plugin read from the launch's FSDP_* variables with the run's mixed precision. Nothing
+    else accelerate sets up depends on the distributed type for a CPU float32 / bf16 run (fp16 is refused above)."""
+    state = accelerator.state
+    if requested_engine() != "fsdp" or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    # As that branch does: every later AcceleratorState() copies PartialState's type over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    logger.warning(
+        "%s=1: FSDP on CPU over gloo (a test setting; accelerate itself enables FSDP on GPUs only)", FSDP_ON_CPU_ENV
     )
 
 

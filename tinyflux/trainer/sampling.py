@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
@@ -21,9 +22,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from tinyflux.model.model import TinyFluxDeep, pack_latents, unpack_latents
-from tinyflux.model.zoo import ModelZoo
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.schedules import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DEFAULT_SHIFT, get_schedule
+
+if TYPE_CHECKING:  # the zoo imports diffusers and transformers (seconds): a training process without grids skips them
+    from tinyflux.model.zoo import ModelZoo
 
 DEFAULT_LATENT_SIZE = 64  # latent pixels: 64 -> 512 px images with the Flux VAE
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality"

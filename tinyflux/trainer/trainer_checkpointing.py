@@ -21,6 +21,11 @@ from tinyflux.trainer import engines
 from tinyflux.trainer.ema import EMA
 
 logger = logging.getLogger(__name__)
+ENGINE_WORDS = {
+    "whole": "one process or DDP",
+    "fsdp2": "FSDP2 (accelerate_configs/fsdp.yaml)",
+    "deepspeed": "DeepSpeed (accelerate_configs/deepspeed_zero*.yaml)",
+}
 
 
 class CheckpointingMixin:
@@ -107,6 +112,15 @@ class CheckpointingMixin:
     def _load_training_state(self, path: Path) -> None:
         """accelerate's state (model, optimizer, scheduler, RNG; sharded ones reshard to this number of processes),
         then the progress and the data stream's position."""
+        written, running = ckpt.saved_engine(path), engines.state_format(self.engine)
+        if written != running:
+            # accelerate would stop at the first file of its own format that is missing (optimizer.bin, ...)
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: it holds the training state of {ENGINE_WORDS[written]}, and this run is "
+                f"{ENGINE_WORDS[running]} ({self.engine}); one engine's state does not load into another's. Resume "
+                "with the engine that wrote it (FSDP2 and DDP checkpoints resume on any number of processes), or "
+                f"start a new run from its weights (fresh optimizer): --model {path}"
+            )
         try:
             self.accelerator.load_state(str(path))
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
