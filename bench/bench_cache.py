@@ -39,12 +39,19 @@ from tinyflux.data.demo import write_demo_images
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.zoo import ModelZoo, make_tiny_zoo
 from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
-from tinyflux.trainer.cache_encode import encode_batch, lune_features, prepare_image, sol_features, text_features
+from tinyflux.trainer.cache_encode import (
+    encode_batch,
+    lune_features,
+    prepare_image,
+    sol_features,
+    teacher_context,
+    text_features,
+)
 from tinyflux.trainer.cache_format import T_BUCKETS, encode_sample, shard_path, write_shard
 
-# The calls inside one teacher extraction that re-run CLIP for its context: one per bucket for Lune (one bucket per
-# call), one over all buckets' rows for Sol; the build also runs CLIP once for the pooled vector.
-CLIP_PASSES_IN_TEACHERS = 2 * len(T_BUCKETS)
+LUNE = "Lune, 10 buckets in one call"
+SOL = "Sol, 10 buckets in one call"
+CONTEXT = "teacher context (CLIP, once per batch)"
 
 
 def build_seconds(args: argparse.Namespace, images: Path, out: Path, resolution: int, zoo: str | None) -> float:
@@ -133,19 +140,21 @@ def stage_calls(
         return [prepare_image(Image.open(p), res) for p in paths]
 
     images = load()
+    # The build computes each batch's context once (CONTEXT) and hands it to both teachers; so do these stage rows.
+    contexts = {captions[i]: teacher_context(zoo, captions[i : i + bs]) for i in range(0, len(captions), bs)}
     return {
         "image load + resize (1 thread)": load,
         "VAE encode": lambda: zoo.encode_images_batched(images, batch_size=bs),
         "T5 alone": lambda: per_batch(lambda _, c: t5_alone(zoo, c), images, captions, bs),
-        "CLIP alone (one pass)": lambda: per_batch(lambda _, c: zoo.encode_clip_context(c), images, captions, bs),
+        CONTEXT: lambda: per_batch(lambda _, c: teacher_context(zoo, c), images, captions, bs),
         "text as built (T5 + CLIP pooled)": lambda: per_batch(
             lambda _, c: text_features(zoo, c, batch_size=bs), images, captions, bs
         ),
-        "Lune, 10 buckets (CLIP each)": lambda: per_batch(
-            lambda _, c: lune_features(zoo, c, T_BUCKETS, 0, batch_size=bs), images, captions, bs
+        LUNE: lambda: per_batch(
+            lambda _, c: lune_features(zoo, c, T_BUCKETS, 0, bs, True, context=contexts[c[0]]), images, captions, bs
         ),
-        "Sol, 10 buckets (CLIP on 10x rows)": lambda: per_batch(
-            lambda _, c: sol_features(zoo, c, T_BUCKETS, 0, batch_size=bs), images, captions, bs
+        SOL: lambda: per_batch(
+            lambda _, c: sol_features(zoo, c, T_BUCKETS, 0, bs, True, context=contexts[c[0]]), images, captions, bs
         ),
         "shard encode + write": write_alone(write_dir, images, captions, zoo, bs),
     }
@@ -156,12 +165,13 @@ def stage_flops_per_image(
 ) -> dict[str, float]:
     """FLOPs per image of each model stage, counted on two inputs."""
     images, text = [prepare_image(Image.open(p), res) for p in paths[:2]], captions[:2]
+    context = teacher_context(zoo, text)
     calls = {
         "VAE encode": lambda: zoo.encode_images_batched(images),
         "T5 alone": lambda: t5_alone(zoo, text),
-        "CLIP alone (one pass)": lambda: zoo.encode_clip_context(text),
-        "Lune, 10 buckets (CLIP each)": lambda: lune_features(zoo, text, T_BUCKETS, 0),
-        "Sol, 10 buckets (CLIP on 10x rows)": lambda: sol_features(zoo, text, T_BUCKETS, 0),
+        CONTEXT: lambda: teacher_context(zoo, text),
+        LUNE: lambda: lune_features(zoo, text, T_BUCKETS, 0, batch_timesteps=True, context=context),
+        SOL: lambda: sol_features(zoo, text, T_BUCKETS, 0, context=context),
     }
     return {name: stage_flops(fn, device) / len(text) for name, fn in calls.items()}
 
@@ -214,12 +224,13 @@ def main() -> None:
             serial = [
                 "VAE encode",
                 "text as built (T5 + CLIP pooled)",
-                "Lune, 10 buckets (CLIP each)",
-                "Sol, 10 buckets (CLIP on 10x rows)",
+                CONTEXT,
+                LUNE,
+                SOL,
                 "shard encode + write",
             ]
             serial_rate = n / sum(seconds[k] for k in serial)
-            # VAE + T5 + CLIP (the pooled pass) + Lune + Sol, their own CLIP passes included
+            # VAE + T5 + CLIP (the pooled pass) + CLIP (the teachers' context) + Lune + Sol
             build_flops = sum(flops.values())
             rows.append(
                 Row(
@@ -237,16 +248,6 @@ def main() -> None:
                 rows.append(
                     Row(f"{res}px {name} ({share:.0f}% of build)", n / sec, build_rate, "images/s", flops.get(name))
                 )
-            redundant = CLIP_PASSES_IN_TEACHERS * seconds["CLIP alone (one pass)"]
-            rows.append(
-                Row(
-                    f"{res}px CLIP re-run inside Lune + Sol, {CLIP_PASSES_IN_TEACHERS} passes "
-                    f"({100 * (redundant / n) * build_rate:.0f}% of build, estimate)",
-                    n / redundant,
-                    build_rate,
-                    "images/s",
-                )
-            )
     title = (
         f"Cache build: run_build vs its stages alone, zoo={'hub' if hub else 'tiny'} preset={args.preset} "
         f"N={args.images} batch_size={args.batch_size} dtype={str(dtype).removeprefix('torch.')}"

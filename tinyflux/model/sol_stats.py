@@ -14,6 +14,7 @@ The four statistics (order of `SOL_STAT_NAMES`), each in [0, 1]:
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,13 @@ def check_attention(probs: torch.Tensor, side: int) -> None:
 
 
 def grid_distances(side: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Euclidean distances between the cells of a side x side grid, (N, N), row-major flattening."""
+    """Euclidean distances between the cells of a side x side grid, (N, N), row-major flattening (shared: read only)."""
+    return _grid_distances(side, str(torch.device(device or "cpu")))
+
+
+@lru_cache(maxsize=16)
+def _grid_distances(side: int, device: str) -> torch.Tensor:
+    # Cached: the Sol recorder asks for the same few grids in every layer of every batch (64 MB at SD1.5's 64x64).
     ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
     coords = rearrange(torch.stack([ys, xs], dim=-1), "y x c -> (y x) c").float()  # (N, 2)
     # The matmul path of cdist loses precision (non-zero self-distances); the direct path is exact on integer grids.

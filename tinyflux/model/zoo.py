@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.sol_stats import combine_layers
 from tinyflux.model.zoo_sources import (
     CLIP_MAX_LENGTH,
     CLIP_REPO,
@@ -52,11 +51,11 @@ from tinyflux.model.zoo_sources import (
 from tinyflux.model.zoo_teachers import (
     SolAttentionRecorder,
     install_sol_recorder,
-    mid_block_features,
+    lune_from_context,
     per_sample_seeds,
     per_sample_timesteps,
     seeded_noise,
-    teacher_noise_level,
+    sol_from_context,
 )
 from tinyflux.model.zoo_tiny import CAPTION_CORPUS, make_tiny_zoo
 
@@ -416,22 +415,6 @@ class ModelZoo:
         t5, pooled = self.encode_prompts_batched([prompt])
         return t5[0], pooled[0]
 
-    def _teacher_inputs(
-        self, unet: UNet2DConditionModel, prompts: list[str], t: torch.Tensor, seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noise (B, 4, S, S), teacher timestep (B,), CLIP context (B, 77, D)) on the teacher's device."""
-        side = unet.config.sample_size
-        device = _module_device(unet)
-        noise = seeded_noise(seeds, (unet.config.in_channels, side, side)).to(device, self.dtype)
-        teacher_t = teacher_noise_level(t).to(device)  # (B,)
-        context = self._clip_outputs(prompts)[0]
-        if context.shape[-1] != unet.config.cross_attention_dim:
-            raise ZooError(
-                f"CLIP from {self.clip_repo!r} is {context.shape[-1]} wide but the teachers cross-attend over "
-                f"{unet.config.cross_attention_dim}: load CLIP and teachers from the same zoo"
-            )
-        return noise, teacher_t, context.to(device, self.dtype)
-
     @torch.no_grad()
     def extract_lune(
         self,
@@ -450,8 +433,8 @@ class ModelZoo:
         unet = self.load_lune()
         features = []
         for batch in _batches(len(prompts), batch_size, "Lune features"):
-            inputs = self._teacher_inputs(unet, prompts[batch], t[batch], seeds[batch])
-            features.append(mid_block_features(unet, *inputs).cpu())
+            context = self._clip_outputs(prompts[batch])[0]  # (B, 77, D)
+            features.append(lune_from_context(unet, context, t[batch], seeds[batch], self.dtype, batch_size))
         return torch.cat(features)
 
     @torch.no_grad()
@@ -469,15 +452,12 @@ class ModelZoo:
         prompts = _check_prompts(prompts)
         t, seeds = per_sample_timesteps(timesteps, len(prompts)), per_sample_seeds(seed, len(prompts))
         unet = self.load_sol()
-        recorder = self._sol_recorder
         stats, spatial = [], []
         for batch in _batches(len(prompts), batch_size, "Sol features"):
-            recorder.reset(spatial_size)
-            unet(*self._teacher_inputs(unet, prompts[batch], t[batch], seeds[batch]))
-            layer_stats, layer_maps = combine_layers(recorder.stats, recorder.maps)
-            stats.append(layer_stats.cpu())
-            spatial.append(layer_maps.cpu())
-        recorder.reset(spatial_size)
+            context = self._clip_outputs(prompts[batch])[0]  # (B, 77, D)
+            out = sol_from_context(unet, context, t[batch], seeds[batch], self.dtype, batch_size, spatial_size)
+            stats.append(out[0])
+            spatial.append(out[1])
         return torch.cat(stats), torch.cat(spatial)
 
 

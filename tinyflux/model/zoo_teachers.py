@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange
 
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.sol_stats import attention_spatial_map, attention_stats
+from tinyflux.model.sol_stats import attention_spatial_map, attention_stats, combine_layers
 from tinyflux.model.zoo_sources import ZooError
 
 
@@ -84,10 +84,12 @@ class SolAttentionRecorder:
 
     Computes attention like diffusers' AttnProcessor (explicit probabilities, as SDPA does not return them) and, per
     layer, records the Sol statistics (B, 4) and spatial map (B, S, S) of the head-averaged probabilities. Layers on a
-    1x1 grid carry no spatial information and are skipped.
+    1x1 grid carry no spatial information and are skipped. Samples go through in chunks of at most max_chunk_bytes of
+    probabilities (at least one sample); every sample's numbers are its own, whatever the chunk.
     """
 
-    def __init__(self, spatial_size: int = TinyFluxConfig().sol_spatial_size):
+    def __init__(self, spatial_size: int = TinyFluxConfig().sol_spatial_size, max_chunk_bytes: int = 1 << 30):
+        self.max_chunk_bytes = max_chunk_bytes  # attention probabilities held at once per layer (1 GiB; >= 1 sample)
         self.reset(spatial_size)
 
     def reset(self, spatial_size: int) -> None:
@@ -123,18 +125,25 @@ class SolAttentionRecorder:
         key = attn.head_to_batch_dim(attn.to_k(hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(hidden_states))
         out = torch.empty_like(value)  # (B*heads, N, d)
-        layer = []
-        # One sample at a time: the probabilities are (heads, N, N), 268 MB in bf16 for SD1.5's N = 64*64 at 8 heads,
-        # so the peak memory does not grow with the batch.
-        for sample in range(batch):
-            rows = slice(sample * attn.heads, (sample + 1) * attn.heads)
+        stats, maps = [], []
+        # A chunk of samples at a time: SD1.5's 64x64 layers hold 8 heads x 4096 x 4096 probabilities per sample (268 MB
+        # in bf16), so the whole (B * buckets)-row batch at once would not fit, but one sample at a time costs a dozen
+        # small kernels per sample and layer. Chunks keep the peak near max_chunk_bytes whatever the batch size.
+        per_sample = attn.heads * tokens * tokens * query.element_size()
+        chunk = max(1, min(batch, self.max_chunk_bytes // per_sample))
+        for start in range(0, batch, chunk):
+            rows = slice(start * attn.heads, min(batch, start + chunk) * attn.heads)
             mask = None if attention_mask is None else attention_mask[rows]
-            probs = attn.get_attention_scores(query[rows], key[rows], mask)  # (heads, N, N)
+            probs = attn.get_attention_scores(query[rows], key[rows], mask)  # (c*heads, N, N)
             out[rows] = torch.bmm(probs, value[rows])
-            layer.append(self._measure(probs.mean(dim=0, keepdim=True, dtype=torch.float32)))  # head mean (1, N, N)
-        if layer[0] is not None:
-            self.stats.append(torch.cat([stats for stats, _ in layer]))  # (B, 4)
-            self.maps.append(torch.cat([spatial for _, spatial in layer]))  # (B, S, S)
+            head_mean = rearrange(probs, "(c h) q k -> c h q k", h=attn.heads).mean(dim=1, dtype=torch.float32)
+            measured = self._measure(head_mean)  # (c, N, N) -> (c, 4), (c, S, S)
+            if measured is not None:
+                stats.append(measured[0])
+                maps.append(measured[1])
+        if stats:
+            self.stats.append(torch.cat(stats))  # (B, 4)
+            self.maps.append(torch.cat(maps))  # (B, S, S)
 
         out = attn.batch_to_head_dim(out)  # (B, N, C)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -163,3 +172,71 @@ def install_sol_recorder(unet: UNet2DConditionModel) -> SolAttentionRecorder:
         raise ZooError("the Sol UNet has no self-attention (attn1) layers to record")
     unet.set_attn_processor({name: recorder if name in self_attention else p for name, p in processors.items()})
     return recorder
+
+
+def sol_recorder(unet: UNet2DConditionModel) -> SolAttentionRecorder:
+    """The SolAttentionRecorder that install_sol_recorder put on this UNet's self-attention layers."""
+    recorders = {id(p): p for p in unet.attn_processors.values() if isinstance(p, SolAttentionRecorder)}
+    if len(recorders) != 1:
+        raise ZooError(
+            f"expected one SolAttentionRecorder on the Sol UNet, found {len(recorders)}: load it with load_sol"
+        )
+    return next(iter(recorders.values()))
+
+
+def teacher_inputs(
+    unet: UNet2DConditionModel, context: torch.Tensor, t: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise (B, C, S, S), noise level (B,), context (B, 77, D)) on the teacher's device for CLIP context (B, 77, D)
+    already computed, TinyFlux timesteps t (B,) and one seed per row: the teacher's whole input (docs/EXPERT_CACHE.md)."""
+    if context.shape[-1] != unet.config.cross_attention_dim:
+        raise ZooError(
+            f"the CLIP context is {context.shape[-1]} wide but the teachers cross-attend over "
+            f"{unet.config.cross_attention_dim}: load CLIP and teachers from the same zoo"
+        )
+    side, device = unet.config.sample_size, next(unet.parameters()).device
+    noise = seeded_noise(seeds, (unet.config.in_channels, side, side)).to(device, dtype)
+    return noise, teacher_noise_level(t).to(device), context.to(device, dtype)
+
+
+@torch.no_grad()
+def lune_from_context(
+    unet: UNet2DConditionModel,
+    context: torch.Tensor,
+    t: torch.Tensor,
+    seeds: Sequence[int],
+    dtype: torch.dtype,
+    batch_size: int,
+) -> torch.Tensor:
+    """Lune features (B, C_mid) float32 on the CPU of rows given by their CLIP context (B, 77, D), t (B,) and seeds,
+    `batch_size` rows per UNet call: ModelZoo.extract_lune without its CLIP pass."""
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        rows = slice(start, start + batch_size)
+        out.append(mid_block_features(unet, *teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype)).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sol_from_context(
+    unet: UNet2DConditionModel,
+    context: torch.Tensor,
+    t: torch.Tensor,
+    seeds: Sequence[int],
+    dtype: torch.dtype,
+    batch_size: int,
+    spatial_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sol stats (B, 4) and spatial maps (B, S, S), float32 on the CPU, of rows given as for lune_from_context:
+    ModelZoo.extract_sol without its CLIP pass. The UNet must carry its recorder (ModelZoo.load_sol installs it)."""
+    recorder = sol_recorder(unet)
+    stats, spatial = [], []
+    for start in range(0, len(seeds), batch_size):
+        rows = slice(start, start + batch_size)
+        recorder.reset(spatial_size)
+        unet(*teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype))
+        layer_stats, layer_maps = combine_layers(recorder.stats, recorder.maps)
+        stats.append(layer_stats.cpu())
+        spatial.append(layer_maps.cpu())
+    recorder.reset(spatial_size)
+    return torch.cat(stats), torch.cat(spatial)

@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from itertools import count, islice
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import webdataset as wds
-from PIL import Image
 from tqdm.auto import tqdm
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
-from tinyflux.trainer.cache_encode import (
-    DUPLICATE_KEY,
-    MISSING_CAPTION,
-    MISSING_IMAGE,
-    SkippedInput,
-    check_caption,
-    encode_batch,
-    load_image,
-    prepare_image,
-)
+from tinyflux.trainer.cache_encode import DUPLICATE_KEY, SkippedInput, encode_batch
 from tinyflux.trainer.cache_format import (
     MANIFEST_NAME,
     REPORT_NAME,
@@ -57,18 +46,14 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
+from tinyflux.trainer.cache_inputs import BuildError, InputItem, list_inputs, load_ahead, prepare_input, shard_chunks
 from tinyflux.util.dtypes import dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BUILD_LOCK = "build.json"  # the feature settings of the shards in an output directory, written before the first shard
 # The closing barrier waits for the slowest process; a resumed build can leave one rank hours of work ahead of another.
 BARRIER_TIMEOUT = timedelta(hours=24)
-
-
-class BuildError(ValueError):
-    """A cache build that cannot start: bad arguments, or an output directory built with other settings."""
 
 
 @dataclass
@@ -154,140 +139,6 @@ class BuildCacheArgs:
 
 
 @dataclass
-class InputItem:
-    """One input: its sample key, where it came from (for the report), and how to load (image, caption)."""
-
-    key: str
-    source: str
-    load: Callable[[], tuple[Image.Image, str]]  # raises SkippedInput
-
-
-def sample_key(name: str) -> str:
-    """A tar-safe key: webdataset splits member names at the first '.', so dots become '_'."""
-    return name.replace("\\", "/").replace(".", "_")
-
-
-def _load_file(image_path: Path) -> tuple[Image.Image, str]:
-    caption_path = image_path.with_suffix(".txt")
-    if not caption_path.is_file():
-        raise SkippedInput(MISSING_CAPTION, f"no {caption_path.name} beside the image")
-    caption = check_caption(caption_path.read_text(encoding="utf-8", errors="replace"))
-    return load_image(image_path), caption
-
-
-def folder_items(root: str | Path) -> list[InputItem]:
-    """Images under `root` (recursively), sorted by key = relative path without extension."""
-    root = Path(root)
-    paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    items = [
-        InputItem(sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p), partial(_load_file, p))
-        for p in paths
-    ]
-    return sorted(items, key=lambda item: (item.key, item.source))
-
-
-def _load_row(ds: Any, i: int, image_column: str, caption_column: str) -> tuple[Image.Image, str]:
-    row = ds[i]
-    caption = check_caption(row.get(caption_column))
-    value = row.get(image_column)
-    if value is None:
-        raise SkippedInput(MISSING_IMAGE, f"column {image_column!r} is empty")
-    if isinstance(value, Image.Image):
-        return value, caption
-    if isinstance(value, dict):  # datasets' Image(decode=False): {"bytes", "path"}
-        value = value.get("bytes") or value.get("path")
-    return load_image(value), caption
-
-
-def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
-    """Rows of a `datasets` dataset in row order, keys = zero-padded row numbers."""
-    import datasets
-
-    image_column, caption_column = args.image_column or "image", args.caption_column or "text"
-    path = Path(args.dataset)
-    try:
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[args.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
-    except Exception as e:  # datasets raises many types (HFValidationError, FileNotFoundError, DatasetNotFoundError..)
-        raise BuildError(
-            f"--dataset {args.dataset}: could not load it ({type(e).__name__}: {e}). Pass a Hub dataset name, a "
-            "folder written by save_to_disk, or a data folder; for a gated or private Hub dataset set HF_TOKEN"
-        ) from e
-    missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
-    if missing:
-        raise BuildError(
-            f"--dataset {args.dataset} has no column(s) {missing}; its columns are {ds.column_names}: "
-            "pick them with --image_column / --caption_column"
-        )
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
-    width = max(8, len(str(len(ds))))
-    load = partial(_load_row, ds, image_column=image_column, caption_column=caption_column)
-    return [InputItem(f"{i:0{width}d}", f"{args.dataset}[{i}]", partial(load, i=i)) for i in range(len(ds))]
-
-
-def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: str) -> tuple[Image.Image, str]:
-    caption = check_caption(raw.get(caption_ext))
-    data = next((raw[ext] for ext in image_exts if ext in raw), None)
-    if data is None:
-        raise SkippedInput(MISSING_IMAGE, f"no member with extension {image_exts}")
-    return load_image(data), caption
-
-
-def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
-    """Samples of webdataset tars in tar order, streamed (each process reads them all, decodes only its own)."""
-    urls = [url for spec in args.wds for url in wds.shardlists.expand_urls(spec)]
-    image_exts = (args.image_column or "jpg;jpeg;png;webp").split(";")
-    caption_ext = args.caption_column or "txt"
-    load = partial(_load_tar_sample, image_exts=image_exts, caption_ext=caption_ext)
-    for raw in wds.tarfile_samples([{"url": url} for url in urls]):
-        yield InputItem(sample_key(raw["__key__"]), f"{raw['__url__']}:{raw['__key__']}", partial(load, raw))
-
-
-def list_inputs(args: BuildCacheArgs) -> tuple[Iterable[InputItem], int | None]:
-    """The inputs in shard order, and how many there are when known without reading them all."""
-    if args.images:
-        items = folder_items(args.images)
-        return items, len(items)
-    if args.dataset:
-        items = dataset_items(args)
-        return items, len(items)
-    return wds_items(args), None
-
-
-def _chunks(items: Iterable[InputItem], size: int) -> Iterator[tuple[int, list[InputItem]]]:
-    it = iter(items)
-    for j in count():
-        chunk = list(islice(it, size))
-        if not chunk:
-            return
-        yield j, chunk
-
-
-def _prepared(item: InputItem, resolution: int, min_size: int | None) -> tuple[Image.Image, str] | SkippedInput:
-    try:
-        image, caption = item.load()
-        return prepare_image(image, resolution, min_size), caption
-    except SkippedInput as skip:
-        return skip
-
-
-def _loaded_batches(
-    pool: ThreadPoolExecutor, items: list[InputItem], batch_size: int, load: Callable[[InputItem], Any]
-) -> Iterator[tuple[list[InputItem], list[Any]]]:
-    """Input batches with their loaded results; the next batch loads in the threads while this one is encoded."""
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    pending: list[Future] = [pool.submit(load, item) for item in batches[0]] if batches else []
-    for k, batch in enumerate(batches):
-        ahead = [pool.submit(load, item) for item in batches[k + 1]] if k + 1 < len(batches) else []
-        yield batch, [f.result() for f in pending]
-        pending = ahead
-
-
-@dataclass
 class _Shard:
     """What one process needs to build one shard."""
 
@@ -324,9 +175,9 @@ class CacheBuilder:
         """Encode a shard's usable inputs in batches and write it; returns its sidecar."""
         args = self.args
         positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
-        load = partial(_prepared, resolution=args.resolution, min_size=args.min_size)
+        load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size)
         samples, skipped, lengths, fields = [], [], [], {}
-        for batch, results in _loaded_batches(self.pool, shard.items, args.batch_size, load):
+        for batch, results in load_ahead(self.pool, shard.items, args.batch_size, load):
             good = []
             for item, result in zip(batch, results, strict=True):
                 if id(item) in shard.duplicates:
@@ -428,7 +279,7 @@ def _build_shards(
     """Build this process's incomplete shards; returns the number of shards of the whole input."""
     seen: set[str] = set()
     num_shards, written, reused = 0, 0, 0
-    for j, chunk in _chunks(items, args.shard_size):
+    for j, chunk in shard_chunks(items, args.shard_size):
         num_shards = j + 1
         duplicates = set()  # every process tracks every key, so all agree on which input is the duplicate
         for item in chunk:

@@ -2,7 +2,9 @@
 
 Images become RGB, shorter side resized to the resolution, centre-cropped square (prepare_image); anything that cannot
 be used raises SkippedInput with a reason code the build report lists. Teacher features are computed at every timestep
-bucket with one global seed, so a sample's features depend on (prompt, t, seed) only, never on its batch or rank.
+bucket with one global seed, so a sample's features depend on (prompt, t, seed) only, never on its batch or rank
+(up to float rounding). The teachers' CLIP context is computed once per batch (teacher_context) and reused for every
+bucket of both teachers instead of once per teacher call.
 """
 
 from __future__ import annotations
@@ -90,9 +92,15 @@ def text_features(
     return t5, lengths, pooled
 
 
-def _every_bucket(prompts: list[str], t_buckets: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """Each prompt at each bucket, bucket-major: rows (T * N) and their timesteps (T * N,), for one teacher call."""
-    return [p for _ in t_buckets for p in prompts], t_buckets.repeat_interleave(len(prompts))
+def teacher_context(zoo: ModelZoo, prompts: Sequence[str]) -> torch.Tensor:
+    """The teachers' CLIP context of each prompt, (N, 77, D) float32 on the CPU: one CLIP pass that every bucket of
+    both teachers reuses (a teacher's input is (prompt, t, seed) and the context depends on the prompt alone)."""
+    return zoo.encode_clip_context(prompts)
+
+
+def _every_bucket(context: torch.Tensor, t_buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's context at each bucket, bucket-major: rows (T * N, 77, D) and their timesteps (T * N,)."""
+    return context.repeat(len(t_buckets), 1, 1), t_buckets.repeat_interleave(context.shape[0])
 
 
 def lune_features(
@@ -102,17 +110,24 @@ def lune_features(
     seed: int = 0,
     batch_size: int = 64,
     batch_timesteps: bool = False,
+    *,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Lune teacher features of every prompt at every bucket: (N, T, lune_dim) float32.
+    """Lune teacher features of every prompt at every bucket: (N, T, lune_dim) float32, as ModelZoo.extract_lune
+    defines them. `context` (N, 77, D): the prompts' teacher_context when the caller has it already.
 
     batch_timesteps=True runs all T buckets of a prompt batch in one teacher call (T times the activations).
     """
-    prompts, t_buckets = list(prompts), t_buckets.float()
+    from tinyflux.model.zoo_teachers import lune_from_context  # diffusers: only builds pay for its import
+
+    context = teacher_context(zoo, prompts) if context is None else context
+    t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)
+    unet = zoo.load_lune()
     if batch_timesteps:
-        rows, t = _every_bucket(prompts, t_buckets)
-        out = zoo.extract_lune(rows, t, seed=seed, batch_size=batch_size * len(t_buckets))  # (T * N, D)
-        return rearrange(out, "(t n) d -> n t d", t=len(t_buckets))
-    per_t = [zoo.extract_lune(prompts, float(t), seed=seed, batch_size=batch_size) for t in t_buckets]
+        rows, t = _every_bucket(context, t_buckets)
+        out = lune_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t)  # (T * N, D)
+        return rearrange(out, "(t n) d -> n t d", t=num_t)
+    per_t = [lune_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size) for t in t_buckets]
     return torch.stack(per_t, dim=1)  # (N, T, D)
 
 
@@ -124,18 +139,23 @@ def sol_features(
     batch_size: int = 64,
     batch_timesteps: bool = True,
     spatial_size: int = 8,
+    *,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sol teacher features at every bucket: stats (N, T, 4) and spatial (N, T, S, S), float32."""
-    prompts, t_buckets = list(prompts), t_buckets.float()
-    num_t = len(t_buckets)
+    """Sol teacher features at every bucket, as ModelZoo.extract_sol defines them: stats (N, T, 4) and spatial
+    (N, T, S, S), float32. `context` as for lune_features."""
+    from tinyflux.model.zoo_teachers import sol_from_context
+
+    context = teacher_context(zoo, prompts) if context is None else context
+    t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)
+    unet = zoo.load_sol()
     if batch_timesteps:
-        rows, t = _every_bucket(prompts, t_buckets)
-        stats, spatial = zoo.extract_sol(rows, t, seed=seed, batch_size=batch_size * num_t, spatial_size=spatial_size)
+        rows, t = _every_bucket(context, t_buckets)
+        stats, spatial = sol_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, spatial_size)
         stats = rearrange(stats, "(t n) c -> n t c", t=num_t)
         return stats, rearrange(spatial, "(t n) h w -> n t h w", t=num_t)
     per_t = [
-        zoo.extract_sol(prompts, float(t), seed=seed, batch_size=batch_size, spatial_size=spatial_size)
-        for t in t_buckets
+        sol_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, spatial_size) for t in t_buckets
     ]
     return torch.stack([s for s, _ in per_t], dim=1), torch.stack([m for _, m in per_t], dim=1)
 
@@ -153,14 +173,18 @@ def encode_batch(
 ) -> dict[str, torch.Tensor]:
     """Everything a cache stores for a batch of prepared images and captions, float32 on the CPU, one batch per model:
     latents (B, C, H, W), t5_embeds (B, L, K, D), t5_lengths (B,), clip_pooled (B, P), and when asked
-    lune (B, T, lune_dim), sol_stats (B, T, 4), sol_spatial (B, T, S, S)."""
+    lune (B, T, lune_dim), sol_stats (B, T, 4), sol_spatial (B, T, S, S).
+
+    The teachers' CLIP context is computed once and serves all T buckets of both; each teacher runs its T buckets as
+    one call of T * B rows."""
     n = len(images)
     out = {"latents": zoo.encode_images_batched(list(images), batch_size=n)}
     out["t5_embeds"], out["t5_lengths"], out["clip_pooled"] = text_features(zoo, captions, batch_size=n)
+    context = teacher_context(zoo, captions) if lune or sol else None
     if lune:
-        out["lune"] = lune_features(zoo, captions, t_buckets, seed, batch_size=n)
+        out["lune"] = lune_features(zoo, captions, t_buckets, seed, n, batch_timesteps=True, context=context)
     if sol:
         out["sol_stats"], out["sol_spatial"] = sol_features(
-            zoo, captions, t_buckets, seed, batch_size=n, spatial_size=spatial_size
+            zoo, captions, t_buckets, seed, n, batch_timesteps=True, spatial_size=spatial_size, context=context
         )
     return out

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues #6 and #7 in three device calls of under 10 minutes each (a session is lent 30
+# minutes of device time, 10 per call). From the repo root on the GPU machine:
+#   bash bench/gpu_session.sh 1   # the targets: whole Trainer step vs diffusers at 256 and 512 px, eager + compiled
+#   bash bench/gpu_session.sh 2   # why: profile, attention kernels (SDPA vs flex), largest batch with checkpointing
+#   bash bench/gpu_session.sh 3   # engines (FSDP2 / DeepSpeed tests), no host sync, the reader, sampling, model step
+# Each stage writes at most 8 logs to $OUT (else runs/gpu_session). Wheels the GPU image lacks (diffusers, webdataset,
+# deepspeed: bench/README.md says how to fetch them) are installed from .whl/ when it exists.
+# SMOKE=1 runs the same sequence at tiny sizes and short timeouts, to check this script on a CPU.
+set -uo pipefail
+stage=${1:?usage: bash bench/gpu_session.sh 1|2|3}
+out=${OUT:-runs/gpu_session}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 1
+fi
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  train="--preset tiny --batch 2 --text_len 16 --rounds 1 --steps 2 --warmup 1"
+  stream="--preset tiny --samples 64 --rounds 1 --workers 0 2"
+  sample="--preset tiny --batch 2 --rounds 1 --steps 4"
+  lo=8 hi=16 short=120 long=240 compile=""
+else
+  train="--preset deep --batch 16"
+  stream="--preset deep --workers 0 4 8"
+  sample="--preset deep --batch 16"
+  lo=32 hi=64 short=240 long=420 compile="--compile"
+fi
+
+run() {  # run NAME LIMIT_S COMMAND...: tee into $out/NAME.log, never let one hang take the stage down
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$out/$name.log"
+}
+
+"$py" - <<'EOF' | tee "$out/device.log"
+import torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+EOF
+
+case $stage in
+1)
+  run train_256 "$long" "$py" bench/bench_train.py $train --latent $lo $compile
+  run train_512 "$short" "$py" bench/bench_train.py $train --latent $hi $compile
+  ;;
+2)
+  run profile_256 "$short" "$py" bench/bench_train.py $train --latent $lo --profile $compile
+  run attention_256 90 "$py" bench/bench_train.py $train --latent $lo --attention
+  run attention_512 90 "$py" bench/bench_train.py $train --latent $hi --attention
+  run max_batch_256 "$short" "$py" bench/bench_train.py $train --latent $lo --grad_ckpt --find_max_batch $compile
+  ;;
+3)
+  mkdir -p runs/scale_report
+  run gpu_tests "$long" env TINYFLUX_SCALE_REPORT=runs/scale_report "$py" -m pytest -q -m gpu -s \
+    tests/test_scale.py tests/test_verdict.py tests/test_attention_backend.py
+  cp runs/scale_report/* "$out/" 2>/dev/null
+  run stream_256 120 "$py" bench/bench_stream.py $stream --latents $lo --batch_dtype float32 float16
+  run sample 120 "$py" bench/bench_sample.py $sample --latents $lo $hi $compile
+  ;;
+*)
+  echo "unknown stage $stage: 1, 2 or 3" >&2
+  exit 2
+  ;;
+esac
