@@ -3,13 +3,16 @@ each of its stages alone, timed through the same ModelZoo calls the build makes.
 
     python bench/bench_cache.py                                          # CPU: tiny zoo, 64 and 128 px demo images
     python bench/bench_cache.py --zoo hub --resolutions 256 512 --images 256 --batch_size 32   # GPU, real models
+    python bench/bench_cache.py --zoo random-full --resolutions 256 --images 64 --batch_size 32  # GPU, real sizes
 
 The build's rate is its steady state: (2N - N) images / (time of a build of 2N images - time of a build of N), so
 model loading, accelerate start-up and the manifest drop out. The peer column of the first row is the stages run back
 to back (1 / the sum of their seconds per image): a build faster than that overlaps stages, a slower one waits on
 something no stage accounts for. A stage row's peer is the full build, so its ratio says how many times faster the
 stage runs alone; its share of the build's time is in its name. `--zoo hub` needs the real models in the local
-Hugging Face cache on a machine without internet. Demo images are PNGs already at the resolution: a real dataset's
+Hugging Face cache on a machine without internet; `--zoo random-full` times the same architectures with random weights
+(written once to --random_zoo_dir, 4.1 GB, and reused; the features are meaningless, the seconds are the real ones).
+`--preset` defaults to the zoo's: `deep` for hub and random-full, `tiny` otherwise. Demo images are PNGs already at the resolution: a real dataset's
 JPEG decode and resize cost more (the build does them in --num_loaders threads, overlapped with the models).
 """
 
@@ -25,9 +28,11 @@ import torch
 from common import (
     Row,
     add_device_args,
+    add_zoo_args,
     describe_device,
     matmul_ceiling_tflops,
     print_table,
+    resolve_zoo,
     scratch_dir,
     setup_device,
 )
@@ -37,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinyflux.data.demo import write_demo_images
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.zoo import ModelZoo, make_tiny_zoo
+from tinyflux.model.zoo import ModelZoo
 from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
 from tinyflux.trainer.cache_encode import (
     encode_batch,
@@ -182,22 +187,21 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48, help="N: builds of N and 2N images give the steady rate")
     ap.add_argument("--batch_size", type=int, default=16, help="the build's --batch_size")
     ap.add_argument("--shard_size", type=int, default=1000, help="the build's --shard_size")
-    ap.add_argument(
-        "--preset", default="tiny", help="model preset whose t5_layers the cache holds (deep with --zoo hub)"
-    )
-    ap.add_argument("--zoo", default=None, help="tiny zoo directory (default: built in a temp dir), or 'hub'")
+    ap.add_argument("--preset", default=None, help="model preset whose t5_layers the cache holds (default: the zoo's)")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs of each stage; the fastest counts")
     ap.add_argument("--build_rounds", type=int, default=1, help="builds of each size; the fastest counts")
+    add_zoo_args(ap)
     add_device_args(ap)
     args = ap.parse_args()
     device, dtype = setup_device(args)
-    hub = args.zoo == "hub"
-    layers = TinyFluxConfig.preset(args.preset).t5_layers
     rows: list[Row] = []
     ceiling = matmul_ceiling_tflops(device, dtype)
     with scratch_dir() as work:
-        zoo_path = None if hub else str(args.zoo or make_tiny_zoo(work / "zoo"))
-        zoo = ModelZoo(device=str(device), dtype=dtype, t5_layers=layers, **({} if hub else {"zoo": zoo_path}))
+        choice = resolve_zoo(args.zoo, args.random_zoo_dir, work)
+        args.preset = args.preset or choice.preset
+        layers = TinyFluxConfig.preset(args.preset).t5_layers
+        zoo_path = choice.path
+        zoo = ModelZoo(device=str(device), dtype=dtype, t5_layers=layers, **({"zoo": zoo_path} if zoo_path else {}))
         for res in args.resolutions:
             n, bs = args.images, args.batch_size
             folders = {k: work / f"images_{res}_{k}" for k in (n, 2 * n)}
@@ -249,7 +253,7 @@ def main() -> None:
                     Row(f"{res}px {name} ({share:.0f}% of build)", n / sec, build_rate, "images/s", flops.get(name))
                 )
     title = (
-        f"Cache build: run_build vs its stages alone, zoo={'hub' if hub else 'tiny'} preset={args.preset} "
+        f"Cache build: run_build vs its stages alone, zoo={choice.label} preset={args.preset} "
         f"N={args.images} batch_size={args.batch_size} dtype={str(dtype).removeprefix('torch.')}"
     )
     ceiling = max(ceiling, matmul_ceiling_tflops(device, dtype))  # again at the end: a busy moment only lowers it

@@ -5,12 +5,16 @@ Prints one table.
     python bench/bench_sample.py                                        # CPU: tiny zoo, tiny preset, 64 px
     python bench/bench_sample.py --preset deep --latents 32 64 --batch 16 --compile      # GPU, tiny-zoo encoders
     python bench/bench_sample.py --preset deep --zoo hub --latents 32 64 --batch 16      # GPU, the real encoders
+    python bench/bench_sample.py --zoo random-full --latents 32 64 --batch 16           # GPU, real sizes, random weights
 
 The transformer is what sampling spends its time on, so on a machine without the Hub models `--preset deep` keeps the
 deep transformer and takes only the text widths (t5_hidden_size, pooled_projection_dim, t5_layers) from the tiny zoo
 it runs with; the VAE decode row is then the tiny VAE's, not the Flux VAE's. `--zoo hub` uses the real encoders and
-VAE (they must be in the local Hugging Face cache on a machine without internet). Both transformers run with their
-weights in the compute dtype (bf16 on a GPU), no autocast; `--compile` compiles each block of both.
+VAE (they must be in the local Hugging Face cache on a machine without internet); `--zoo random-full` uses the same
+architectures with random weights (written once to --random_zoo_dir and reused), so the text-encode and VAE-decode
+rows are real-size timings offline. `--preset` defaults to the zoo's (deep for hub and random-full, else tiny). Both
+transformers run with their weights in the compute dtype (bf16 on a GPU), no autocast; `--compile` compiles each block
+of both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from common import (
     PRESET_CHOICES,
     Row,
     add_device_args,
+    add_zoo_args,
     cold_compile_caches,
     describe_device,
     diffusers_twin,
@@ -31,6 +36,7 @@ from common import (
     now,
     peer_train_flops_per_sample,
     print_table,
+    resolve_zoo,
     scratch_dir,
     setup_device,
     train_flops_per_sample,
@@ -38,7 +44,7 @@ from common import (
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.model.zoo import CAPTION_CORPUS, ModelZoo, make_tiny_zoo
+from tinyflux.model.zoo import CAPTION_CORPUS, ModelZoo
 from tinyflux.trainer.runtime import compile_blocks
 from tinyflux.trainer.sampling import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_NUM_STEPS, Sampler
 from tinyflux.trainer.schedules import get_schedule
@@ -46,10 +52,11 @@ from tinyflux.trainer.schedules import get_schedule
 TEXT_FIELDS = ("t5_layers", "t5_hidden_size", "pooled_projection_dim")
 
 
-def sampling_config(preset: str, hub: bool) -> TinyFluxConfig:
-    """The preset, with the tiny zoo's text widths unless the real encoders run (see the module docstring)."""
+def sampling_config(preset: str, zoo_preset: str) -> TinyFluxConfig:
+    """The preset, with the tiny zoo's text widths when the zoo's encoders are the tiny ones (see the docstring)."""
     cfg = make_config(preset)
-    return cfg if hub or preset == "tiny" else cfg.replace(**{k: PRESETS["tiny"][k] for k in TEXT_FIELDS})
+    narrow = zoo_preset == "tiny" and preset != "tiny"
+    return cfg.replace(**{k: PRESETS["tiny"][k] for k in TEXT_FIELDS}) if narrow else cfg
 
 
 def peer_loop(model: torch.nn.Module, cfg: TinyFluxConfig, b: int, latent: int, text_len: int, steps: int, scale: float,
@@ -78,24 +85,25 @@ def text_length(zoo: ModelZoo, prompts: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=PRESET_CHOICES)
+    ap.add_argument("--preset", default=None, choices=PRESET_CHOICES, help="default: the zoo's (tiny or deep)")
     ap.add_argument("--latents", type=int, nargs="+", default=[8], help="latent sides: 32 = 256px, 64 = 512px")
     ap.add_argument("--batch", type=int, default=4, help="prompts per generate call")
     ap.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     ap.add_argument("--rounds", type=int, default=3, help="timed generate calls; the fastest counts")
-    ap.add_argument("--zoo", default=None, help="tiny zoo directory (default: built in a temp dir), or 'hub'")
     ap.add_argument("--warm_cache", action="store_true", help="let compilation use the on-disk caches of earlier runs")
     ap.add_argument("--compile", action="store_true", help="compile each transformer block of both models")
+    add_zoo_args(ap)
     add_device_args(ap)
     args = ap.parse_args()
     device, dtype = setup_device(args)
-    hub = args.zoo == "hub"
-    cfg = sampling_config(args.preset, hub)
     prompts = [CAPTION_CORPUS[i % len(CAPTION_CORPUS)] for i in range(args.batch)]
     rows = []
     with scratch_dir() as work, cold_compile_caches(args.compile and not args.warm_cache):
-        where = {} if hub else {"zoo": args.zoo or make_tiny_zoo(work / "zoo")}
+        choice = resolve_zoo(args.zoo, args.random_zoo_dir, work)
+        args.preset = args.preset or choice.preset
+        cfg = sampling_config(args.preset, choice.preset)
+        where = {"zoo": choice.path} if choice.path else {}
         zoo = ModelZoo(device=str(device), dtype=dtype, t5_layers=cfg.t5_layers, **where)
         torch.manual_seed(0)
         model = TinyFluxDeep(cfg).to(device, dtype).eval()
@@ -149,7 +157,7 @@ def main() -> None:
     title = (
         f"Sampling: Sampler.generate, preset={args.preset} batch={args.batch} steps={args.steps} CFG={args.guidance} "
         f"text={text_len} T5 tokens, dtype={str(dtype).removeprefix('torch.')} compile={args.compile} "
-        f"zoo={'hub' if hub else 'tiny'}, best of {args.rounds}"
+        f"zoo={choice.label}, best of {args.rounds}"
     )
     peer_name = "diffusers FluxTransformer2DModel, same size, same Euler + CFG loop, no encoders / VAE"
     ceiling = max(ceiling, matmul_ceiling_tflops(device, dtype))  # again at the end: a busy moment only lowers it

@@ -108,6 +108,49 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, pick_dtype(args.dtype, device)
 
 
+def add_zoo_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--zoo",
+        default=None,
+        help="a zoo directory (default: a tiny zoo written to a temp dir); 'hub': the real models (Hugging Face "
+        "cache); 'random-full': the real architectures with random weights, written once to --random_zoo_dir and "
+        "reused (4.1 GB); 'random-small': the same writer at the tiny preset's widths",
+    )
+    ap.add_argument(
+        "--random_zoo_dir", default=None, help="where --zoo random-* lives (default runs/random_zoo_full or _small)"
+    )
+
+
+@dataclass
+class ZooChoice:
+    """What --zoo resolved to: the directory ModelZoo(zoo=...) takes (None: the Hub sources), the TinyFluxConfig preset
+    whose text and teacher widths fit its models, and a name for table titles."""
+
+    path: str | None
+    preset: str
+    label: str
+
+
+def resolve_zoo(name: str | None, random_dir: str | None, work: Path) -> ZooChoice:
+    """--zoo NAME: write the tiny zoo into `work` (None), write or reuse a random zoo ('random-full' / '-small'), or
+    take the Hub ('hub') or a directory as it is (its preset from a random zoo's marker, else the tiny zoo's)."""
+    from tinyflux.model.zoo_random import SPECS, ensure_random_zoo, read_marker
+    from tinyflux.model.zoo_tiny import make_tiny_zoo
+
+    if name is None:
+        return ZooChoice(str(make_tiny_zoo(work / "zoo")), "tiny", "tiny")
+    if name == "hub":
+        return ZooChoice(None, "deep", "hub")
+    if name.startswith("random-") and name.removeprefix("random-") in SPECS:
+        spec = SPECS[name.removeprefix("random-")]
+        start = time.perf_counter()
+        path = ensure_random_zoo(random_dir or f"runs/random_zoo_{spec.name}", spec=spec)
+        print(f"{name} zoo at {path} ({time.perf_counter() - start:.1f} s to write or find)", flush=True)
+        return ZooChoice(str(path), spec.preset, name)
+    marker = read_marker(name)
+    return ZooChoice(name, marker["preset"] if marker else "tiny", f"random-{marker['size']}" if marker else "tiny")
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"

@@ -4,11 +4,12 @@
 #   bash bench/gpu_session.sh 1   # the targets: whole Trainer step vs diffusers at 256 and 512 px, eager + compiled
 #   bash bench/gpu_session.sh 2   # why: profile, attention kernels (SDPA vs flex), largest batch with checkpointing
 #   bash bench/gpu_session.sh 3   # engines (FSDP2 / DeepSpeed tests), no host sync, the reader, sampling, model step
+#   bash bench/gpu_session.sh 4   # cache build at 256 / 512 px and sampling with the real model sizes: random weights
 # Each stage writes at most 8 logs to $OUT (else runs/gpu_session). Wheels the GPU image lacks (diffusers, webdataset,
 # deepspeed: bench/README.md says how to fetch them) are installed from .whl/ when it exists.
 # SMOKE=1 runs the same sequence at tiny sizes and short timeouts, to check this script on a CPU.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh 1|2|3}
+stage=${1:?usage: bash bench/gpu_session.sh 1|2|3|4}
 out=${OUT:-runs/gpu_session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,11 +24,18 @@ if [ "${SMOKE:-0}" = 1 ]; then
   stream="--preset tiny --samples 64 --rounds 1 --workers 0 2"
   sample="--preset tiny --batch 2 --rounds 1 --steps 4"
   lo=8 hi=16 short=120 long=240 compile=""
+  zoo_size=small cache="--images 8 --batch_size 4 --rounds 1" sample4=""
+  zoo_s=120 cache_lo_s=120 cache_hi_s=120 sample_s=120
 else
   train="--preset deep --batch 16"
   stream="--preset deep --workers 0 4 8"
   sample="--preset deep --batch 16"
   lo=32 hi=64 short=240 long=420 compile="--compile"
+  # Stage 4 must fit one 10-minute call: N = 64 images (builds of 64 and 128 give the steady rate), batch 32 (two and
+  # four build batches), 2 timed rounds per stage; sampling eager at batch 8 (16 rows with CFG), 2 rounds: 11 generate
+  # calls per size. bench/README.md has the estimate per run.
+  zoo_size=full cache="--images 64 --batch_size 32 --rounds 2" sample4="--batch 8 --rounds 2"
+  zoo_s=90 cache_lo_s=130 cache_hi_s=150 sample_s=210
 fi
 
 run() {  # run NAME LIMIT_S COMMAND...: tee into $out/NAME.log, never let one hang take the stage down
@@ -64,8 +72,18 @@ case $stage in
   run stream_256 120 "$py" bench/bench_stream.py $stream --latents $lo --batch_dtype float32 float16
   run sample 120 "$py" bench/bench_sample.py $sample --latents $lo $hi $compile
   ;;
+4)
+  # The zoo is written outside $OUT (4.1 GB) and reused while the machine stays warm (its marker says it is whole).
+  # Sampling runs eager here: stage 3 has the compiled transformer; this stage adds the real encoders and VAE.
+  zoo_dir=${RANDOM_ZOO_DIR:-runs/random_zoo_$zoo_size}
+  zoo="--zoo random-$zoo_size --random_zoo_dir $zoo_dir"
+  run random_zoo "$zoo_s" "$py" -m tinyflux.model.zoo make-random "$zoo_dir" --size "$zoo_size" --reuse
+  run cache_$((lo * 8)) "$cache_lo_s" "$py" bench/bench_cache.py $zoo $cache --resolutions $((lo * 8))
+  run cache_$((hi * 8)) "$cache_hi_s" "$py" bench/bench_cache.py $zoo $cache --resolutions $((hi * 8))
+  run sample_zoo "$sample_s" "$py" bench/bench_sample.py $zoo $sample --latents $lo $hi $sample4
+  ;;
 *)
-  echo "unknown stage $stage: 1, 2 or 3" >&2
+  echo "unknown stage $stage: 1, 2, 3 or 4" >&2
   exit 2
   ;;
 esac

@@ -3,7 +3,8 @@
 The Flux VAE (latents), T5 (flan-t5-base hidden states), CLIP (ViT-L/14 text, pooled vector and teacher context) and
 the two SD1.5-flow teachers, Lune (mid-block feature) and Sol (self-attention statistics + spatial map). Every source is
 a Hub repo id or a local path; `ModelZoo(zoo=PATH)` points all of them at an offline tiny zoo written by
-`python -m tinyflux.model.zoo make-tiny PATH`. Feature definitions and conventions: docs/EXPERT_CACHE.md.
+`python -m tinyflux.model.zoo make-tiny PATH`, or at real size with random weights (`make-random PATH`, for timing
+offline). Feature definitions and conventions: docs/EXPERT_CACHE.md.
 
 Outputs are float32 on the CPU whatever the zoo's device and dtype. On a CPU use dtype=torch.float32: bf16 convolutions
 are slow there.
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
 from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.zoo_random import SPECS, ensure_random_zoo, make_random_zoo
 from tinyflux.model.zoo_sources import (
     CLIP_MAX_LENGTH,
     CLIP_REPO,
@@ -59,7 +61,7 @@ from tinyflux.model.zoo_teachers import (
 )
 from tinyflux.model.zoo_tiny import CAPTION_CORPUS, make_tiny_zoo
 
-__all__ = ["CAPTION_CORPUS", "MODEL_NAMES", "ModelZoo", "ZooError", "make_tiny_zoo", "seeded_noise"]
+__all__ = ["CAPTION_CORPUS", "MODEL_NAMES", "ModelZoo", "ZooError", "make_random_zoo", "make_tiny_zoo", "seeded_noise"]
 
 MODEL_NAMES = ("vae", "t5", "clip", "lune", "sol")
 
@@ -461,18 +463,40 @@ class ModelZoo:
         return torch.cat(stats), torch.cat(spatial)
 
 
+def _print_zoo(root: Path, what: str, seed: int) -> None:
+    print(f"{what} written to {root} (seed {seed}):")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(root)}  ({path.stat().st_size / 1024:.0f} KiB)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tinyflux.model.zoo", description="ModelZoo utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-tiny", help="write the offline tiny zoo (random weights, real formats)")
     make.add_argument("path", help="directory to write the tiny zoo into")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    random_zoo = commands.add_parser(
+        "make-random", help="write the real architectures with random bfloat16 weights (4.1 GB), for timing offline"
+    )
+    random_zoo.add_argument("path", help="directory to write the random zoo into")
+    random_zoo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    random_zoo.add_argument(
+        "--size", choices=sorted(SPECS), default="full", help="full: the real sizes; small: the tiny preset's widths"
+    )
+    random_zoo.add_argument(
+        "--reuse", action="store_true", help="keep a zoo already at PATH whose marker says the same seed and size"
+    )
     args = parser.parse_args(argv)
-    root = make_tiny_zoo(args.path, seed=args.seed)
-    print(f"tiny zoo written to {root} (seed {args.seed}):")
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        print(f"  {path.relative_to(root)}  ({path.stat().st_size / 1024:.0f} KiB)")
-    print(f"use it with ModelZoo(device='cpu', dtype=torch.float32, zoo={str(root)!r}) or --zoo {root}")
+    if args.command == "make-tiny":
+        root = make_tiny_zoo(args.path, seed=args.seed)
+        _print_zoo(root, "tiny zoo", args.seed)
+        print(f"use it with ModelZoo(device='cpu', dtype=torch.float32, zoo={str(root)!r}) or --zoo {root}")
+        return
+    spec = SPECS[args.size]
+    write = ensure_random_zoo if args.reuse else make_random_zoo
+    root = write(args.path, args.seed, spec=spec)
+    _print_zoo(root, f"{args.size} random zoo", args.seed)
+    print(f"use it with ModelZoo(zoo={str(root)!r}, t5_layers=TinyFluxConfig.preset({spec.preset!r}).t5_layers)")
 
 
 if __name__ == "__main__":

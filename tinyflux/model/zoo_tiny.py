@@ -216,7 +216,7 @@ def _write_vae(out: Path, seed: int, tiny: TinyFluxConfig) -> None:
     vae.save_pretrained(out)
 
 
-def _train_t5_tokenizer(max_length: int) -> T5TokenizerFast:
+def train_t5_tokenizer(max_length: int) -> T5TokenizerFast:
     sentencepiece_like = Tokenizer(models.Unigram())
     sentencepiece_like.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.UnigramTrainer(
@@ -228,7 +228,7 @@ def _train_t5_tokenizer(max_length: int) -> T5TokenizerFast:
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def _train_clip_tokenizer(max_length: int) -> CLIPTokenizerFast:
+def train_clip_tokenizer(max_length: int) -> CLIPTokenizerFast:
     # The normaliser and pre-tokeniser of CLIPTokenizerFast itself, so the merges are learned on the pieces it will see.
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
     bpe.normalizer = normalizers.Sequence(
@@ -255,7 +255,7 @@ def _train_clip_tokenizer(max_length: int) -> CLIPTokenizerFast:
 
 
 def _write_t5(out: Path, seed: int, tiny: TinyFluxConfig, max_length: int) -> None:
-    tokenizer = _train_t5_tokenizer(max_length)
+    tokenizer = train_t5_tokenizer(max_length)
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=tiny.t5_hidden_size,
@@ -275,7 +275,7 @@ def _write_t5(out: Path, seed: int, tiny: TinyFluxConfig, max_length: int) -> No
 
 
 def _write_clip(out: Path, seed: int, tiny: TinyFluxConfig, max_length: int) -> None:
-    tokenizer = _train_clip_tokenizer(max_length)
+    tokenizer = train_clip_tokenizer(max_length)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=tiny.pooled_projection_dim,
