@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -69,6 +71,16 @@ def test_cli_writes_a_seeded_zoo(tmp_path: Path, tiny_zoo_path: Path, capsys: py
     other = load_file(tmp_path / "other" / "experts" / LUNE_FILENAME)
     assert all(torch.equal(reference[k], same[k]) for k in reference)
     assert not all(torch.equal(reference[k], other[k]) for k in reference)
+
+
+def test_another_process_writes_the_same_tokenizers(tmp_path: Path, tiny_zoo_path: Path) -> None:
+    # The tokenizers library's trainers break ties by hash order, per process: the vocabularies are counted instead.
+    other = tmp_path / "other_process"
+    subprocess.run(
+        [sys.executable, "-m", "tinyflux.model.zoo", "make-tiny", str(other)], check=True, capture_output=True
+    )
+    for name in ("t5/tokenizer.json", "clip/tokenizer.json"):
+        assert (other / name).read_bytes() == (tiny_zoo_path / name).read_bytes(), name
 
 
 def test_loaders_return_frozen_real_models(tiny_zoo: ModelZoo) -> None:

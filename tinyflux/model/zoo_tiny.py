@@ -3,8 +3,8 @@
 `make_tiny_zoo(PATH)` (or `python -m tinyflux.model.zoo make-tiny PATH`) writes, in seconds on a CPU:
 
     PATH/vae/      AutoencoderKL, 3 -> 16 latent channels, 8x downsampling, Flux's scaling and shift factors
-    PATH/t5/       T5EncoderModel + T5 tokenizer (Unigram, <pad>/</s>/<unk>) trained on CAPTION_CORPUS
-    PATH/clip/     CLIPTextModel + CLIP tokenizer (byte-level BPE, <|startoftext|>/<|endoftext|>), 77 tokens
+    PATH/t5/       T5EncoderModel + T5 tokenizer (Unigram, <pad>/</s>/<unk>) counted on CAPTION_CORPUS
+    PATH/clip/     CLIPTextModel + CLIP tokenizer (byte-level BPE learned on CAPTION_CORPUS, <|startoftext|>/<|endoftext|>), 77 tokens
     PATH/experts/  Lune and Sol UNet2DConditionModel weights (.safetensors, the real file names) + their config.json
     PATH/tiny_zoo.json  what wrote it, with the seed
 
@@ -15,14 +15,16 @@ loads it through the very code paths that load the real Hub models.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
 
 from tinyflux.model import zoo_sources as layout
@@ -158,7 +160,8 @@ def _build_corpus(size: int, seed: int = 0) -> tuple[str, ...]:
 CAPTION_CORPUS: tuple[str, ...] = _build_corpus(320)
 """A few hundred short, varied, deterministic captions: the tiny tokenizers' training text and the demo's prompts."""
 
-T5_VOCAB_SIZE = 600  # Unigram target; the corpus has ~150 distinct words, so most of them become single pieces
+T5_VOCAB_SIZE = 600  # Unigram cap: the corpus has ~160 distinct words and ~30 characters, so all of them fit
+CHAR_PENALTY = 10.0  # extra negative log-likelihood of a single-character T5 piece (nats)
 CLIP_VOCAB_SIZE = 1000  # byte-level BPE: 256 bytes + their end-of-word forms + merges
 VAE_CHANNELS = (16, 16, 32, 32)  # four blocks = three 2x downsamplings = 8x, as in the Flux VAE
 UNET_CHANNELS_TOP = (32, 32, 64)  # first three UNet levels; the last (and the mid block) is lune_expert_dim wide
@@ -216,42 +219,69 @@ def _write_vae(out: Path, seed: int, tiny: TinyFluxConfig) -> None:
     vae.save_pretrained(out)
 
 
+# The tokenizers library's trainers break ties by hash order and learn another vocabulary in every process, so the
+# tiny vocabularies are counted here instead, ties broken by the pieces themselves: one corpus, one vocabulary.
 def train_t5_tokenizer(max_length: int) -> T5TokenizerFast:
-    sentencepiece_like = Tokenizer(models.Unigram())
-    sentencepiece_like.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    trainer = trainers.UnigramTrainer(
-        vocab_size=T5_VOCAB_SIZE, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    sentencepiece_like.train_from_iterator(CAPTION_CORPUS, trainer)
-    # T5's ids: <pad> = 0, </s> = 1, <unk> = 2 (the special tokens lead the trained vocabulary in that order).
-    vocab = [(piece, score) for piece, score in json.loads(sentencepiece_like.to_str())["model"]["vocab"]]
+    """A Unigram (sentencepiece-like) T5 tokenizer: every corpus word is one piece, scored by its log frequency; single
+    characters, far less likely, spell out the rest; what no character covers is <unk>."""
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    words = Counter(piece for caption in CAPTION_CORPUS for piece, _ in metaspace.pre_tokenize_str(caption))
+    chars = Counter()
+    for word, n in words.items():
+        for ch in word:
+            chars[ch] += n
+    total, char_total = sum(words.values()), sum(chars.values())
+    by_count = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[: T5_VOCAB_SIZE - 3 - len(chars)]
+    # T5's ids: <pad> = 0, </s> = 1, <unk> = 2.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(word, math.log(n / total)) for word, n in by_count]
+    # A character costs more than any word, so known words stay whole.
+    vocab += [(ch, math.log(n / char_total) - CHAR_PENALTY) for ch, n in sorted(chars.items(), key=lambda kv: kv[0])]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
 def train_clip_tokenizer(max_length: int) -> CLIPTokenizerFast:
+    """A byte-level BPE CLIP tokenizer learned on CAPTION_CORPUS: the most frequent adjacent pair merges first (ties:
+    the smaller pair), until CLIP_VOCAB_SIZE entries or every word is one token."""
     # The normaliser and pre-tokeniser of CLIPTokenizerFast itself, so the merges are learned on the pieces it will see.
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer = normalizers.Sequence(
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
     words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=CLIP_VOCAB_SIZE,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
+    counts = Counter(
+        piece
+        for caption in CAPTION_CORPUS
+        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))
     )
-    bpe.train_from_iterator(CAPTION_CORPUS, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(pair) for pair in model["merges"]]
-    return CLIPTokenizerFast(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+    splits = {word: [*word[:-1], word[-1] + "</w>"] for word in counts}  # end-of-word marked on the last symbol
+    vocab = ["<|startoftext|>", "<|endoftext|>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    vocab += sorted({symbol for split in splits.values() for symbol in split} - set(vocab))
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < CLIP_VOCAB_SIZE:
+        pairs = Counter()
+        for word, split in splits.items():
+            for pair in zip(split, split[1:], strict=False):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append((a, b))
+        vocab.append(a + b)
+        for split in splits.values():
+            i = 0
+            while i < len(split) - 1:
+                if split[i] == a and split[i + 1] == b:
+                    split[i : i + 2] = [a + b]
+                i += 1
+    return CLIPTokenizerFast(
+        vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=max_length
+    )
 
 
 def _write_t5(out: Path, seed: int, tiny: TinyFluxConfig, max_length: int) -> None:
