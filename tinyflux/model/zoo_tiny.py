@@ -4,7 +4,7 @@
 
     PATH/vae/      AutoencoderKL, 3 -> 16 latent channels, 8x downsampling, Flux's scaling and shift factors
     PATH/t5/       T5EncoderModel + T5 tokenizer (Unigram, <pad>/</s>/<unk>) counted on CAPTION_CORPUS
-    PATH/clip/     CLIPTextModel + CLIP tokenizer (byte-level BPE learned on CAPTION_CORPUS, <|startoftext|>/<|endoftext|>), 77 tokens
+    PATH/clip/     CLIPTextModel + CLIP tokenizer (byte-level BPE learned on CAPTION_CORPUS), 77 tokens
     PATH/experts/  Lune and Sol UNet2DConditionModel weights (.safetensors, the real file names) + their config.json
     PATH/tiny_zoo.json  what wrote it, with the seed
 
