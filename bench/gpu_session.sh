@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues #6 and #7 in three device calls of under 10 minutes each (a session is lent 30
-# minutes of device time, 10 per call). From the repo root on the GPU machine:
+# The GPU measurements of issues #6 and #7 in five device calls of under 10 minutes each (a session is lent 30
+# minutes of device time, 10 per call: take 1, 3 and 4 first). From the repo root on the GPU machine:
 #   bash bench/gpu_session.sh 1   # the targets: whole Trainer step vs diffusers at 256 and 512 px, eager + compiled
 #   bash bench/gpu_session.sh 2   # why: profile, attention kernels (SDPA vs flex), largest batch with checkpointing
-#   bash bench/gpu_session.sh 3   # engines (FSDP2 / DeepSpeed tests), no host sync, the reader, sampling, model step
+#   bash bench/gpu_session.sh 3   # every gpu-marked test: engines (FSDP2 / DeepSpeed on deep), no host sync, flex
 #   bash bench/gpu_session.sh 4   # cache build at 256 / 512 px and sampling with the real model sizes: random weights
+#   bash bench/gpu_session.sh 5   # the streaming reader; sampling with the compiled deep transformer
 # Each stage writes at most 8 logs to $OUT (else runs/gpu_session). Wheels the GPU image lacks (diffusers, webdataset,
 # deepspeed: bench/README.md says how to fetch them) are installed from .whl/ when it exists.
 # SMOKE=1 runs the same sequence at tiny sizes and short timeouts, to check this script on a CPU.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh 1|2|3|4}
+stage=${1:?usage: bash bench/gpu_session.sh 1|2|3|4|5}
 out=${OUT:-runs/gpu_session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,12 +31,12 @@ else
   train="--preset deep --batch 16"
   stream="--preset deep --workers 0 4 8"
   sample="--preset deep --batch 16"
-  lo=32 hi=64 short=240 long=420 compile="--compile"
+  lo=32 hi=64 short=200 long=300 compile="--compile"  # a call may run 600 s: each stage sums to <= 570
   # Stage 4 must fit one 10-minute call: N = 64 images (builds of 64 and 128 give the steady rate), batch 32 (two and
   # four build batches), 2 timed rounds per stage; sampling eager at batch 8 (16 rows with CFG), 2 rounds: 11 generate
   # calls per size. bench/README.md has the estimate per run.
   zoo_size=full cache="--images 64 --batch_size 32 --rounds 2" sample4="--batch 8 --rounds 2"
-  zoo_s=90 cache_lo_s=130 cache_hi_s=150 sample_s=210
+  zoo_s=90 cache_lo_s=130 cache_hi_s=150 sample_s=190
 fi
 
 run() {  # run NAME LIMIT_S COMMAND...: tee into $out/NAME.log, never let one hang take the stage down
@@ -56,21 +57,19 @@ EOF
 case $stage in
 1)
   run train_256 "$long" "$py" bench/bench_train.py $train --latent $lo $compile
-  run train_512 "$short" "$py" bench/bench_train.py $train --latent $hi $compile
+  run train_512 $((long - 30)) "$py" bench/bench_train.py $train --latent $hi $compile
   ;;
 2)
   run profile_256 "$short" "$py" bench/bench_train.py $train --latent $lo --profile $compile
-  run attention_256 90 "$py" bench/bench_train.py $train --latent $lo --attention
-  run attention_512 90 "$py" bench/bench_train.py $train --latent $hi --attention
+  run attention_256 80 "$py" bench/bench_train.py $train --latent $lo --attention
+  run attention_512 80 "$py" bench/bench_train.py $train --latent $hi --attention
   run max_batch_256 "$short" "$py" bench/bench_train.py $train --latent $lo --grad_ckpt --find_max_batch $compile
   ;;
 3)
   mkdir -p runs/scale_report
-  run gpu_tests "$long" env TINYFLUX_SCALE_REPORT=runs/scale_report "$py" -m pytest -q -m gpu -s \
+  run gpu_tests $((long + 260)) env TINYFLUX_SCALE_REPORT=runs/scale_report "$py" -m pytest -q -m gpu -s \
     tests/
-  cp runs/scale_report/* "$out/" 2>/dev/null
-  run stream_256 120 "$py" bench/bench_stream.py $stream --latents $lo --batch_dtype float32 float16
-  run sample 120 "$py" bench/bench_sample.py $sample --latents $lo $hi $compile
+  cp runs/scale_report/* "$out/" 2>/dev/null || echo "no scale reports (the engine tests did not run)"
   ;;
 4)
   # The zoo is written outside $OUT (4.1 GB) and reused while the machine stays warm (its marker says it is whole).
@@ -82,8 +81,12 @@ case $stage in
   run cache_$((hi * 8)) "$cache_hi_s" "$py" bench/bench_cache.py $zoo $cache --resolutions $((hi * 8))
   run sample_zoo "$sample_s" "$py" bench/bench_sample.py $zoo $sample --latents $lo $hi $sample4
   ;;
+5)
+  run stream_256 150 "$py" bench/bench_stream.py $stream --latents $lo --batch_dtype float32 float16
+  run sample $((long + 100)) "$py" bench/bench_sample.py $sample --latents $lo $hi $compile
+  ;;
 *)
-  echo "unknown stage $stage: 1, 2, 3 or 4" >&2
+  echo "unknown stage $stage: 1 to 5" >&2
   exit 2
   ;;
 esac
