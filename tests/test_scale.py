@@ -22,6 +22,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
+from tests.trainer_helpers import wait_for_checkpoint
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import load_model
 from tinyflux.trainer import checkpoint as ckpt
@@ -181,11 +182,7 @@ def test_usr1_to_the_launcher_makes_every_process_save_and_stop(tiny_cache, tmp_
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True
     )
     try:
-        first = tmp_path / "checkpoints" / "step_0000002"
-        deadline = time.monotonic() + 120
-        while not ckpt.is_complete(first) and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ckpt.is_complete(first), job.communicate(timeout=10)[0][-3000:]
+        wait_for_checkpoint(job, tmp_path / "checkpoints" / "step_0000002")
         job.send_signal(signal.SIGUSR1)
         output, _ = job.communicate(timeout=180)
     finally:

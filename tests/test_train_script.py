@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.trainer_helpers import wait_for_checkpoint
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.loader import load_model
 from tinyflux.trainer import checkpoint as ckpt
@@ -212,11 +212,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache_dir, tmp_path):
     process = subprocess.Popen(
         _script(*argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=SUBPROCESS_ENV
     )
-    first = tmp_path / "checkpoints" / "step_0000002"
-    deadline = time.monotonic() + 120
-    while not ckpt.is_complete(first) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ckpt.is_complete(first), process.communicate(timeout=10)[0][-3000:]
+    wait_for_checkpoint(process, tmp_path / "checkpoints" / "step_0000002")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]

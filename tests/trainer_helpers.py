@@ -3,12 +3,15 @@ Lune 64, Sol 4 + 8x8 at 10 buckets) for the `tiny` preset, a trainer factory, an
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tinyflux.model.model import TinyFluxConfig, TinyFluxDeep, pack_latents
+from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.trainer import Trainer
@@ -150,3 +153,11 @@ def forward_kwargs(trainer: Trainer, batch: dict) -> dict:
     trainer.train_step(batch)
     handle.remove()
     return seen
+
+
+def wait_for_checkpoint(process: subprocess.Popen, checkpoint: Path, timeout: float = 120) -> None:
+    """Wait until a running training process has completed `checkpoint`; fail with its output's tail otherwise."""
+    deadline = time.monotonic() + timeout
+    while not ckpt.is_complete(checkpoint) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ckpt.is_complete(checkpoint), process.communicate(timeout=10)[0][-3000:]
