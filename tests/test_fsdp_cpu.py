@@ -7,16 +7,22 @@ accelerate's FSDP2 plugin on a CPU launch. Everything past that switch is the co
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from tests.test_scale import argv, assert_same_export, launch, synthetic_cache
 from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import parse_args
+from tinyflux.trainer.engines import fsdp_mixed_precision
 from tinyflux.trainer.run import run_training
 from tinyflux.trainer.runtime import FSDP_ON_CPU_ENV
 
@@ -101,3 +107,44 @@ def test_fsdp2_on_cpu_saves_sharded_resumes_on_two_and_one_processes_and_exports
     reference = run_training(parse_args(plain)).last_checkpoint
     assert ckpt.read_progress(reference) == ckpt.read_progress(final)
     assert_same_export(reference, final, atol=1e-6)
+
+
+def test_fsdp2_bf16_policy_keeps_the_timestep_and_rope_angles_as_the_model_made_them(tmp_path):
+    """The Trainer's FSDP2 policy for a bf16 run, on one gloo process: the sharded model under accelerate's bf16
+    autocast computes what the plain model computes under the same autocast (DDP's path) up to bf16 rounding. FSDP2's
+    default input cast would round the timestep (0.99931 -> 1.0) and the RoPE angles to bf16: 16x further off."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        config = TinyFluxConfig.preset("tiny")
+        torch.manual_seed(0)
+        plain = TinyFluxDeep(config)
+        with torch.no_grad():  # random everywhere: the zero-initialised gates and final layer would hide any error
+            for p in plain.parameters():
+                p.normal_(0, 0.1)
+        g = torch.Generator().manual_seed(1)
+        inputs = (
+            pack_latents(torch.randn(4, config.in_channels, 8, 8, generator=g), config.patch_size),
+            torch.randn(4, 6, config.num_t5_layers, config.t5_hidden_size, generator=g),
+            torch.randn(4, config.pooled_projection_dim, generator=g),
+            torch.tensor([0.9012, 0.5037, 0.2511, 0.99931]),
+            TinyFluxDeep.create_img_ids(4, 8, 8),
+        )
+
+        def forward(model: TinyFluxDeep) -> torch.Tensor:
+            with torch.autocast("cpu", torch.bfloat16):
+                return model(*inputs, img_shape=(8, 8)).float()
+
+        def sharded(policy: MixedPrecisionPolicy) -> torch.Tensor:
+            model = copy.deepcopy(plain)
+            for block in [*model.double_blocks, *model.single_blocks]:
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return forward(model)
+
+        reference = forward(plain)
+        ours = (sharded(fsdp_mixed_precision(torch.bfloat16)) - reference).abs().mean()
+        cast = (sharded(MixedPrecisionPolicy(param_dtype=torch.bfloat16)) - reference).abs().mean()
+        assert ours < 0.015 * reference.abs().mean()  # measured 0.8%
+        assert cast > 5 * ours  # measured 16x
+    finally:
+        dist.destroy_process_group()

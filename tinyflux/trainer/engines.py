@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +28,9 @@ from torch import Tensor, nn
 
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.ema import EMA, clean_name
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +114,24 @@ def configure(accelerator: Accelerator, config: TrainerConfig) -> Engine:
             "DDP over gloo" if engine.name == "ddp" else "a single process",
         )
     if engine.name == "fsdp2" and config.mixed_precision != "no":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        # accelerate's default reduces gradients in bf16; averaging over many ranks in bf16 loses bits that DDP
-        # (float32 all-reduce) keeps, so gradients are reduced in float32 as torchtitan does.
-        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=config.dtype, reduce_dtype=torch.float32
-        )
+        accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision(config.dtype)
     if engine.name == "deepspeed":
         fill_deepspeed_config(accelerator.state.deepspeed_plugin, config)
     logger.info("engine: %s, %d process(es)", engine, accelerator.num_processes)
     return engine
+
+
+def fsdp_mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """FSDP2's policy for a `dtype` run: parameters gathered in `dtype`, gradients reduced in float32, inputs as given.
+
+    accelerate's default reduces gradients in bf16; averaging over many ranks in bf16 loses bits that DDP (float32
+    all-reduce) keeps, so they are reduced in float32 as torchtitan does. FSDP2 would also cast every floating input
+    of every wrapped module to `dtype` (cast_forward_inputs): the timestep (0.99931 -> 1.0, which moves its sinusoidal
+    embedding by up to 1) and the RoPE angles that the model keeps in float32 on purpose, as DDP's autocast and the
+    sampler do. accelerate runs the forward under autocast, which casts what the matmuls need."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def fill_deepspeed_config(plugin: DeepSpeedPlugin, config: TrainerConfig) -> None:
