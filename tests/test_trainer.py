@@ -4,6 +4,7 @@ precision, compile, EMA, sample grids."""
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ from tinyflux.trainer.cache_experts import (
 from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.data import CachedDataset, collate_fn
+from tinyflux.trainer.engines import Engine
 from tinyflux.trainer.optim import OptimizerUnavailableError, build_optimizer, build_scheduler
+from tinyflux.trainer.runtime import check_compile_mode, make_accelerator
 from tinyflux.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -410,3 +413,24 @@ def test_flops_and_mfu_arithmetic():
     # 6 * P * S + 12 * layers * hidden * S^2 with P=100, S=3+1, 2 layers of width 8
     assert flops_per_sample(100, 3, 1, 2, 8) == 6 * 100 * 4 + 12 * 2 * 8 * 16
     assert mfu(1e12, 2.0, 2, 1.0) == pytest.approx(1.0)  # 2 TFLOP/s over 2 devices of 1 TFLOP/s peak
+
+
+def test_cuda_graph_compile_modes_are_refused_where_parameters_move_every_step(caplog):
+    with pytest.raises(TrainerConfigError, match="'reduce-overhead' records CUDA graphs.* fsdp2 gathers"):
+        check_compile_mode("reduce-overhead", Engine("fsdp2"))
+    with pytest.raises(TrainerConfigError, match="'max-autotune-no-cudagraphs'"):
+        check_compile_mode("max-autotune", Engine("deepspeed", zero_stage=3))
+    with caplog.at_level("WARNING", logger="tinyflux.trainer.runtime"):
+        check_compile_mode("max-autotune-no-cudagraphs", Engine("fsdp2"))  # no graphs
+        check_compile_mode("default", Engine("deepspeed", zero_stage=3))
+        assert not caplog.records
+        check_compile_mode("reduce-overhead", Engine("ddp"))
+    assert "each new length records new graphs" in caplog.text
+
+
+def test_the_accelerator_gets_the_collective_timeout_and_non_blocking_batches():
+    accelerator = make_accelerator(TrainerConfig(dtype="float32", log_with="none", ddp_timeout=2400))
+    assert accelerator.init_handler.timeout == timedelta(seconds=2400)
+    assert accelerator.dataloader_config.non_blocking
+    with pytest.raises(TrainerConfigError, match="ddp_timeout=0 must be >= 1"):
+        TrainerConfig(ddp_timeout=0)

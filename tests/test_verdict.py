@@ -1,8 +1,10 @@
-"""Non-finite steps: a bad step changes no weight, moment or EMA weight on either verdict path (read at once, or
-deferred one step with torch's fused AdamW skipping on the device), both paths train the same weights, and a run of
-bad steps stops with a message."""
+"""Non-finite steps: a bad step changes no weight or optimizer moment on either verdict path (read at once, or deferred
+one step with torch's fused AdamW skipping on the device) while the EMA takes its ordinary update, both paths train
+the same weights, and a run of bad steps stops with a message. fp16's loss scaler survives a bad step."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -50,24 +52,31 @@ def trainer_for(tmp_path, data, optimizer: str, **overrides) -> Trainer:
     return trainer
 
 
+def optimizer_state(trainer: Trainer) -> list[torch.Tensor]:
+    return [t.clone() for s in trainer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
 @pytest.mark.parametrize(("optimizer", "deferred"), [("adamw", True), ("adafactor", False)])
-def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path, optimizer, deferred):
-    # 16 samples, batch 4, accumulation 2, no shuffle: sample 5 (micro-batch 1) is NaN -> step 1 is bad, step 2 good.
-    trainer = trainer_for(tmp_path, SyntheticCache(16, nan_at=(5,)), optimizer, total_steps=3)
+def test_a_non_finite_step_applies_no_update_and_is_counted(tmp_path, optimizer, deferred):
+    # 16 samples, batch 4, accumulation 2, no shuffle: sample 9 (micro-batch 2) is NaN -> step 1 good, step 2 bad.
+    trainer = trainer_for(tmp_path, SyntheticCache(16, nan_at=(9,)), optimizer, total_steps=4)
     assert trainer._verdicts.deferred is deferred
-    before = params(trainer.model)
+    trainer.train(epochs=None, max_steps=1)
+    before, moments = params(trainer.model), optimizer_state(trainer)
     shadow = {n: t.clone() for n, t in trainer.ema.shadow.items()}
     trainer.train(epochs=None, max_steps=1)
     after = params(trainer.model)
     assert all(torch.equal(before[n], after[n]) for n in before)  # no weight moved, not even by weight decay
-    assert all(torch.equal(shadow[n], t) for n, t in trainer.ema.shadow.items())
-    assert trainer.current_step == 1 and trainer.progress.nan_steps == 1  # settled by the step's checkpoint
-    assert trainer.progress.micro_step == 2  # the step consumed its data
-    state = trainer.optimizer.state
-    assert all(s["step"].item() == 0 for s in state.values()) if optimizer == "adamw" else not state
+    assert all(torch.equal(a, b) for a, b in zip(moments, optimizer_state(trainer), strict=True)) and moments
+    # The EMA takes its ordinary update toward the unchanged weights (decay 0.9), as after a zero update.
+    assert any(not torch.equal(shadow[n], before[n]) for n in shadow)
+    for name, t in trainer.ema.shadow.items():
+        torch.testing.assert_close(t, torch.lerp(shadow[name], before[name], 0.1), rtol=0, atol=1e-7)
+    assert trainer.current_step == 2 and trainer.progress.nan_steps == 1  # settled by the step's checkpoint
+    assert trainer.progress.micro_step == 4  # the step consumed its data
 
-    trainer.train(epochs=1)
-    assert trainer.current_step == 2 and trainer.progress.nan_steps == 1 and trainer.progress.nan_streak == 0
+    trainer.train(epochs=None, max_steps=1)
+    assert trainer.current_step == 3 and trainer.progress.nan_steps == 1 and trainer.progress.nan_streak == 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(before[n], p) for n, p in params(trainer.model).items())
 
@@ -102,10 +111,18 @@ def test_consecutive_non_finite_steps_stop_with_advice(tmp_path, optimizer, defe
 def test_a_cuda_step_between_logs_makes_no_host_sync(tmp_path):
     trainer = trainer_for(tmp_path, SyntheticCache(64), "adamw", total_steps=6, log_every=100)
     trainer.train(epochs=None, max_steps=2)  # warm-up: the first verdict, lazy optimizer state
+    # Batches fetched and pinned first, as the streaming loader delivers them: the loader's own copies are not the step.
+    batches = iter(trainer.dataloader)
+    pinned = [
+        {
+            k: v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+            for k, v in next(batches).items()
+        }
+        for _ in range(3)
+    ]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            batch = next(iter(trainer.dataloader))
+        for batch in pinned:
             trainer._micro_step(batch, bar=_NoBar())
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -114,3 +131,26 @@ def test_a_cuda_step_between_logs_makes_no_host_sync(tmp_path):
 class _NoBar:
     def update(self, n: int) -> None:
         pass
+
+
+def test_fp16_loss_scaler_survives_a_non_finite_step(tmp_path, monkeypatch):
+    """fp16 needs CUDA, so this runs accelerate's fp16 path with torch's real loss scaler on the CPU. Clipping unscales
+    the gradients of a bad step too; skipping the optimizer step must still reset the scaler (and lower its scale),
+    or the next step's clipping fails with 'unscale_() has already been called'."""
+    make_accelerator = trainer_module.make_accelerator
+
+    def fp16_on_cpu(cfg):
+        accelerator = make_accelerator(dataclasses.replace(cfg, dtype=torch.float32))
+        accelerator.native_amp, accelerator.state._mixed_precision = True, "fp16"
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "make_accelerator", fp16_on_cpu)
+    trainer = trainer_for(tmp_path, SyntheticCache(16, nan_at=(5,)), "adamw", dtype="float16", total_steps=2)
+    assert not trainer._verdicts.deferred and trainer.optimizer.scaler is trainer.accelerator.scaler
+    before = params(trainer.model)
+    trainer.train(epochs=None)  # step 1 bad, step 2 good
+    assert trainer.current_step == 2 and trainer.progress.nan_steps == 1 and trainer.progress.nan_streak == 0
+    assert trainer.accelerator.scaler.get_scale() <= 2.0**15  # halved (at least) by the bad step
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in params(trainer.model).items())

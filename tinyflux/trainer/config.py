@@ -133,6 +133,7 @@ class TrainerConfig:
     shuffle_buffer: int = 1000  # samples in the streaming loader's shuffle buffer
     max_nan_steps: int = 10  # stop after this many consecutive optimizer steps with a non-finite loss or gradient
     ema_every: int = 1  # optimizer steps between EMA updates
+    ddp_timeout: int = 1800  # seconds a process waits in a collective before the run fails (rank 0 samples / exports)
     log_with: str = "tensorboard"  # experiment tracker for accelerator.log: "tensorboard" or "none"
     run_name: str = "tinyflux"  # tracker project name (TensorBoard subdirectory)
     peak_tflops: Optional[float] = None  # per-device peak dense TFLOP/s for MFU; None = look up the GPU, no MFU on CPU
@@ -180,7 +181,8 @@ class TrainerConfig:
         for name in ("lune_dropout", "sol_dropout", "text_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 errors.append(f"{name}={getattr(self, name)} is a probability: it must lie in [0, 1]")
-        for name in ("gradient_accumulation", "total_steps", "log_every", "batch_size", "max_nan_steps", "ema_every"):
+        names = ("gradient_accumulation", "total_steps", "log_every", "batch_size", "max_nan_steps", "ema_every")
+        for name in (*names, "ddp_timeout"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("keep_last_n_steps", "keep_last_n_epochs", "sample_steps"):

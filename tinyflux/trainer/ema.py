@@ -89,11 +89,10 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, skip: bool | Tensor = False) -> None:
+    def update(self, model: nn.Module, skip: bool = False) -> None:
         """Move the shadow toward the model's current weights by (1 - decay); copy persistent buffers.
 
-        skip: this update changes nothing but still counts (warm-up follows the step count). A bool tensor is read on
-        the device: the weight becomes 0 without a host sync, for a training step whose verdict comes later."""
+        skip: this update changes nothing but still counts (warm-up follows the step count)."""
         bound = self._bind(model)
         if not bound.same_device:
             device = bound.params[0].device
@@ -101,16 +100,12 @@ class EMA:
                 f"EMA shadow is on {next(iter(self.shadow.values())).device} but the model is on {device}; "
                 f"call ema.to({str(device)!r}) after moving the model"
             )
-        weight = 1.0 - self.current_decay()
-        shadow = list(self.shadow.values())
-        if isinstance(skip, Tensor) and not bound.fused:
-            skip = bool(skip)  # the foreach mul / add path below takes Python scalars only
-        if skip is True:
+        if skip:
             self.num_updates += 1
             return
-        if isinstance(skip, Tensor):
-            torch._foreach_lerp_(shadow, bound.params, (~skip).to(shadow[0].dtype) * weight)
-        elif bound.fused:
+        weight = 1.0 - self.current_decay()
+        shadow = list(self.shadow.values())
+        if bound.fused:
             torch._foreach_lerp_(shadow, bound.params, weight)
         else:
             # Low-precision (bf16) weights: lerp needs matching dtypes, mul + add promotes to the fp32 shadow.

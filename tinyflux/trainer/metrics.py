@@ -17,6 +17,7 @@ the device: a float32 run therefore shows a low MFU by construction.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,15 +25,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Dense bf16 tensor-core peak TFLOP/s by device-name fragment (vendor datasheets, SXM parts, no sparsity).
+# Dense bf16 tensor-core peak TFLOP/s (vendor datasheets, no sparsity) by a word of torch.cuda.get_device_name, the
+# more specific first: "NVIDIA H100 PCIe" is not an SXM H100, "NVIDIA L40" is not an L4.
 PEAK_BF16_TFLOPS = {
+    "H200 NVL": 836.0,
     "H200": 989.4,
-    "H100": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM ("NVIDIA H100 80GB HBM3")
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "A10": 125.0,
-    "V100": 125.0,
+    "V100": 125.0,  # fp16: no bf16 tensor cores
 }
 
 
@@ -80,9 +86,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
     """The dense bf16 peak of a known CUDA device, else None (no MFU on CPU or unknown GPUs unless configured)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (torch.cuda.get_device_name), or None when it is not in the table."""
     for fragment, tflops in PEAK_BF16_TFLOPS.items():
-        if fragment in name:
+        if re.search(rf"\b{re.escape(fragment)}\b", device_name):
             return tflops
     return None
 
@@ -115,11 +125,11 @@ class StepMeter:
     ) -> None:
         """One optimizer step's loss parts; a skipped (non-finite) step counts as a step but not in the means. `skip`
         may be a bool tensor on the device: it is not read here."""
-        device = next(iter(parts.values())).device if parts else None
-        skipped = torch.as_tensor(skip, device=device)
+        on_device = isinstance(skip, torch.Tensor)  # a Python bool is not copied to the device
         for name, value in parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + torch.where(skipped, 0.0, value)
-        self.kept = self.kept + (~skipped).float()
+            counted = torch.where(skip, 0.0, value) if on_device else torch.zeros_like(value) if skip else value
+            self.sums[name] = self.sums.get(name, 0.0) + counted
+        self.kept = self.kept + ((~skip).float() if on_device else float(not skip))
         self.steps += 1
         self.grad_norm = grad_norm
 

@@ -86,6 +86,7 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
         shuffle=True,
         num_workers=args.trainer.num_workers,
         collate_fn=data.collate_fn,
+        pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
     )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -16,12 +17,13 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
 )
 from torch import nn
 
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
-from tinyflux.trainer.engines import check_installed, requested_engine
+from tinyflux.trainer.engines import Engine, check_installed, requested_engine
 
 logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -52,7 +54,11 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation,
         log_with=None if config.log_with == "none" else config.log_with,
         project_config=ProjectConfiguration(project_dir=config.checkpoint_dir, logging_dir=config.tensorboard_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        # Batches of a prepared (in-memory) loader reach the device without blocking the host (pinned on CUDA).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed, non_blocking=True),
+        # While rank 0 alone draws a sample grid (loading the zoo on first use) or gathers an export, the others wait
+        # in their next collective: NCCL's default 10 minutes can run out, e.g. when the zoo downloads from the Hub.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
         # The LR schedule counts optimizer steps; accelerate's default would step it once per process per step.
         step_scheduler_with_optimizer=False,
     )
@@ -80,6 +86,27 @@ def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     logger.warning(
         "%s=1: FSDP on CPU over gloo (a test setting; accelerate itself enables FSDP on GPUs only)", FSDP_ON_CPU_ENV
+    )
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that record CUDA graphs
+
+
+def check_compile_mode(mode: str | None, engine: Engine) -> None:
+    """Refuse CUDA-graph compile modes where the parameters move every step; warn of their cost elsewhere."""
+    if mode not in CUDA_GRAPH_MODES:
+        return
+    if engine.shards_parameters:
+        raise TrainerConfigError(
+            f"compile_mode={mode!r} records CUDA graphs, which replay fixed tensor addresses, but {engine} gathers "
+            f"the parameters into new memory at every step. Use compile_mode='default' or "
+            f"'max-autotune-no-cudagraphs'"
+        )
+    logger.warning(
+        "compile_mode=%r records CUDA graphs per block and per text length (a batch is padded to its longest "
+        "caption): each new length records new graphs and holds their memory. 'default' is the mode the benchmarks "
+        "measure",
+        mode,
     )
 
 

@@ -4,8 +4,8 @@ The loop, per micro-batch: train_step -> accelerator.backward inside accelerator
 completes an accumulation cycle: clip, the step's verdict (was the loss / gradient finite on every process, did a signal
 arrive on any), optimizer + scheduler step (a non-finite step applies no update), EMA update, and the periodic log /
 checkpoint / sample grid / Hub upload. Values are read off the device only at log steps and checkpoints: with torch's
-fused AdamW the optimizer and the EMA skip a bad step on the device and the host reads the verdict one step late
-(verdict.py); with other optimizers and engines it reads it at once.
+fused AdamW the optimizer skips a bad step on the device and the host reads the verdict one step late (verdict.py);
+with other optimizers and engines it reads it at once.
 
 Random draws (timesteps, noise, dropout) come from a generator seeded by (seed, micro-batch number) and are drawn for
 the global batch, each process taking its slice: a run is reproducible, resumes exactly, and N processes with batch
@@ -50,7 +50,7 @@ from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
 from tinyflux.trainer.optim import build_optimizer, build_scheduler
-from tinyflux.trainer.runtime import compile_blocks, hparams, make_accelerator, stop_signals
+from tinyflux.trainer.runtime import check_compile_mode, compile_blocks, hparams, make_accelerator, stop_signals
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
@@ -80,6 +80,7 @@ class Trainer(CheckpointingMixin):
                 "Use attention_backend='sdpa' (the same attention), or train on a GPU"
             )
         model.set_attention_backend(config.attention_backend)
+        check_compile_mode(config.compile_mode, self.engine)
         if config.compile_mode is not None:
             logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
         self._params = model.get_trainable_parameters()
@@ -149,8 +150,8 @@ class Trainer(CheckpointingMixin):
         if self.engine.name == "fsdp2":
             engines.shard_ema(self._ema, self.model)
         self._input_dtype = engines.input_dtype(self.model)
-        # The optimizer and the EMA skip a bad step on the device where both can (one process or DDP: whole parameters,
-        # torch's fused AdamW, no fp16 loss scaler): then no step waits for the host to read its verdict.
+        # The optimizer skips a bad step on the device where it can (one process or DDP: whole parameters, torch's
+        # fused AdamW, no fp16 loss scaler): then no step waits for the host to read its verdict.
         deferred = self.engine.name in ("single", "ddp") and fused_adam(self.optimizer) and cfg.dtype != torch.float16
         self._verdicts = StepVerdicts(self.optimizer, acc.device, deferred=deferred, num_processes=acc.num_processes)
         if sampler is not None and self.engine.shards_parameters:
@@ -361,6 +362,8 @@ class Trainer(CheckpointingMixin):
                 self.optimizer.step()
                 self.scheduler.step()
             else:
+                if acc.scaler is not None:  # fp16: clipping unscaled the gradients; lower the scale, reset its state
+                    acc.scaler.update()
                 with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
                     self.scheduler.step()
@@ -388,8 +391,11 @@ class Trainer(CheckpointingMixin):
         bad = flags[0] > 0 if self._verdicts.deferred else verdict.bad  # on the device / already read
         p.step += 1
         if p.step % cfg.ema_every == 0:
+            # A bad step left the weights as they were, so the EMA takes its ordinary update toward them and needs no
+            # verdict. Only DeepSpeed (its step runs inside backward) may have applied one: there the EMA skips it.
+            skip_ema = self.engine.name == "deepspeed" and verdict.bad
             with engines.whole_parameters(self.model, self.engine):
-                self._ema.update(self.model, skip=bad)
+                self._ema.update(self.model, skip=skip_ema)
         self._meter.add_step({k: v / self._cycle_micro for k, v in self._cycle.items()}, grad_norm, skip=bad)
         bar.update(1)
         self._reset_cycle()

@@ -6,10 +6,12 @@ not wait for it: the flags are copied to the host without blocking and read one 
 finished that step while the host is already queueing the next one. Elsewhere (Adafactor, 8-bit AdamW, DeepSpeed,
 FSDP2, fp16's loss scaler) the flags are read at once, as before.
 
-Either way a non-finite step is a step that changes nothing: no weight, optimizer moment or EMA weight moves, while the
-step counter and the LR schedule advance as for any other step. So both paths train the same weights, and the only
-difference is when the host learns of a bad step (its warning, `nan_steps`, the `max_nan_steps` stop, a signal's stop):
-one step later on the deferred path, never later than the next checkpoint, which settles first.
+Either way a non-finite step applies no update: no weight or optimizer moment moves, while the step counter and the LR
+schedule advance as for any other step, and the EMA takes its ordinary update toward the unchanged weights (so it needs
+no verdict; only under DeepSpeed, which may have applied the step, does it skip). So both paths train the same
+weights, and the only difference is when the host learns of a bad step (its warning, `nan_steps`, the
+`max_nan_steps` stop, a signal's stop): one step later on the deferred path, never later than the next checkpoint,
+which settles first.
 """
 
 from __future__ import annotations
