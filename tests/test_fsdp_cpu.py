@@ -2,7 +2,7 @@
 torch.distributed.checkpoint, consolidated export, resharding resume) for real.
 
 accelerate (1.15) turns an FSDP launch into DDP without CUDA (tests/test_scale.py's FSDP_NEEDS_A_GPU says where), so
-these launches set TINYFLUX_FSDP_ON_CPU=1, the test-only switch in tinyflux.trainer.runtime.keep_fsdp_on_cpu that keeps
+these launches set TINYFLUX_ENGINE_ON_CPU=1, the test-only switch in tinyflux.trainer.runtime.keep_fsdp_on_cpu that keeps
 accelerate's FSDP2 plugin on a CPU launch. Everything past that switch is the code a GPU run executes."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.engines import fsdp_mixed_precision
 from tinyflux.trainer.run import run_training
-from tinyflux.trainer.runtime import FSDP_ON_CPU_ENV
+from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 RANK_SHARDS = {".metadata", "__0_0.distcp", "__1_0.distcp"}  # torch.distributed.checkpoint: one file per rank
@@ -41,7 +41,7 @@ def fsdp(cache: Path, out: Path, processes: int, *args: str) -> str:
     """fsdp.yaml launched on `processes` CPU processes, FSDP kept on; the global batch is 4 samples whatever the count."""
     batch = ["--batch_size", str(4 // processes), "--keep_last_n_steps", "10"]
     output = launch(
-        "fsdp.yaml", *argv(cache, out, *batch, *args), num_processes=processes, cpu=True, env={FSDP_ON_CPU_ENV: "1"}
+        "fsdp.yaml", *argv(cache, out, *batch, *args), num_processes=processes, cpu=True, env={ENGINE_ON_CPU_ENV: "1"}
     )
     assert f"engine: fsdp2, {processes} process(es)" in output
     return output

@@ -8,7 +8,7 @@ the distillation losses can train them. Exact feature definitions: docs/EXPERT_C
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,10 @@ class LunePredictor(nn.Module):
         return pred, signal
 
 
-@dataclass
-class SolOut:
+class SolOut(NamedTuple):
+    """What the Sol prior returns. A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (for its
+    backward hooks that gather parameters) and warns of other types."""
+
     stats_pred: Tensor  # (B, 4) locality, entropy, clustering, sparsity in [0, 1]
     spatial_pred: Tensor  # (B, S, S), sums to 1
     stats: Tensor  # (B, 4) what the attention uses: the teacher's where forced, else the prediction

@@ -27,8 +27,9 @@ from tinyflux.trainer.engines import Engine, check_installed, requested_engine
 
 logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Test-only: keep an FSDP launch FSDP on a machine without CUDA (see keep_fsdp_on_cpu).
-FSDP_ON_CPU_ENV = "TINYFLUX_FSDP_ON_CPU"
+# Test-only: keep an FSDP or DeepSpeed launch on its engine on a machine without CUDA (keep_fsdp_on_cpu, and the
+# DeepSpeed branch of make_accelerator). accelerate itself enables both on GPUs only.
+ENGINE_ON_CPU_ENV = "TINYFLUX_ENGINE_ON_CPU"
 
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
@@ -48,8 +49,13 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         # x86 handles subnormal floats in microcode: Adam's second moments of the zero-initialised adaLN layers go
         # subnormal early on and made CPU steps 3-10x slower at random (bench/NOTES.md). GPUs are unaffected.
         torch.set_flush_denormal(True)
+    engine_on_cpu = os.environ.get(ENGINE_ON_CPU_ENV) == "1" and not torch.cuda.is_available()
+    # DeepSpeed runs on CPU tensors over gloo when the Accelerator is not built with cpu=True (which drops it).
+    deepspeed_on_cpu = engine_on_cpu and requested_engine() == "deepspeed"
+    if deepspeed_on_cpu:
+        logger.warning("%s=1: DeepSpeed on CPU over gloo (a test setting)", ENGINE_ON_CPU_ENV)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
         log_with=None if config.log_with == "none" else config.log_with,
@@ -58,11 +64,16 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed, non_blocking=True),
         # While rank 0 alone draws a sample grid (loading the zoo on first use) or gathers an export, the others wait
         # in their next collective: NCCL's default 10 minutes can run out, e.g. when the zoo downloads from the Hub.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(
+                backend="gloo" if deepspeed_on_cpu else "nccl",  # "nccl" is the default: accelerate picks its own
+                timeout=timedelta(seconds=config.ddp_timeout),
+            )
+        ],
         # The LR schedule counts optimizer steps; accelerate's default would step it once per process per step.
         step_scheduler_with_optimizer=False,
     )
-    if os.environ.get(FSDP_ON_CPU_ENV) == "1":
+    if engine_on_cpu:
         keep_fsdp_on_cpu(accelerator)
     return accelerator
 
@@ -85,7 +96,7 @@ def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:
     # As that branch does: every later AcceleratorState() copies PartialState's type over its own.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     logger.warning(
-        "%s=1: FSDP on CPU over gloo (a test setting; accelerate itself enables FSDP on GPUs only)", FSDP_ON_CPU_ENV
+        "%s=1: FSDP on CPU over gloo (a test setting; accelerate itself enables FSDP on GPUs only)", ENGINE_ON_CPU_ENV
     )
 
 
