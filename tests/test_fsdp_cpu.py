@@ -148,3 +148,30 @@ def test_fsdp2_bf16_policy_keeps_the_timestep_and_rope_angles_as_the_model_made_
         assert cast > 5 * ours  # measured 16x
     finally:
         dist.destroy_process_group()
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted((out / "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "loss" in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars("loss")})
+    return values
+
+
+def test_fsdp2_in_bf16_trains_what_one_bf16_process_trains(cache, tmp_path):
+    """accelerate wraps no autocast around an FSDP2 model (its policy only gathers bf16 parameters): the Trainer runs
+    the forward under the run's autocast, and the policy leaves the inputs as given. Two FSDP2 processes then log the
+    losses of one plain bf16 process with the same global batch (measured: within 4e-7; with FSDP2's input cast, which
+    rounds the timestep, 7e-6; without the autocast, the first matmul fails on float32 x bf16)."""
+    common = ("--log_with", "tensorboard", "--total_steps", "3")
+    launch(None, *argv(cache, tmp_path / "one", "--batch_size", "4", *common, dtype="bfloat16"), cpu=True)
+    two = fsdp(cache, tmp_path / "two", 2, *common, "--dtype", "bfloat16")
+    assert "FSDP on CPU over gloo" in two
+    one, fsdp2 = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert sorted(one) == sorted(fsdp2) == [1, 2, 3]
+    for step, loss in one.items():
+        assert abs(fsdp2[step] - loss) <= 2e-6 * abs(loss), (step, fsdp2[step], loss)

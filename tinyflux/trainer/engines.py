@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,10 @@ def configure(accelerator: Accelerator, config: TrainerConfig) -> Engine:
         )
     if engine.name == "fsdp2" and config.mixed_precision != "no":
         accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision(config.dtype)
+    if engine.name == "fsdp2":
+        # The velocity comes out of nn.Linear on (B, N, D) as a view of its 2-D product. FSDP2 warns that an in-place
+        # op on it would skip its pre-backward hook; the Trainer applies none (train_step only reads it).
+        warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPTinyFluxDeep\) returned a view tensor")
     if engine.name == "deepspeed":
         fill_deepspeed_config(accelerator.state.deepspeed_plugin, config)
     logger.info("engine: %s, %d process(es)", engine, accelerator.num_processes)
@@ -128,7 +133,7 @@ def fsdp_mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
     all-reduce) keeps, so they are reduced in float32 as torchtitan does. FSDP2 would also cast every floating input
     of every wrapped module to `dtype` (cast_forward_inputs): the timestep (0.99931 -> 1.0, which moves its sinusoidal
     embedding by up to 1) and the RoPE angles that the model keeps in float32 on purpose, as DDP's autocast and the
-    sampler do. accelerate runs the forward under autocast, which casts what the matmuls need."""
+    sampler do. The Trainer runs the forward under the run's autocast, which casts what the matmuls need."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)

@@ -197,21 +197,24 @@ class Trainer(CheckpointingMixin):
             ~keep["text"],
         )
         teacher = self._teacher(batch, t)
-        v_pred, expert = self._model(
-            self._input(x_t),
-            self._input(t5),
-            self._input(pooled),
-            t,
-            TinyFluxDeep.create_img_ids(b, *grid, device),
-            lune_features=self._input(teacher.lune),
-            sol_stats=self._input(teacher.sol_stats),
-            sol_spatial=self._input(teacher.sol_spatial),
-            return_expert_pred=True,
-            encoder_attention_mask=t5_mask,
-            lune_mask=kept(keep["lune"], teacher.lune_valid) if teacher.lune is not None else None,
-            sol_mask=kept(keep["sol"], teacher.sol_valid) if teacher.sol_stats is not None else None,
-            img_shape=grid,
-        )
+        # The run's autocast: accelerate wraps the prepared forward in it for one process and DDP, not under FSDP2
+        # (whose policy only gathers bf16 parameters); nested, it changes nothing. Off under DeepSpeed and float32.
+        with self.accelerator.autocast():
+            v_pred, expert = self._model(
+                self._input(x_t),
+                self._input(t5),
+                self._input(pooled),
+                t,
+                TinyFluxDeep.create_img_ids(b, *grid, device),
+                lune_features=self._input(teacher.lune),
+                sol_stats=self._input(teacher.sol_stats),
+                sol_spatial=self._input(teacher.sol_spatial),
+                return_expert_pred=True,
+                encoder_attention_mask=t5_mask,
+                lune_mask=kept(keep["lune"], teacher.lune_valid) if teacher.lune is not None else None,
+                sol_mask=kept(keep["sol"], teacher.sol_valid) if teacher.sol_stats is not None else None,
+                img_shape=grid,
+            )
         v_pred, expert = v_pred.float(), {k: v.float() for k, v in expert.items()}  # losses in float32, any engine
         spatial = spatial_weights(teacher, expert.get("sol_spatial_pred")) if cfg.use_spatial_weighting else None
         parts = {
