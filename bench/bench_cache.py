@@ -19,6 +19,7 @@ JPEG decode and resize cost more (the build does them in --num_loaders threads, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,8 +99,10 @@ def stage_seconds(fn: Callable[[], Any], device: torch.device, rounds: int) -> f
 
 
 def stage_flops(fn: Callable[[], Any], device: torch.device) -> float:
-    """FLOPs of one run of fn; on a CPU through the math attention kernel, which the counter can see."""
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH] if device.type == "cpu" else []):
+    """FLOPs of one run of fn; on a CPU through the math attention kernel, which the counter can see (it counts the
+    fused GPU kernels itself; an empty backend list would disable them all)."""
+    kernels = sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, kernels:
         fn()
     return float(counter.get_total_flops())
 

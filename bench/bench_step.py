@@ -83,7 +83,7 @@ def main() -> None:
     txt_ids = torch.zeros(args.text_len, 3, device=device)
 
     def theirs_fwd() -> torch.Tensor:
-        return theirs(x, txt, pooled, t * 1000, img_ids[0], txt_ids, return_dict=False)[0]
+        return theirs(x, txt, pooled, t, img_ids[0], txt_ids, return_dict=False)[0]  # diffusers scales t by 1000 itself
 
     rows = []
     runs = (

@@ -87,7 +87,7 @@ def step_rate(
     if args.measure_step:
         from bench_train import run_trainer
 
-        train_args = argparse.Namespace(grad_ckpt=False, workers=max(args.workers))
+        train_args = argparse.Namespace(grad_ckpt=False, workers=max(args.workers), attention_backend="sdpa")
         with scratch_dir() as work:
             cache = write_synthetic_shards(cfg, work / "cache", max(8 * args.batch, 64), latent, args.text_len)
             r = run_trainer(cfg, cache, train_args, device, dtype, work, batch=args.batch, compile=args.compile,

@@ -24,6 +24,7 @@ import gc
 import io
 import math
 import pstats
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +104,14 @@ def _unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _reset_dynamo() -> None:
+    """A cold compile for the next run; dynamo's counters survive reset(), so clear them too."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def trainer_config(
     args: argparse.Namespace, dtype: torch.dtype, workdir: Path, batch: int, compile: bool
 ) -> TrainerConfig:
@@ -144,7 +153,7 @@ def run_trainer(
     """Trainer.train for warmup + rounds * steps (+1) optimizer steps on the streaming cache, in one call (one
     DataLoader start). Times from the loader's side: batch k is requested right after step k-1 has finished (EMA
     included); the step time is that of the fastest round."""
-    torch._dynamo.reset()
+    _reset_dynamo()
     reset_peak(device)
     trainer = Trainer(TinyFluxDeep(cfg), trainer_config(args, dtype, workdir, batch, compile))
     loader = make_stream_loader(
@@ -180,6 +189,7 @@ def run_trainer(
             graphs=_unique_graphs() if compile else 0,
         )
     finally:
+        shutil.rmtree(trainer.config.checkpoint_dir, ignore_errors=True)  # a `deep` checkpoint is ~4 GB
         trainer.accelerator.free_memory()
         del trainer
         gc.collect()
@@ -190,7 +200,7 @@ def run_peer(
 ) -> RunResult:
     """diffusers' FluxTransformer2DModel: forward, MSE, backward, AdamW (fused, as the Trainer) on tensors already on the
     device; bf16 autocast over float32 weights, as the Trainer does."""
-    torch._dynamo.reset()
+    _reset_dynamo()
     reset_peak(device)
     b, s, p = args.batch, args.latent, cfg.patch_size
     g = torch.Generator().manual_seed(0)
@@ -282,7 +292,9 @@ def find_max_batch(args: argparse.Namespace, device: torch.device, dtype: torch.
                 r = run_trainer(cfg, cache, args, device, dtype, work, batch=batch, compile=args.compile, steps=1,
                                 warmup=1)  # fmt: skip
                 peak = r.peak_gib
-            except torch.OutOfMemoryError:
+            except RuntimeError as e:  # torch.OutOfMemoryError, or a cuBLAS / cuDNN workspace allocation failing
+                if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                    raise
                 peak = math.inf
             gc.collect()
             torch.cuda.empty_cache()
@@ -466,7 +478,9 @@ def main() -> None:
     )
     ap.add_argument("--top", type=int, default=15, help="rows of the --profile tables")
     ap.add_argument(
-        "--workdir", default=None, help="keep the synthetic cache and checkpoints here (default: a temp dir)"
+        "--workdir",
+        default=None,
+        help="keep the synthetic cache here (default: a temp dir); checkpoints are deleted after each run",
     )
     add_device_args(ap)
     args = ap.parse_args()

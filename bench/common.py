@@ -31,6 +31,7 @@ from tinyflux.model.model import TinyFluxDeep
 from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.metrics import flops_per_sample
+from tinyflux.trainer.runtime import exclude_cudnn_attention
 
 # A CPU-sized stand-in for `deep`: same shape rules (heads x 64, 3-axis RoPE), 1/4 of the width and 1/5 of the depth.
 SMALL = dict(
@@ -105,6 +106,7 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if getattr(args, "flush_denormal", False):
         torch.set_flush_denormal(True)
     device = pick_device(args.device)
+    exclude_cudnn_attention()  # as the Trainer does: the peer runs the same attention kernels
     return device, pick_dtype(args.dtype, device)
 
 

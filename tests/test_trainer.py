@@ -428,9 +428,11 @@ def test_cuda_graph_compile_modes_are_refused_where_parameters_move_every_step(c
     assert "each new length records new graphs" in caplog.text
 
 
-def test_the_accelerator_gets_the_collective_timeout_and_non_blocking_batches():
+def test_the_accelerator_gets_the_collective_timeout_non_blocking_batches_and_no_cudnn_attention():
+    torch.backends.cuda.enable_cudnn_sdp(True)
     accelerator = make_accelerator(TrainerConfig(dtype="float32", log_with="none", ddp_timeout=2400))
     assert accelerator.init_handler.timeout == timedelta(seconds=2400)
     assert accelerator.dataloader_config.non_blocking
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
     with pytest.raises(TrainerConfigError, match="ddp_timeout=0 must be >= 1"):
         TrainerConfig(ddp_timeout=0)

@@ -49,6 +49,7 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         # x86 handles subnormal floats in microcode: Adam's second moments of the zero-initialised adaLN layers go
         # subnormal early on and made CPU steps 3-10x slower at random (bench/NOTES.md). GPUs are unaffected.
         torch.set_flush_denormal(True)
+    exclude_cudnn_attention()
     engine_on_cpu = os.environ.get(ENGINE_ON_CPU_ENV) == "1" and not torch.cuda.is_available()
     # DeepSpeed runs on CPU tensors over gloo when the Accelerator is not built with cpu=True (which drops it).
     deepspeed_on_cpu = engine_on_cpu and requested_engine() == "deepspeed"
@@ -76,6 +77,13 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
     if engine_on_cpu:
         keep_fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def exclude_cudnn_attention() -> None:
+    """Keep SDPA off its cuDNN backend in training (process-wide; flash, memory-efficient and math remain). On the H100s
+    this project uses, the cuDNN backend failed in backward (`mha_graph.execute`, batch 64 x 384 tokens, head dim 128),
+    and recent torch releases rank it first on Hopper."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:
