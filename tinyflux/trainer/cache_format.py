@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from webdataset import TarWriter
 
-from tinyflux.model.config import PRESETS, TinyFluxConfig
+from tinyflux.model.config import PRESETS, SOL_STATS, TinyFluxConfig
 from tinyflux.util.dtypes import dtype_name
 
 FORMAT_NAME = "tinyflux-cache"
@@ -173,9 +173,16 @@ def feature_settings(
     lune: bool,
     sol: bool,
     t_buckets: torch.Tensor = T_BUCKETS,
+    text_regime: str = "masked",
 ) -> dict[str, Any]:
-    """Every setting that changes the cached features; the manifest stores it and feature_hash hashes it."""
+    """Every setting that changes the cached features; the manifest stores it and feature_hash hashes it.
+
+    text_regime "padded" (all 128 T5 states kept, pads included: what the released v4.2 weights read) enters the
+    settings only when chosen, so the hash of a masked cache is what it was before the regime existed.
+    """
+    regime = {"text_regime": text_regime} if text_regime != "masked" else {}
     return {
+        **regime,
         "format_version": FORMAT_VERSION,
         "resolution": int(resolution),
         "resize": "shorter side to resolution (Lanczos), centre crop",
@@ -219,6 +226,8 @@ class Manifest:
     t5_length_mean: float = 0.0
     t5_length_max: int = 0
     settings: dict[str, Any] = field(default_factory=dict)  # the exact dict feature_hash was computed from
+    text_regime: str = "masked"  # "masked": real T5 tokens only; "padded": all 128 states, T5's pad outputs included
+    sol_stats_names: list[str] = field(default_factory=lambda: list(SOL_STATS))  # the columns of sol_stats, in order
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     tinyflux_version: str = ""
@@ -333,6 +342,7 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
         t5_length_mean=sum(s["t5_length_sum"] for s in sidecars) / num_samples,
         t5_length_max=max(s["t5_length_max"] for s in sidecars),
         settings=settings,
+        text_regime=settings.get("text_regime", "masked"),
         tinyflux_version=tinyflux_version(),
     )
 
