@@ -8,11 +8,28 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Optional
 
 class ConfigError(ValueError):
     """A TinyFluxConfig whose fields contradict each other or are out of range."""
+
+
+TEXT_REGIMES = ("masked", "padded")
+# The released v4.2 Sol prior predicts 3 statistics; caches hold 4 (docs/EXPERT_CACHE.md), in this order.
+SOL_STATS = ("locality", "entropy", "clustering", "sparsity")
+
+
+def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes (index, y, x) for a head dim when none are given: 16 index dims from 64 up (a quarter below), the
+    rest split evenly between y and x. 64 -> (16, 24, 24), 128 -> (16, 56, 56) (the released), 32 -> (8, 12, 12)."""
+    index = 16 if head_dim >= 64 else head_dim // 4 // 2 * 2
+    side = (head_dim - index) // 2
+    if side % 2 or index + 2 * side != head_dim:
+        raise ConfigError(
+            f"attention_head_dim={head_dim}: no even (index, y, x) RoPE split derives from it; "
+            f"give axes_dims_rope explicitly (three even numbers summing to {head_dim})"
+        )
+    return index, side, side
 
 
 @dataclass
@@ -33,10 +50,12 @@ class TinyFluxConfig:
     use_lune_expert: bool = True  # Lune predictor: trajectory feature from (t, pooled text), added to the conditioning
     lune_expert_dim: int = 1280  # teacher feature width: SD1.5 mid-block channels
     lune_hidden_dim: int = 512  # Lune predictor MLP width
+    lune_dropout: float = 0.1  # dropout inside the Lune predictor MLP (training only)
     freeze_lune: bool = False  # exclude the Lune predictor from get_trainable_parameters()
     use_sol_prior: bool = True  # Sol prior: attention temperature + 8x8 spatial map that scales image q/k
     sol_spatial_size: int = 8  # side of the Sol spatial importance map
     sol_hidden_dim: int = 256  # Sol prior MLP width
+    sol_num_stats: int = 4  # Sol statistics the prior predicts and reads: the first n of (locality, entropy, clustering, sparsity)
     sol_geometric_weight: float = 0.7  # initial weight of the geometric prior against the learned one, in [0, 1]
     freeze_sol: bool = False  # exclude the Sol prior from get_trainable_parameters()
 
@@ -44,14 +63,20 @@ class TinyFluxConfig:
     t5_layers: tuple[int, ...] = (0, 4, 8, 12)  # T5 hidden-state indices mixed by learned softmax weights (12 = last)
     t5_hidden_size: int = 768  # T5 width (flan-t5-base: 768)
     pooled_projection_dim: int = 768  # CLIP pooled width (ViT-L/14 text: 768)
-    use_cross_attention_sharing: bool = True  # one text-stream attention projection shared by all double blocks
+    use_cross_attention_sharing: bool = True  # one text-stream qkv/out projection shared by all double blocks
+    use_t5_vec: bool = True  # add a pooled T5 vector (softmax-weighted over tokens) to the conditioning, blended with CLIP
+    text_regime: str = "masked"  # "masked": real T5 tokens + key mask; "padded": all max_text_tokens states, no mask
+    max_text_tokens: int = 128  # T5 tokenizer length; in the "padded" regime the model reads exactly this many states
 
     # Position encoding
-    axes_dims_rope: tuple[int, ...] = (16, 24, 24)  # RoPE dims for the (index, y, x) axes; sum = attention_head_dim
+    axes_dims_rope: Optional[tuple[int, ...]] = None  # RoPE dims of the (index, y, x) axes, sum = attention_head_dim;
+    # None derives them from the head dim (default_rope_axes): (16, 24, 24) at 64, (16, 56, 56) at 128
     theta: int = 10000  # RoPE base frequency
 
     def __post_init__(self) -> None:
         self.t5_layers = tuple(int(i) for i in self.t5_layers)
+        if self.axes_dims_rope is None:
+            self.axes_dims_rope = default_rope_axes(self.attention_head_dim)
         self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
         self.validate()
 
@@ -90,6 +115,14 @@ class TinyFluxConfig:
                 errors.append(f"{name}={getattr(self, name)} must be > 0")
         if self.mlp_ratio <= 0:
             errors.append(f"mlp_ratio={self.mlp_ratio} must be > 0")
+        if not 1 <= self.sol_num_stats <= len(SOL_STATS):
+            errors.append(f"sol_num_stats={self.sol_num_stats} must lie in [1, {len(SOL_STATS)}] ({', '.join(SOL_STATS)})")
+        if self.text_regime not in TEXT_REGIMES:
+            errors.append(f"text_regime={self.text_regime!r} must be one of {TEXT_REGIMES}")
+        if self.max_text_tokens <= 0:
+            errors.append(f"max_text_tokens={self.max_text_tokens} must be > 0")
+        if not 0.0 <= self.lune_dropout < 1.0:
+            errors.append(f"lune_dropout={self.lune_dropout} must lie in [0, 1)")
         if self.sol_spatial_size <= 0:
             errors.append(f"sol_spatial_size={self.sol_spatial_size} must be > 0")
         if errors:
@@ -116,11 +149,28 @@ class TinyFluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TinyFluxConfig:
+        """Our config.json, or the original project's (recognised by its `joint_attention_dim`: see from_original)."""
+        if ORIGINAL_ONLY_FIELDS & set(d):
+            return cls.from_original(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown TinyFluxConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def from_original(cls, d: dict[str, Any]) -> TinyFluxConfig:
+        """The original TinyFlux-Deep v4.2 config.json (its TinyFluxConfig fields) as the network it describes.
+
+        It names the T5 width `joint_attention_dim` and has no t5_layers: its network reads T5's last hidden state
+        (t5_layers=(12,)), shares no text projections, predicts 3 Sol statistics and saw all 128 padded T5 states
+        without a mask. Keys starting with "_" (its `_metadata`) are ignored; any other unknown key is refused.
+        """
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        if "joint_attention_dim" in d:
+            d["t5_hidden_size"] = d.pop("joint_attention_dim")
+        released = {k: v for k, v in RELEASED_TEXT_AND_EXPERTS.items() if k not in d}
+        return cls.from_dict({**released, **d})
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -144,8 +194,15 @@ class TinyFluxConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# Named presets. `deep` is the released TinyFlux-Deep v4.2 (~245M parameters): 512 = 4 x 128, 15 double + 25 single,
-# axes (16, 56, 56), T5 last hidden state only, no shared text projections. `tiny` (< 2M parameters) matches the offline
+# What the original's config.json leaves implicit: the released network's values of our extra fields.
+RELEASED_TEXT_AND_EXPERTS: dict[str, Any] = dict(
+    t5_layers=(12,), use_cross_attention_sharing=False, sol_num_stats=3, text_regime="padded", max_text_tokens=128
+)
+# Fields only the original's config.json has: their presence marks one.
+ORIGINAL_ONLY_FIELDS = frozenset({"joint_attention_dim"})
+
+# Named presets. `deep` is the released TinyFlux-Deep v4.2 (245,347,234 parameters): 512 = 4 x 128, 15 double + 25
+# single, axes (16, 56, 56), T5 last hidden state only, no shared text projections, 3 Sol statistics, padded text. `tiny` (< 2M parameters) matches the offline
 # tiny zoo (tinyflux.model.zoo.make_tiny_zoo): its T5 is 64 wide with 4 layers, its CLIP 64 wide, its UNet mid block
 # 64 channels. `default` is the dataclass defaults of the spec.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -157,8 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_double_layers=15,
         num_single_layers=25,
         axes_dims_rope=(16, 56, 56),
-        t5_layers=(12,),
-        use_cross_attention_sharing=False,
+        **RELEASED_TEXT_AND_EXPERTS,
     ),
     "tiny": dict(
         hidden_size=64,
