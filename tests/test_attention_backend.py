@@ -72,9 +72,9 @@ def test_flex_matches_sdpa_output_and_gradients(one_thread, cpu_flex_backward, m
 
     block_masks = []
 
-    def recording_flex(q, k, v, block_mask=None):
+    def recording_flex(q, k, v, block_mask=None, scale=None):
         block_masks.append(block_mask)
-        return flex_masked_attention(q, k, v, block_mask)
+        return flex_masked_attention(q, k, v, block_mask, scale=scale)
 
     monkeypatch.setattr(layers, "flex_masked_attention", recording_flex)
     v_flex, g_flex = forward_and_grads(model, "flex", inputs)

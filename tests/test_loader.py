@@ -68,7 +68,9 @@ def test_mismatched_config_names_keys_and_shapes(saved):
     msg = str(err.value)
     assert "does not fit the model config" in msg
     assert "missing keys" in msg and "double_blocks.1." in msg
-    assert "shape mismatches" in msg and "lune.mlp.1.weight: checkpoint (64, 64) vs model (48, 64)" in msg
+    assert (
+        "shape mismatches" in msg and "lune_predictor.predictor.6.weight: checkpoint (64, 64) vs model (48, 64)" in msg
+    )
 
 
 def test_missing_sources_fail_clearly(tmp_path):

@@ -82,7 +82,7 @@ def test_distillation_losses_are_non_zero_and_reach_the_expert_heads(tmp_path):
     assert parts["lune"].item() > 1e-3 and parts["sol"].item() > 1e-3
     torch.testing.assert_close(parts["loss"], parts["main"] + 0.1 * parts["lune"] + 0.05 * parts["sol"])
     parts["loss"].backward()
-    for prefix in ("lune.", "sol."):
+    for prefix in ("lune_predictor.", "sol_prior."):
         grads = [p.grad for n, p in trainer.model.named_parameters() if n.startswith(prefix) and p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), prefix
 
@@ -214,7 +214,7 @@ def test_compile_mode_compiles_each_block_in_place(tmp_path):
     blocks = [*trainer.model.double_blocks, *trainer.model.single_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert trainer.model._compiled_call_impl is None  # regional: the model itself stays eager
-    assert "double_blocks.0.img_attn.proj.weight" in trainer.model.state_dict()  # names unchanged
+    assert "double_blocks.0.attn.img_qkv.weight" in trainer.model.state_dict()  # names unchanged
 
 
 def test_attention_backend_reaches_the_model_and_flex_is_refused_on_the_cpu(tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+
 class ConfigError(ValueError):
     """A TinyFluxConfig whose fields contradict each other or are out of range."""
 
@@ -50,12 +51,12 @@ class TinyFluxConfig:
     use_lune_expert: bool = True  # Lune predictor: trajectory feature from (t, pooled text), added to the conditioning
     lune_expert_dim: int = 1280  # teacher feature width: SD1.5 mid-block channels
     lune_hidden_dim: int = 512  # Lune predictor MLP width
-    lune_dropout: float = 0.1  # dropout inside the Lune predictor MLP (training only)
+    lune_predictor_dropout: float = 0.1  # dropout in the Lune predictor MLP (the original's lune_dropout)
     freeze_lune: bool = False  # exclude the Lune predictor from get_trainable_parameters()
     use_sol_prior: bool = True  # Sol prior: attention temperature + 8x8 spatial map that scales image q/k
     sol_spatial_size: int = 8  # side of the Sol spatial importance map
     sol_hidden_dim: int = 256  # Sol prior MLP width
-    sol_num_stats: int = 4  # Sol statistics the prior predicts and reads: the first n of (locality, entropy, clustering, sparsity)
+    sol_num_stats: int = 4  # statistics the Sol prior predicts: the first n of SOL_STATS (released: 3)
     sol_geometric_weight: float = 0.7  # initial weight of the geometric prior against the learned one, in [0, 1]
     freeze_sol: bool = False  # exclude the Sol prior from get_trainable_parameters()
 
@@ -64,13 +65,12 @@ class TinyFluxConfig:
     t5_hidden_size: int = 768  # T5 width (flan-t5-base: 768)
     pooled_projection_dim: int = 768  # CLIP pooled width (ViT-L/14 text: 768)
     use_cross_attention_sharing: bool = True  # one text-stream qkv/out projection shared by all double blocks
-    use_t5_vec: bool = True  # add a pooled T5 vector (softmax-weighted over tokens) to the conditioning, blended with CLIP
+    use_t5_vec: bool = True  # blend a pooled T5 vector (softmax over tokens) with CLIP's into the conditioning
     text_regime: str = "masked"  # "masked": real T5 tokens + key mask; "padded": all max_text_tokens states, no mask
     max_text_tokens: int = 128  # T5 tokenizer length; in the "padded" regime the model reads exactly this many states
 
     # Position encoding
-    axes_dims_rope: Optional[tuple[int, ...]] = None  # RoPE dims of the (index, y, x) axes, sum = attention_head_dim;
-    # None derives them from the head dim (default_rope_axes): (16, 24, 24) at 64, (16, 56, 56) at 128
+    axes_dims_rope: Optional[tuple[int, ...]] = None  # RoPE dims of (index, y, x), sum = head dim; None: derived
     theta: int = 10000  # RoPE base frequency
 
     def __post_init__(self) -> None:
@@ -116,13 +116,15 @@ class TinyFluxConfig:
         if self.mlp_ratio <= 0:
             errors.append(f"mlp_ratio={self.mlp_ratio} must be > 0")
         if not 1 <= self.sol_num_stats <= len(SOL_STATS):
-            errors.append(f"sol_num_stats={self.sol_num_stats} must lie in [1, {len(SOL_STATS)}] ({', '.join(SOL_STATS)})")
+            errors.append(
+                f"sol_num_stats={self.sol_num_stats} must lie in [1, {len(SOL_STATS)}] ({', '.join(SOL_STATS)})"
+            )
         if self.text_regime not in TEXT_REGIMES:
             errors.append(f"text_regime={self.text_regime!r} must be one of {TEXT_REGIMES}")
         if self.max_text_tokens <= 0:
             errors.append(f"max_text_tokens={self.max_text_tokens} must be > 0")
-        if not 0.0 <= self.lune_dropout < 1.0:
-            errors.append(f"lune_dropout={self.lune_dropout} must lie in [0, 1)")
+        if not 0.0 <= self.lune_predictor_dropout < 1.0:
+            errors.append(f"lune_predictor_dropout={self.lune_predictor_dropout} must lie in [0, 1)")
         if self.sol_spatial_size <= 0:
             errors.append(f"sol_spatial_size={self.sol_spatial_size} must be > 0")
         if errors:
@@ -162,13 +164,15 @@ class TinyFluxConfig:
     def from_original(cls, d: dict[str, Any]) -> TinyFluxConfig:
         """The original TinyFlux-Deep v4.2 config.json (its TinyFluxConfig fields) as the network it describes.
 
-        It names the T5 width `joint_attention_dim` and has no t5_layers: its network reads T5's last hidden state
+        It names the T5 width `joint_attention_dim` and the Lune predictor's dropout `lune_dropout`, and has no
+        t5_layers: its network reads T5's last hidden state
         (t5_layers=(12,)), shares no text projections, predicts 3 Sol statistics and saw all 128 padded T5 states
         without a mask. Keys starting with "_" (its `_metadata`) are ignored; any other unknown key is refused.
         """
         d = {k: v for k, v in d.items() if not k.startswith("_")}
-        if "joint_attention_dim" in d:
-            d["t5_hidden_size"] = d.pop("joint_attention_dim")
+        for original, ours in ORIGINAL_FIELD_NAMES.items():
+            if original in d:
+                d[ours] = d.pop(original)
         released = {k: v for k, v in RELEASED_TEXT_AND_EXPERTS.items() if k not in d}
         return cls.from_dict({**released, **d})
 
@@ -198,7 +202,8 @@ class TinyFluxConfig:
 RELEASED_TEXT_AND_EXPERTS: dict[str, Any] = dict(
     t5_layers=(12,), use_cross_attention_sharing=False, sol_num_stats=3, text_regime="padded", max_text_tokens=128
 )
-# Fields only the original's config.json has: their presence marks one.
+# The original's names of our fields; `joint_attention_dim` is only ever in its config.json, so it marks one.
+ORIGINAL_FIELD_NAMES = {"joint_attention_dim": "t5_hidden_size", "lune_dropout": "lune_predictor_dropout"}
 ORIGINAL_ONLY_FIELDS = frozenset({"joint_attention_dim"})
 
 # Named presets. `deep` is the released TinyFlux-Deep v4.2 (245,347,234 parameters): 512 = 4 x 128, 15 double + 25
@@ -226,6 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lune_expert_dim=64,
         lune_hidden_dim=64,
         sol_hidden_dim=32,
+        lune_predictor_dropout=0.0,  # no random draws in the forward: runs on 1 and on N processes log equal losses
         t5_layers=(2, 4),
         t5_hidden_size=64,
         pooled_projection_dim=64,

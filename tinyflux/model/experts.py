@@ -1,8 +1,8 @@
-"""The student's internal stand-ins for the teachers: the Lune predictor and the Sol prior.
+"""The student's internal stand-ins for the teachers: the Lune predictor and the Sol prior, as released in v4.2.
 
-Both read (timestep, pooled text) only, so at inference they run without any teacher. During training the teacher's
-cached features may replace their predictions per sample (teacher forcing); the predictions are still returned so
-the distillation losses can train them. Exact feature definitions: docs/EXPERT_CACHE.md.
+Both read [time embedding, CLIP pooled] only, so at inference they run without any teacher. During training the
+teacher's cached features may replace their predictions per sample (teacher forcing); the predictions are still
+returned so the distillation losses train them. Feature definitions: docs/EXPERT_CACHE.md.
 """
 
 from __future__ import annotations
@@ -11,19 +11,9 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyflux.model.config import TinyFluxConfig
-
-TIME_FREQ_DIM = 256  # width of the sinusoidal timestep embedding fed to the blocks' time MLP and to both experts
-
-
-def _mlp(in_dim: int, hidden_dim: int, depth: int = 2) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.SiLU()]
-    return nn.Sequential(*layers)
 
 
 def _select(mask: Tensor | None, teacher: Tensor | None, pred: Tensor) -> Tensor:
@@ -37,104 +27,110 @@ def _select(mask: Tensor | None, teacher: Tensor | None, pred: Tensor) -> Tensor
 
 
 class LunePredictor(nn.Module):
-    """(t, pooled text) -> predicted Lune feature; its gated signal is added to the conditioning vector."""
+    """[time_emb, pooled] -> predicted Lune feature; signal = sigmoid(expert_gate) * output_proj(feature), added to
+    the conditioning vector. The feature is the teacher's where forced, else the prediction."""
 
     def __init__(self, config: TinyFluxConfig):
         super().__init__()
-        in_dim = TIME_FREQ_DIM + config.pooled_projection_dim + config.t5_hidden_size
-        self.mlp = nn.Sequential(
-            _mlp(in_dim, config.lune_hidden_dim), nn.Linear(config.lune_hidden_dim, config.lune_expert_dim)
+        hidden, d = config.lune_hidden_dim, config.lune_expert_dim
+        self.input_proj = nn.Linear(config.hidden_size + config.pooled_projection_dim, hidden)
+        self.predictor = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Dropout(config.lune_predictor_dropout),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, d),
         )
-        self.signal_norm = nn.LayerNorm(config.lune_expert_dim)
-        self.signal_proj = nn.Linear(config.lune_expert_dim, config.hidden_size)
-        self.gate = nn.Parameter(torch.zeros(1))  # sigmoid(0) = 0.5: half strength until learned
+        self.output_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.hidden_size))
+        self.expert_gate = nn.Parameter(torch.zeros(1))  # sigmoid(0) = 0.5: half strength until learned
 
     def forward(
-        self, text_time: Tensor, teacher: Tensor | None = None, teacher_mask: Tensor | None = None
+        self, time_pooled: Tensor, teacher: Tensor | None = None, teacher_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """text_time: (B, TIME_FREQ_DIM + P + T5). Returns prediction (B, lune_dim) and signal (B, hidden)."""
-        pred = self.mlp(text_time)
+        """time_pooled (B, hidden + P) -> prediction (B, lune_dim), signal (B, hidden)."""
+        pred = self.predictor(self.input_proj(time_pooled))
         feature = _select(teacher_mask, teacher, pred)
-        signal = torch.sigmoid(self.gate) * self.signal_proj(self.signal_norm(feature))
-        return pred, signal
+        return pred, torch.sigmoid(self.expert_gate) * self.output_proj(feature)
 
 
 class SolOut(NamedTuple):
     """What the Sol prior returns. A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (for its
     backward hooks that gather parameters) and warns of other types."""
 
-    stats_pred: Tensor  # (B, 4) locality, entropy, clustering, sparsity in [0, 1]
-    spatial_pred: Tensor  # (B, S, S), sums to 1
-    stats: Tensor  # (B, 4) what the attention uses: the teacher's where forced, else the prediction
-    spatial: Tensor  # (B, S, S)
+    stats_pred: Tensor  # (B, sol_num_stats) predicted statistics, unbounded (the teacher's lie in [0, 1])
+    spatial_pred: Tensor  # (B, S, S) predicted map, each cell in (0, 1) (sigmoid)
+    temperature: Tensor  # (B, heads) the blend of the geometric and the learned temperature
+    spatial: Tensor  # (B, S, S) the blend of the geometric map and the teacher's (or the predicted) map
 
 
-def geometric_sol_prior(t: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Closed-form Sol prior from the noise level sigma = 1 - t alone.
+def geometric_temperature(t: Tensor, num_heads: int) -> Tensor:
+    """Closed-form attention temperature: 1 + t plus a head offset in linspace(-0.2, 0.2), clamped to [0.5, 3].
 
-    Near noise attention is diffuse and global, near data local and sharp, so with s = sigma:
-      locality = 1 - s/2, entropy = 1/2 + s/2, clustering = 1/2 + s/2, sparsity = 1/2 - s/2 (all in [0, 1]).
-    Clustering (docs/EXPERT_CACHE.md) is the overlap of neighbouring queries' attention: diffuse attention overlaps
-    (uniform = 1), sharp self-attention does not (identity = 0), so it rises with noise like entropy.
-    Spatial map: a centred Gaussian on [-1, 1]^2 with std 0.15 + 0.85 s, normalised to sum 1, so it flattens with noise.
-    Returns stats (B, 4) and spatial (B, size, size).
+    (B,) -> (B, heads). t = 1 is data, so attention is softest (largest temperature) near the data end.
     """
-    s = (1 - t.float()).clamp(0, 1)[:, None]  # (B, 1)
-    stats = torch.cat([1 - s / 2, 0.5 + s / 2, 0.5 + s / 2, 0.5 - s / 2], dim=1)  # (B, 4)
+    offsets = torch.linspace(-0.2, 0.2, num_heads, device=t.device)
+    return ((1 + t.float())[:, None] + offsets[None]).clamp(0.5, 3.0)
+
+
+def geometric_spatial(t: Tensor, size: int) -> Tensor:
+    """Closed-form spatial importance: t * 1 + (1 - t) * exp(-2 r), r the distance from the centre of a [-1, 1]^2
+    grid of size x size cells; centre-biased at noise (t = 0), uniform at data (t = 1). (B,) -> (B, S, S)."""
     coords = torch.linspace(-1, 1, size, device=t.device)
-    r2 = coords[:, None] ** 2 + coords[None, :] ** 2  # (S, S)
-    std = 0.15 + 0.85 * s[:, :, None]  # (B, 1, 1)
-    spatial = torch.exp(-r2 / (2 * std**2))  # (B, S, S)
-    return stats, spatial / spatial.sum(dim=(1, 2), keepdim=True)
+    centre = torch.exp(-2 * (coords[:, None] ** 2 + coords[None, :] ** 2).sqrt())  # (S, S)
+    blend = t.float().view(-1, 1, 1)
+    return blend + (1 - blend) * centre
 
 
 class SolPrior(nn.Module):
-    """(t, pooled text) -> attention statistics and an S x S spatial importance map, blended with a geometric prior.
+    """[time_emb, pooled] -> attention statistics and an S x S spatial map, blended with a geometric prior.
 
-    The map scales image-token queries and keys per head through a zero-initialised 1x1 conv (identity at init); the
-    entropy statistic sets the attention temperature tau = 0.5 + entropy (diffuse attention -> softer logits).
+    b = sigmoid(blend_gate) (initialised to sol_geometric_weight): temperature = b * geometric + (1 - b) *
+    stat_to_temperature(stats), map = b * geometric + (1 - b) * spatial, where stats / spatial are the teacher's
+    where forced, else the predictions. `spatial_to_qk_scale` is part of the released state dict and unused.
     """
 
     def __init__(self, config: TinyFluxConfig):
         super().__init__()
-        self.size = config.sol_spatial_size
-        in_dim = TIME_FREQ_DIM + config.pooled_projection_dim + config.t5_hidden_size
-        self.mlp = _mlp(in_dim, config.sol_hidden_dim)
-        self.stats_head = nn.Linear(config.sol_hidden_dim, 4)
-        self.spatial_head = nn.Linear(config.sol_hidden_dim, self.size**2)
+        self.size, self.num_heads = config.sol_spatial_size, config.num_attention_heads
+        self.num_stats = config.sol_num_stats
+        in_dim, hidden = config.hidden_size + config.pooled_projection_dim, config.sol_hidden_dim
+
+        def mlp(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim)
+            )
+
+        self.stat_predictor = mlp(self.num_stats)
+        self.spatial_predictor = mlp(self.size**2)
+        self.stat_to_temperature = nn.Sequential(
+            nn.Linear(self.num_stats, hidden // 2), nn.SiLU(), nn.Linear(hidden // 2, self.num_heads), nn.Softplus()
+        )
+        # In the released state dict but never used by the forward: frozen, so no optimizer state or DDP/FSDP
+        # gradient bookkeeping is kept for a tensor that never gets a gradient.
+        self.spatial_to_qk_scale = nn.Linear(1, self.num_heads).requires_grad_(False)
         w = min(max(config.sol_geometric_weight, 1e-4), 1 - 1e-4)
-        self.geometric_logit = nn.Parameter(torch.tensor([math.log(w / (1 - w))]))  # sigmoid -> geometric weight
-        self.to_heads = nn.Conv2d(1, config.num_attention_heads, kernel_size=1)  # zero-initialised
+        self.blend_gate = nn.Parameter(torch.tensor([math.log(w / (1 - w))]))  # sigmoid -> the geometric weight
 
     def forward(
         self,
         t: Tensor,
-        text_time: Tensor,
+        time_pooled: Tensor,
         teacher_stats: Tensor | None = None,
         teacher_spatial: Tensor | None = None,
         teacher_mask: Tensor | None = None,
     ) -> SolOut:
-        h = self.mlp(text_time)
-        stats_learned = torch.sigmoid(self.stats_head(h))  # (B, 4)
-        spatial_learned = self.spatial_head(h).softmax(-1).unflatten(-1, (self.size, self.size))  # (B, S, S)
-        stats_geo, spatial_geo = geometric_sol_prior(t, self.size)
-        g = torch.sigmoid(self.geometric_logit)
-        stats_pred = g * stats_geo.to(h.dtype) + (1 - g) * stats_learned
-        spatial_pred = g * spatial_geo.to(h.dtype) + (1 - g) * spatial_learned
-        return SolOut(
-            stats_pred,
-            spatial_pred,
-            _select(teacher_mask, teacher_stats, stats_pred),
-            _select(teacher_mask, teacher_spatial, spatial_pred),
-        )
-
-    def qk_scales(self, out: SolOut, grid: tuple[int, int], txt_len: int) -> tuple[Tensor, Tensor]:
-        """Per-head, per-token query/key scales (B, H, L + N, 1); text tokens get 1 (and the temperature on q)."""
-        b = out.spatial.shape[0]
-        centred = out.spatial[:, None] * self.size**2 - 1  # (B, 1, S, S): 0 where importance is uniform
-        per_head = self.to_heads(F.interpolate(centred, size=grid, mode="bilinear", align_corners=False))  # (B,H,h,w)
-        img_scale = 1 + per_head.flatten(2)[..., None]  # (B, H, N, 1)
-        txt_scale = img_scale.new_ones(b, img_scale.shape[1], txt_len, 1)
-        k_scale = torch.cat([txt_scale, img_scale], dim=2)  # (B, H, L + N, 1)
-        tau = 0.5 + out.stats[:, 1].clamp(0, 1)  # (B,): entropy in [0, 1] -> temperature in [0.5, 1.5]
-        return k_scale / tau.view(b, 1, 1, 1).to(k_scale.dtype), k_scale
+        """t (B,) in [0, 1]; time_pooled (B, hidden + P); teacher_stats (B, >= sol_num_stats): the first
+        sol_num_stats columns are read (caches hold 4, the released prior reads 3); teacher_spatial (B, S, S)."""
+        stats_pred = self.stat_predictor(time_pooled)  # (B, n)
+        spatial_pred = torch.sigmoid(self.spatial_predictor(time_pooled)).unflatten(-1, (self.size, self.size))
+        if teacher_stats is not None:
+            teacher_stats = teacher_stats[:, : self.num_stats]
+        stats = _select(teacher_mask, teacher_stats, stats_pred)
+        spatial = _select(teacher_mask, teacher_spatial, spatial_pred)
+        b = torch.sigmoid(self.blend_gate)
+        dtype = stats_pred.dtype
+        temperature = b * geometric_temperature(t, self.num_heads).to(dtype) + (1 - b) * self.stat_to_temperature(stats)
+        blended = b * geometric_spatial(t, self.size).to(dtype) + (1 - b) * spatial
+        return SolOut(stats_pred, spatial_pred, temperature, blended)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tinyflux.model.config import PRESETS, TinyFluxConfig
-from tinyflux.model.model import TinyFluxDeep
+from tinyflux.model.model import TinyFluxDeep, released_shapes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,7 +68,8 @@ def clean_name(name: str) -> str:
 
 
 def _unwrap_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {clean_name(key): value for key, value in state.items()}
+    """Bare model names, and the released 0-dim shape for the scalar parameters (model.SCALAR_PARAMETERS)."""
+    return released_shapes({clean_name(key): value for key, value in state.items()})
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

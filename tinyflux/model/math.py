@@ -17,24 +17,34 @@ ATTENTION_BACKENDS = ("sdpa", "flex")
 FLEX_BLOCK_SIZE = 128
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled by time_factor, as Flux does). (B,) -> (B, dim), float32."""
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] itself (not t * 1000), as the released v4.2 network computes it.
+
+    half = dim / 2 frequencies exp(-ln(max_period) * i / (half - 1)), i = 0 .. half - 1 (the first is 1, the last
+    1 / max_period); features [sin, cos]. (B,) -> (B, dim), float32.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = time_factor * t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, dim)
 
 
-def rope(ids: Tensor, axes_dims: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
+def rope_frequencies(dim: int, theta: float) -> Tensor:
+    """The dim / 2 rotation frequencies of one RoPE axis: theta^(-2i / dim), float32."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
+def rope(ids: Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:
     """Rotary angles for positions ids (B, N, n_axes): each axis a gets axes_dims[a] / 2 frequencies.
 
-    Returns cos, sin of shape (B, 1, N, head_dim / 2), broadcastable over heads.
+    Returns cos, sin of shape (B, 1, N, head_dim / 2), broadcastable over heads. Angles are float32 products of
+    the position and rope_frequencies, as the released network formed them.
     """
-    angles = []
-    for axis, dim in enumerate(axes_dims):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, device=ids.device, dtype=torch.float64) / dim)  # (dim/2,)
-        angles.append(ids[..., axis].double()[..., None] * freqs)  # (B, N, dim/2)
-    angle = torch.cat(angles, dim=-1).float().unsqueeze(1)  # (B, 1, N, head_dim/2)
+    angles = [
+        ids[..., axis].float()[..., None] * rope_frequencies(dim, theta).to(ids.device)  # (B, N, dim/2)
+        for axis, dim in enumerate(axes_dims)
+    ]
+    angle = torch.cat(angles, dim=-1).unsqueeze(1)  # (B, 1, N, head_dim/2)
     return angle.cos(), angle.sin()
 
 
@@ -46,12 +56,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Scaled dot-product attention over heads. q, k, v: (B, H, N, D); mask: bool (B, 1, 1, N) keys to keep.
-
-    Returns (B, N, H * D).
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Scaled dot-product attention over heads. q, k, v: (B, H, N, D); mask: bool (B, 1, 1, N) keys to keep;
+    scale: the logits' factor (None: D^-0.5). Returns (B, N, H * D).
     """
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, N, D)
     return out.transpose(1, 2).flatten(2)  # (B, N, H*D)
 
 
@@ -98,7 +107,9 @@ def _eager_flex_attention() -> Callable[..., Tensor]:
     return torch.compiler.disable(flex_attention)
 
 
-def flex_masked_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None = None) -> Tensor:
+def flex_masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None = None, scale: float | None = None
+) -> Tensor:
     """attention() through FlexAttention with a BlockMask (key_padding_block_mask) in place of the dense mask.
 
     q, k, v: (B, H, N, D). Returns (B, N, H * D). On an accelerator the call is fused: an eager caller gets
@@ -113,5 +124,5 @@ def flex_masked_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask
         attend = flex_attention
     else:
         attend = _compiled_flex_attention()
-    out = attend(q, k, v, block_mask=block_mask)  # (B, H, N, D)
+    out = attend(q, k, v, block_mask=block_mask, scale=scale)  # (B, H, N, D)
     return out.transpose(1, 2).flatten(2)  # (B, N, H*D)

@@ -9,21 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
-from tinyflux.model.experts import TIME_FREQ_DIM, LunePredictor, SolPrior
-from tinyflux.model.layers import (
-    AttentionContext,
-    DoubleStreamBlock,
-    LastLayer,
-    MLPEmbedder,
-    QKVProjection,
-    SingleStreamBlock,
-)
-from tinyflux.model.math import ATTENTION_BACKENDS, key_padding_block_mask, rope, timestep_embedding
+from tinyflux.model.experts import LunePredictor, SolPrior
+from tinyflux.model.layers import AttentionContext, DoubleStreamBlock, RMSNorm, SingleStreamBlock, TextProjections
+from tinyflux.model.math import ATTENTION_BACKENDS, key_padding_block_mask, rope, rope_frequencies, timestep_embedding
+
+TIME_FREQ_DIM = 256  # width of the sinusoidal timestep embedding (128 sin + 128 cos)
 
 __all__ = ["PRESETS", "ConfigError", "TinyFluxConfig", "TinyFluxDeep", "pack_latents", "unpack_latents"]
 
@@ -39,66 +35,100 @@ def unpack_latents(tokens: Tensor, height: int, width: int, patch_size: int = 1)
     return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=patch_size, pw=patch_size)
 
 
+class RopeFrequencies(nn.Module):
+    """The released state dict's `rope.freqs_{axis}` buffers: each axis' rope_frequencies.
+
+    Kept so that released checkpoints load with strict keys; the forward recomputes the same values in float32
+    (math.rope), so casting the model to bf16 cannot round the angles.
+    """
+
+    def __init__(self, axes_dims: tuple[int, ...], theta: float):
+        super().__init__()
+        for axis, dim in enumerate(axes_dims):
+            self.register_buffer(f"freqs_{axis}", rope_frequencies(dim, theta), persistent=True)
+
+
 class TinyFluxDeep(nn.Module):
+    """The released TinyFlux-Deep v4.2 network (module and parameter names as in its state dict).
+
+    Conditioning vec = time_in(t) + text_vec + Lune signal, with text_vec = s * vector_in(CLIP pooled) + (1 - s) *
+    t5_pool(softmax-weighted mean of the T5 states), s = sigmoid(text_balance). Double-stream blocks, then
+    single-stream blocks over [text, image], then final_linear(final_norm(image tokens)): no final modulation.
+    """
+
     def __init__(self, config: TinyFluxConfig):
         super().__init__()
         self.config = config
         c = config
         d = c.hidden_size
         self.img_in = nn.Linear(c.token_channels, d)
-        self.t5_mix = nn.Parameter(torch.zeros(c.num_t5_layers))  # softmax -> uniform mix of the listed layers
         self.txt_in = nn.Linear(c.t5_hidden_size, d)
-        self.time_in = MLPEmbedder(TIME_FREQ_DIM, d)
-        self.vector_in = MLPEmbedder(c.pooled_projection_dim, d)
-        self.t5_pool_in = MLPEmbedder(c.t5_hidden_size, d)
-        self.lune = LunePredictor(c) if c.use_lune_expert else None
-        self.sol = SolPrior(c) if c.use_sol_prior else None
+        if c.num_t5_layers > 1:
+            self.t5_mix = nn.Parameter(torch.zeros(c.num_t5_layers))  # softmax -> uniform mix of the listed layers
+        self.time_in = TimestepEmbedder(d)
+        self.vector_in = nn.Sequential(nn.SiLU(), nn.Linear(c.pooled_projection_dim, d))
+        if c.use_t5_vec:
+            self.t5_pool = nn.Sequential(nn.Linear(c.t5_hidden_size, d), nn.SiLU(), nn.Linear(d, d))
+            self.text_balance = nn.Parameter(torch.zeros(1))  # sigmoid: the CLIP share of the text vector
+        self.lune_predictor = LunePredictor(c) if c.use_lune_expert else None
+        self.sol_prior = SolPrior(c) if c.use_sol_prior else None
+        self.rope = RopeFrequencies(c.axes_dims_rope, c.theta)
 
         share = c.use_cross_attention_sharing and c.num_double_layers > 0
-        self.shared_txt_attn = QKVProjection(d, c.num_attention_heads) if share else None
+        self.shared_txt_attn = TextProjections(d) if share else None
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(d, c.num_attention_heads, c.mlp_hidden_dim, own_txt_attn=not share)
+            DoubleStreamBlock(d, c.num_attention_heads, c.mlp_hidden_dim, c.use_sol_prior, own_text=not share)
             for _ in range(c.num_double_layers)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(d, c.num_attention_heads, c.mlp_hidden_dim) for _ in range(c.num_single_layers)
+            SingleStreamBlock(d, c.num_attention_heads, c.mlp_hidden_dim, c.use_sol_prior)
+            for _ in range(c.num_single_layers)
         )
-        self.final_layer = LastLayer(d, c.token_channels)
+        self.final_norm = RMSNorm(d)
+        self.final_linear = nn.Linear(d, c.token_channels)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
+        self._register_state_dict_hook(_released_scalar_shapes)
+        self._register_load_state_dict_pre_hook(_scalar_parameters_as_vectors)
         self.initialize_weights()
-        if c.freeze_lune and self.lune is not None:
-            self.lune.requires_grad_(False)
-        if c.freeze_sol and self.sol is not None:
-            self.sol.requires_grad_(False)
+        if c.freeze_lune and self.lune_predictor is not None:
+            self.lune_predictor.requires_grad_(False)
+        if c.freeze_sol and self.sol_prior is not None:
+            self.sol_prior.requires_grad_(False)
+
+    @property
+    def lune(self) -> LunePredictor | None:
+        return self.lune_predictor
+
+    @property
+    def sol(self) -> SolPrior | None:
+        return self.sol_prior
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform linears with zero bias, then zeros where a block must start as the identity (adaLN-Zero).
+        """Xavier-uniform linears with zero bias, then zeros where a branch must start closed (adaLN-Zero).
 
-        Zeroed: every Modulation (so each residual branch is gated off and each block is the identity at step 0), the
-        final layer (so v_pred starts at 0 instead of a random field) and the Sol map's 1x1 conv (so the q/k scales
-        start at exactly 1). The timestep / pooled embedders use N(0, 0.02) as in DiT.
+        Zeroed: every block's adaLN linear (each gate is 0, so every gated residual branch starts off), the final
+        linear (v_pred starts at 0 instead of a random field) and every Sol 1x1 conv (the q/k scales start at exactly
+        exp(0) = 1). The released weights were trained from another init (adaLN not zeroed); loading them replaces
+        all of this, so only a run from scratch sees it.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for emb in (self.time_in, self.vector_in, self.t5_pool_in):
-            nn.init.normal_(emb.in_layer.weight, std=0.02)
-            nn.init.normal_(emb.out_layer.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        zeroed: list[nn.Module] = [self.final_linear]
         for block in self.double_blocks:
-            for mod in (block.img_mod, block.txt_mod):
-                nn.init.zeros_(mod.lin.weight)
-                nn.init.zeros_(mod.lin.bias)
+            zeroed += [block.img_norm1.linear, block.txt_norm1.linear, block.attn.spatial_to_mod]
         for block in self.single_blocks:
-            nn.init.zeros_(block.modulation.lin.weight)
-            nn.init.zeros_(block.modulation.lin.bias)
-        for layer in (self.final_layer.adaLN_modulation, self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        if self.sol is not None:
-            nn.init.zeros_(self.sol.to_heads.weight)
-            nn.init.zeros_(self.sol.to_heads.bias)
+            zeroed += [block.norm.linear, block.attn.spatial_to_mod]
+        for m in zeroed:
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.sol_prior is not None:  # unused by the forward; the original's identity init (weight 0, bias 1)
+            nn.init.zeros_(self.sol_prior.spatial_to_qk_scale.weight)
+            nn.init.ones_(self.sol_prior.spatial_to_qk_scale.bias)
 
     @staticmethod
     def create_img_ids(batch_size: int, h: int, w: int, device: Any = None) -> Tensor:
@@ -107,6 +137,14 @@ class TinyFluxDeep(nn.Module):
         ids[..., 1] = torch.arange(h, device=device)[:, None]
         ids[..., 2] = torch.arange(w, device=device)[None, :]
         return ids.flatten(0, 1).expand(batch_size, -1, -1)
+
+    @staticmethod
+    def create_txt_ids(batch_size: int, length: int, device: Any = None) -> Tensor:
+        """Position ids (i, 0, 0) for text tokens: (B, L, 3), float32. The trainer and sampler pass no txt_ids (all
+        text at (0, 0, 0), as the released network was trained); these are for callers that want ordered text."""
+        ids = torch.zeros(length, 3, device=device)
+        ids[:, 0] = torch.arange(length, device=device)
+        return ids.expand(batch_size, -1, -1)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block's activations in backward: same outputs and gradients, less memory."""
@@ -142,7 +180,20 @@ class TinyFluxDeep(nn.Module):
                 f"config lists t5_layers={self.config.t5_layers} ({k}); rebuild the cache with these layers or pass "
                 f"a model config whose t5_layers match the cache"
             )
+        if k == 1:
+            return states[:, :, 0]
         return torch.einsum("blkd,k->bld", states, self.t5_mix.softmax(0).to(states.dtype))
+
+    def _t5_vector(self, states: Tensor, mask: Tensor | None) -> Tensor:
+        """Softmax over tokens of each token's channel mean, as weights of a sum of the states: (B, L, D) -> (B, D).
+
+        With a mask, padding tokens get no weight (the released network, fed unmasked padded text, weighs all 128).
+        """
+        logits = states.float().mean(-1)  # (B, L)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool(), float("-inf"))
+        weights = logits.softmax(-1).to(states.dtype)
+        return torch.einsum("bl,bld->bd", weights, states)
 
     def _check_inputs(self, hidden_states: Tensor, txt: Tensor, pooled: Tensor, timestep: Tensor) -> None:
         c = self.config
@@ -180,68 +231,130 @@ class TinyFluxDeep(nn.Module):
         lune_mask: Tensor | None = None,
         sol_mask: Tensor | None = None,
         img_shape: tuple[int, int] | None = None,
+        txt_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Velocity v = data - noise for x_t (t = 1 is data).
 
         hidden_states (B, N, C*p*p) packed x_t; encoder_hidden_states (B, L, D) or (B, L, K, D) T5 states;
         pooled_projections (B, P) CLIP pooled; timestep (B,) in [0, 1]; img_ids (B, N, 3).
-        lune_features (B, lune_dim), sol_stats (B, 4), sol_spatial (B, S, S): teacher features that replace the
-        experts' predictions in the conditioning (teacher forcing); lune_mask / sol_mask (B,) bool restrict that to
-        the samples marked True (teacher dropout). encoder_attention_mask (B, L) bool marks real text tokens.
-        img_shape: the (h, w) token grid; square when omitted.
+        lune_features (B, lune_dim), sol_stats (B, >= sol_num_stats), sol_spatial (B, S, S): teacher features that
+        replace the experts' predictions in the conditioning (teacher forcing); lune_mask / sol_mask (B,) bool
+        restrict that to the samples marked True (teacher dropout). encoder_attention_mask (B, L) bool marks real
+        text tokens (the "masked" text regime; None reads every state, as the released "padded" regime does).
+        img_shape: the (h, w) token grid, square when omitted. txt_ids (B, L, 3): text positions for the single
+        blocks' RoPE (default all 0; double blocks never rotate text).
+        Returns v_pred (B, N, C*p*p), and with return_expert_pred {"lune_pred" (B, lune_dim), "sol_stats_pred"
+        (B, sol_num_stats), "sol_spatial_pred" (B, S, S)}.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        c = self.config
         b, n, _ = hidden_states.shape
         dtype = hidden_states.dtype
+        pooled = pooled_projections.to(dtype)
 
-        txt_states = self._mix_t5(encoder_hidden_states)  # (B, L, T5)
-        if encoder_attention_mask is None:
-            t5_pooled = txt_states.mean(1)
-        else:
-            keep = encoder_attention_mask[..., None].to(txt_states.dtype)  # (B, L, 1)
-            t5_pooled = (txt_states * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, T5)
-        t_freq = timestep_embedding(timestep, TIME_FREQ_DIM).to(dtype)  # (B, 256)
-        text_time = torch.cat([t_freq, pooled_projections.to(dtype), t5_pooled.to(dtype)], dim=-1)
-
-        vec = self.time_in(t_freq) + self.vector_in(pooled_projections.to(dtype)) + self.t5_pool_in(t5_pooled)
+        txt_states = self._mix_t5(encoder_hidden_states).to(dtype)  # (B, L, T5)
+        time_emb = self.time_in(timestep)  # (B, D)
+        vec = self.vector_in(pooled)  # (B, D)
+        if c.use_t5_vec:
+            s = torch.sigmoid(self.text_balance)
+            vec = s * vec + (1 - s) * self.t5_pool(self._t5_vector(txt_states, encoder_attention_mask))
+        vec = time_emb + vec
+        time_pooled = torch.cat([time_emb, pooled], dim=-1)  # (B, D + P): what both experts read
         expert: dict[str, Tensor] = {}
-        if self.lune is not None:
-            expert["lune_pred"], signal = self.lune(text_time, lune_features, lune_mask)
+        if self.lune_predictor is not None:
+            expert["lune_pred"], signal = self.lune_predictor(time_pooled, lune_features, lune_mask)
             vec = vec + signal  # (B, D)
 
         img = self.img_in(hidden_states)  # (B, N, D)
-        txt = self.txt_in(txt_states.to(dtype))  # (B, L, D)
+        txt = self.txt_in(txt_states)  # (B, L, D)
         txt_len = txt.shape[1]
-        txt_ids = torch.zeros(b, txt_len, 3, device=img_ids.device, dtype=img_ids.dtype)
-        cos, sin = rope(torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dims_rope, self.config.theta)
-        mask = None
-        if encoder_attention_mask is not None:
-            img_keep = encoder_attention_mask.new_ones(b, n)
-            mask = torch.cat([encoder_attention_mask.bool(), img_keep.bool()], dim=1)[:, None, None, :]  # (B,1,1,L+N)
-        if self.attention_backend == "flex":
-            # One BlockMask serves every block; without a text mask flex attends to all keys, as SDPA does.
-            block_mask = None if mask is None else key_padding_block_mask(mask[:, 0, 0])
-            ctx = AttentionContext(cos, sin, backend="flex", block_mask=block_mask)
-        else:
-            ctx = AttentionContext(cos, sin, mask)
-        if self.sol is not None:
-            sol = self.sol(timestep, text_time, sol_stats, sol_spatial, sol_mask)
+        grid = img_shape if img_shape is not None else _square_grid(n)
+        ctx = self._attention_context(img_ids, txt_ids, txt_len, encoder_attention_mask)
+        if self.sol_prior is not None:
+            sol = self.sol_prior(timestep, time_pooled, sol_stats, sol_spatial, sol_mask)
             expert["sol_stats_pred"], expert["sol_spatial_pred"] = sol.stats_pred, sol.spatial_pred
-            grid = img_shape if img_shape is not None else _square_grid(n)
-            ctx.q_scale, ctx.k_scale = self.sol.qk_scales(sol, grid, txt_len)
+            ctx.sol_map = F.interpolate(sol.spatial[:, None], size=grid, mode="bilinear", align_corners=False)
+            ctx.sol_scale = ctx.head_scale / sol.temperature.mean(dim=1).clamp(min=0.1)  # (B,)
 
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, ctx, self.shared_txt_attn)
         x = torch.cat([txt, img], dim=1)  # (B, L + N, D)
         for block in self.single_blocks:
             x = self._run(block, x, vec, ctx)
-        v_pred = self.final_layer(x[:, txt_len:], vec)  # (B, N, C*p*p)
+        v_pred = self.final_linear(self.final_norm(x[:, txt_len:]))  # (B, N, C*p*p)
         return (v_pred, expert) if return_expert_pred else v_pred
+
+    def _attention_context(
+        self, img_ids: Tensor, txt_ids: Tensor | None, txt_len: int, mask: Tensor | None
+    ) -> AttentionContext:
+        c = self.config
+        b = img_ids.shape[0]
+        zero_ids = torch.zeros(b, txt_len, 3, device=img_ids.device, dtype=img_ids.dtype)
+        rope_double = rope(torch.cat([zero_ids, img_ids], dim=1), c.axes_dims_rope, c.theta)
+        rope_single = rope_double
+        if txt_ids is not None:
+            rope_single = rope(
+                torch.cat([txt_ids.to(img_ids).expand(b, -1, -1), img_ids], 1), c.axes_dims_rope, c.theta
+            )
+        keep = None
+        if mask is not None:
+            keep = torch.cat([mask.bool(), mask.new_ones(b, img_ids.shape[1], dtype=torch.bool)], dim=1)  # (B, L+N)
+        ctx = AttentionContext(rope_double, rope_single, txt_len, c.attention_head_dim**-0.5)
+        if self.attention_backend == "flex":
+            # One BlockMask serves every block; without a text mask flex attends to all keys, as SDPA does.
+            ctx.backend = "flex"
+            ctx.block_mask = None if keep is None else key_padding_block_mask(keep)
+        elif keep is not None:
+            ctx.mask = keep[:, None, None, :]  # (B, 1, 1, L + N)
+        return ctx
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> math.timestep_embedding (256 features) -> Linear -> SiLU -> Linear (keys mlp.0, mlp.2)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = TIME_FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        # The sinusoids of the float32 t (a bf16 t would move 0.99931 to 1.0), then the weights' dtype.
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+# The released state dict's 0-dim parameters. FSDP2 cannot shard a 0-dim parameter, so the module holds each as a
+# 1-element vector and its state_dict() presents them with their released shape () (released_shapes does the same
+# for a state dict gathered elsewhere, e.g. an EMA); loading takes either shape.
+SCALAR_PARAMETERS = ("text_balance", "lune_predictor.expert_gate", "sol_prior.blend_gate")
+
+
+def released_shapes(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """state with the SCALAR_PARAMETERS as 0-dim tensors, as the released checkpoints hold them (in place; returned).
+
+    A sharded FSDP2 DTensor keeps its (1,) shape: its checkpoints are read back by the same sharded module. (Its type
+    is not Tensor or Parameter; model code does not import torch.distributed to name it.)
+    """
+    for name in SCALAR_PARAMETERS:
+        t = state.get(prefix + name)
+        if t is not None and t.dim() == 1 and type(t) in (Tensor, nn.Parameter):
+            state[prefix + name] = t.reshape(())
+    return state
+
+
+def _released_scalar_shapes(module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    released_shapes(state, prefix)
+
+
+def _scalar_parameters_as_vectors(state: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    for name in SCALAR_PARAMETERS:
+        key = prefix + name
+        if key in state and state[key].dim() == 0:
+            state[key] = state[key].reshape(1)
 
 
 def _square_grid(n: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tinyflux.model.loader import clean_name
+from tinyflux.model.model import released_shapes
 
 __all__ = ["EMA", "clean_name"]
 
@@ -169,6 +170,8 @@ class EMA:
         if missing or extra:
             raise ValueError(f"EMA {source} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for n, t in shadow.items():
+            if t.dim() == 0 and self.shadow[n].shape == (1,):  # a released 0-dim scalar (model.SCALAR_PARAMETERS)
+                t = t.reshape(1)
             if t.shape != self.shadow[n].shape:
                 raise ValueError(
                     f"EMA {source}: {n} has shape {tuple(t.shape)}, model has {tuple(self.shadow[n].shape)}"
@@ -187,6 +190,7 @@ class EMA:
         for n, b in self.buffers.items():
             b = b.to(dtype) if b.is_floating_point() else b
             tensors[n] = b.detach().cpu().contiguous()
+        released_shapes(tensors)  # the released checkpoints' 0-dim scalars: the original's loader reads the file too
         metadata = {"format": FORMAT, "decay": repr(self.decay), "num_updates": str(self.num_updates)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)

@@ -48,7 +48,7 @@ class StreamParams:
 
     image: int  # img_in, the double blocks' image attention + MLP, the final projection
     text: int  # txt_in, the double blocks' text attention (own or shared) + MLP
-    joint: int  # the single blocks' fused linears: every token
+    joint: int  # the single blocks' attention + MLP: every token
 
     @classmethod
     def of(cls, model: nn.Module) -> StreamParams:
@@ -61,12 +61,14 @@ class StreamParams:
                 if isinstance(m, nn.Linear)
             )
 
-        image = weights(model.img_in, model.final_layer.linear)
+        image = weights(model.img_in, model.final_linear)
         text = weights(model.txt_in)
         for block in model.double_blocks:
-            image += weights(block.img_attn, block.img_mlp)
-            text += weights(block.txt_attn or model.shared_txt_attn, block.txt_mlp)
-        joint = sum(weights(block.linear1, block.linear2) for block in model.single_blocks)
+            attn = block.attn
+            image += weights(attn.img_qkv, attn.img_out, block.img_mlp)
+            shared = model.shared_txt_attn
+            text += weights(*((shared,) if shared is not None else (attn.txt_qkv, attn.txt_out)), block.txt_mlp)
+        joint = sum(weights(block.attn, block.mlp) for block in model.single_blocks)
         return cls(image, text, joint)
 
     def per_token(self, image_tokens: int, text_tokens: int) -> float:

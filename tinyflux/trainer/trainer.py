@@ -210,7 +210,7 @@ class Trainer(CheckpointingMixin):
                 sol_stats=self._input(teacher.sol_stats),
                 sol_spatial=self._input(teacher.sol_spatial),
                 return_expert_pred=True,
-                encoder_attention_mask=t5_mask,
+                encoder_attention_mask=t5_mask if model_cfg.text_regime == "masked" else None,
                 lune_mask=kept(keep["lune"], teacher.lune_valid) if teacher.lune is not None else None,
                 sol_mask=kept(keep["sol"], teacher.sol_valid) if teacher.sol_stats is not None else None,
                 img_shape=grid,
@@ -238,7 +238,7 @@ class Trainer(CheckpointingMixin):
             per_sample = compute_sol_loss(
                 expert["sol_stats_pred"],
                 expert["sol_spatial_pred"],
-                teacher.sol_stats,
+                teacher.sol_stats[:, : model_cfg.sol_num_stats],  # caches hold 4; the released prior reads 3
                 teacher.sol_spatial,
                 reduction="none",
             )
