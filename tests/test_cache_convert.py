@@ -218,3 +218,14 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main([str(tmp_path / "orig"), str(tmp_path / "out")]) == 1  # the output is not empty
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not empty" in err and err.count("\n") == 1
+
+
+def test_caches_of_another_pairing_or_latent_convention_are_not_mixed(tmp_path: Path) -> None:
+    write_single(tmp_path / "orig", n=2)
+    convert_original_cache(tmp_path / "orig", tmp_path / "ours")
+    convert_original_cache(tmp_path / "orig", tmp_path / "theirs", pairing="original")
+    make_stream_loader([tmp_path / "ours", tmp_path / "ours"], batch_size=2, rank=0, world_size=1)  # same: fine
+    with pytest.raises(
+        CacheFormatError, match=r"cannot be mixed with .*: teacher_timestep .t \* 1000 \(the original's pairing\). vs"
+    ):
+        make_stream_loader([tmp_path / "ours", tmp_path / "theirs"], batch_size=2, rank=0, world_size=1)
