@@ -229,3 +229,12 @@ def test_caches_of_another_pairing_or_latent_convention_are_not_mixed(tmp_path: 
         CacheFormatError, match=r"cannot be mixed with .*: teacher_timestep .t \* 1000 \(the original's pairing\). vs"
     ):
         make_stream_loader([tmp_path / "ours", tmp_path / "theirs"], batch_size=2, rank=0, world_size=1)
+
+
+def test_incremental_part_of_another_size_than_state_json_says_is_refused(tmp_path: Path) -> None:
+    write_incremental(tmp_path / "orig", sizes=(3, 3))
+    state = json.loads((tmp_path / "orig" / "state.json").read_text())
+    (tmp_path / "orig" / "state.json").write_text(json.dumps({**state, "n_samples": 5}))  # shard 1 should hold 2
+    with pytest.raises(CacheFormatError, match=r"shard_0001\.pt holds 3 samples, state\.json implies 2"):
+        convert_original_cache(tmp_path / "orig", tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()

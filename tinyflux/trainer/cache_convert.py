@@ -180,17 +180,19 @@ def _read_incremental(src: Path, partial: bool) -> tuple[str, str, Iterator[Orig
     for name in names:  # every file must exist before anything is written
         for kind in ("encodings", *(t for t, on in teachers.items() if on)):
             path(kind, name)
-    num = sum(min(shard_size, n_samples - j * shard_size) for j in done)
-    parts = (
-        _load_part(
-            name,
-            path("encodings", name),
-            path("lune", name) if teachers["lune"] else None,
-            path("sol", name) if teachers["sol"] else None,
-        )
-        for name in names
-    )
-    return "incremental", str(state.get("name") or src.name), parts, num
+    sizes = [min(shard_size, n_samples - j * shard_size) for j in done]
+
+    def parts() -> Iterator[OriginalPart]:
+        for name, size in zip(names, sizes, strict=True):
+            lune = path("lune", name) if teachers["lune"] else None
+            part = _load_part(name, path("encodings", name), lune, path("sol", name) if teachers["sol"] else None)
+            if len(part) != size:
+                raise CacheFormatError(
+                    f"{src}/encodings/{name}.pt holds {len(part)} samples, state.json implies {size}"
+                )
+            yield part
+
+    return "incremental", str(state.get("name") or src.name), parts(), sum(sizes)
 
 
 def converted_buckets(t_buckets: torch.Tensor, pairing: str) -> tuple[torch.Tensor, bool]:
@@ -285,8 +287,6 @@ def convert_original_cache(
             "t5_length_max": length_max,
         }
         write_shard(shard_path(output, j), encoded, sidecar)
-    if next(stream, None) is not None:
-        raise CacheFormatError(f"{src} holds more samples than its state.json says ({num})")
     manifest = assemble_manifest(output, num_shards, name or original_name, settings)
     write_manifest(output, manifest)
     write_report(output, shard_paths(output, manifest))
