@@ -238,3 +238,16 @@ def test_incremental_part_of_another_size_than_state_json_says_is_refused(tmp_pa
     with pytest.raises(CacheFormatError, match=r"shard_0001\.pt holds 3 samples, state\.json implies 2"):
         convert_original_cache(tmp_path / "orig", tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_sol_file_with_four_statistics_or_other_buckets_is_refused(tmp_path: Path) -> None:
+    write_single(tmp_path / "orig", n=2)
+    sol = torch.load(tmp_path / "orig" / "sol.pt", weights_only=True)
+    torch.save({**sol, "stats": torch.rand(2, 10, 4).half()}, tmp_path / "orig" / "sol.pt")
+    with pytest.raises(CacheFormatError, match=r"sol stats should be \(N, T, 3\)"):
+        convert_original_cache(tmp_path / "orig", tmp_path / "out")
+    lune = torch.load(tmp_path / "orig" / "lune.pt", weights_only=True)
+    torch.save({**sol}, tmp_path / "orig" / "sol.pt")
+    torch.save({**lune, "t_buckets": torch.linspace(0.1, 0.9, 9)}, tmp_path / "orig" / "lune.pt")
+    with pytest.raises(CacheFormatError, match=r"lune features should be \(N, T, F\)"):
+        convert_original_cache(tmp_path / "orig", tmp_path / "out")

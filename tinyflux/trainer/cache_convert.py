@@ -114,11 +114,16 @@ def _check_part(part: OriginalPart, where: Path) -> None:
         "clip_pooled": (e["clip_pooled"].ndim == 2, "(N, P)"),
     }
     if part.lune is not None:
-        shapes["lune features"] = (part.lune["features"].ndim == 3, "(N, T, F)")
+        t = len(part.lune["t_buckets"])
+        shapes["lune features"] = (part.lune["features"].ndim == 3 and part.lune["features"].shape[1] == t, "(N, T, F)")
     if part.sol is not None:
-        shapes["sol stats"] = (part.sol["stats"].shape[-1:] == (len(ORIGINAL_SOL_STATS),), "(N, T, 3)")
-        shapes["sol spatial"] = (part.sol["spatial"].ndim == 4, "(N, T, S, S)")
-    bad = [f"{k} should be {want}" for k, (ok, want) in shapes.items() if not ok]
+        t, stats, spatial = len(part.sol["t_buckets"]), part.sol["stats"], part.sol["spatial"]
+        shapes["sol stats"] = (stats.ndim == 3 and stats.shape[1:] == (t, len(ORIGINAL_SOL_STATS)), "(N, T, 3)")
+        shapes["sol spatial"] = (
+            spatial.ndim == 4 and spatial.shape[1] == t and spatial.shape[2] == spatial.shape[3],
+            "(N, T, S, S)",
+        )
+    bad = [f"{k} should be {want} (T = len(t_buckets))" for k, (ok, want) in shapes.items() if not ok]
     counts = [e["t5_embeds"].shape[0], e["clip_pooled"].shape[0]]
     counts += [part.lune["features"].shape[0]] if part.lune is not None else []
     counts += [part.sol["stats"].shape[0], part.sol["spatial"].shape[0]] if part.sol is not None else []
