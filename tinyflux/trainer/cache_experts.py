@@ -229,7 +229,8 @@ class LuneFeatureCache:
 
 
 class SolFeatureCache:
-    """Sol teacher stats (N, T, 4) (locality, entropy, clustering, sparsity) and spatial maps (N, T, S, S)."""
+    """Sol teacher stats (N, T, n) and spatial maps (N, T, S, S). The n columns are the first n of (locality, entropy,
+    clustering, sparsity): 4 in our builds, 3 in a converted original cache (Manifest.sol_stats_names says which)."""
 
     def __init__(
         self,
@@ -242,7 +243,7 @@ class SolFeatureCache:
             raise ValueError(
                 f"stats / spatial hold {stats.shape[1]} / {spatial.shape[1]} buckets, not {len(t_buckets)}"
             )
-        self.stats = stats.to(dtype)  # (N, T, 4)
+        self.stats = stats.to(dtype)  # (N, T, n)
         self.spatial = spatial.to(dtype)  # (N, T, S, S)
         self.t_buckets = t_buckets.float().cpu()  # (T,)
 
@@ -266,7 +267,7 @@ class SolFeatureCache:
         return self.stats.shape[0]
 
     def get_features(self, indices: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) indices, (B,) timesteps -> stats (B, 4), spatial (B, S, S), float32, linear between buckets."""
+        """(B,) indices, (B,) timesteps -> stats (B, n), spatial (B, S, S), float32, linear between buckets."""
         idx, t = indices.long().cpu(), timesteps.cpu()
         return interpolate_buckets(self.stats[idx], self.t_buckets, t), interpolate_buckets(
             self.spatial[idx], self.t_buckets, t

@@ -343,6 +343,7 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
         t5_length_max=max(s["t5_length_max"] for s in sidecars),
         settings=settings,
         text_regime=settings.get("text_regime", "masked"),
+        sol_stats_names=list(settings.get("sol_stats_names", SOL_STATS)),
         tinyflux_version=tinyflux_version(),
     )
 
@@ -416,6 +417,19 @@ def _mismatches(manifest: Manifest, config: TinyFluxConfig) -> list[tuple[str, A
             continue
         if getattr(config, name) != cache_value:
             out.append((name, cache_value, getattr(config, name)))
+    return out + _regime_mismatches(manifest, config)
+
+
+def _regime_mismatches(manifest: Manifest, config: TinyFluxConfig) -> list[tuple[str, Any, Any]]:
+    """What the text regime and the Sol statistic columns demand: the same regime, and at least the columns the model
+    reads (its first sol_num_stats of SOL_STATS). A converted original cache is padded and has 3 columns."""
+    out: list[tuple[str, Any, Any]] = []
+    if manifest.text_regime != config.text_regime:
+        out.append(("text_regime", manifest.text_regime, config.text_regime))
+    if config.use_sol_prior and manifest.has_sol:
+        names, n = tuple(manifest.sol_stats_names), config.sol_num_stats
+        if names[:n] != SOL_STATS[:n]:
+            out.append(("sol_num_stats", names, n))
     return out
 
 
@@ -425,6 +439,17 @@ def _fix_for(name: str, cache_value: Any, model_value: Any) -> str:
         return f"rebuild the cache with `--t5_layers {layers}` (or the --model_preset whose t5_layers these are)"
     if name == "patch_size":
         return "rebuild the cache at a --resolution whose latent side (resolution / 8) the patch size divides"
+    if name == "text_regime" and cache_value == "padded":
+        return "use a model with text_regime='padded' (the deep preset), or rebuild the cache from the images"
+    if name == "text_regime":
+        return (
+            "rebuild the cache with --text_regime padded (all 128 T5 states), or use a model with text_regime='masked'"
+        )
+    if name == "sol_num_stats":
+        return (
+            f"use a model with sol_num_stats={len(cache_value)} or fewer (it reads the first columns), or rebuild the "
+            f"cache with build_cache.py, which computes all {len(SOL_STATS)} ({', '.join(SOL_STATS)})"
+        )
     return "rebuild the cache with encoders / experts of that width (--zoo or the per-model source flags)"
 
 

@@ -2,7 +2,8 @@
 
 A batch is a dict (the contract the trainer reads): "latents" (B, C, H, W), "t5_embeds" (B, L, K, D) zero-padded to the
 longest in the batch, "t5_mask" (B, L) bool (True = real token), "clip_pooled" (B, P), "lune" (B, T, lune_dim),
-"sol_stats" (B, T, 4), "sol_spatial" (B, T, S, S) (absent when the cache has none), "t_buckets" (T,), "index" (B,)
+"sol_stats" (B, T, n) (n = len(manifest.sol_stats_names): 4, or 3 in a converted original cache), "sol_spatial"
+(B, T, S, S) (absent when the cache has none), "t_buckets" (T,), "index" (B,)
 long (the sample's position in its cache), "dataset_id" (B,) long, "caption" and "key" (lists of str). When a batch
 mixes caches with and without a teacher, that teacher's rows from caches without it are zero and "lune_mask" /
 "sol_mask" (B,) bool mark the real ones.
@@ -137,11 +138,22 @@ def _check_sources_agree(sources: list[_Source]) -> None:
             problems.append(f"t5_layers {m.t5_layers} vs {first.t5_layers}")
         if m.t_buckets != first.t_buckets:
             problems.append(f"t_buckets {m.t_buckets} vs {first.t_buckets}")
+        problems += [f"{name} {a!r} vs {b!r}" for name, a, b in _meaning(m, first) if a != b]
         if problems:
             raise CacheFormatError(
                 f"{src.cache_dir} cannot be mixed with {sources[0].cache_dir}: " + "; ".join(problems) + ". "
                 "Build every cache of one run with the same --resolution, --t5_layers and models."
             )
+
+
+def _meaning(m: Manifest, first: Manifest) -> list[tuple[str, Any, Any]]:
+    """What equal shapes do not show: the text regime, the Sol columns, and (for converted original caches, see
+    tinyflux.trainer.cache_convert) the latent convention and the teachers' timestep pairing."""
+    ours = {"latent_convention": "(mode - shift_factor) * scaling_factor", "teacher_timestep": "(1 - t) * 1000"}
+    out = [("text_regime", m.text_regime, first.text_regime)]
+    if "sol_stats" in m.fields and "sol_stats" in first.fields:
+        out.append(("sol_stats_names", m.sol_stats_names, first.sol_stats_names))
+    return out + [(k, m.settings.get(k, v), first.settings.get(k, v)) for k, v in ours.items()]
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
