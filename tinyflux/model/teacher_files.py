@@ -120,14 +120,17 @@ class TeacherFile:
         if problem:
             raise ZooError(f"cannot load the {what}: {problem}")
 
-    def summary(self, what: str, base: str) -> str:
-        """`Lune teacher: N of N tensors from FILE` or `K from FILE, N-K from BASE`, with the layout if converted."""
+    def counts(self, base: str) -> str:
+        """`N of N tensors from FILE` or `K from FILE, N-K from BASE`, with the layout when converted."""
         if self.needs_base:
             counts = f"{self.from_file} from {self.path}, {self.total - self.from_file} from {base}"
         else:
             counts = f"{self.total} of {self.total} tensors from {self.path}"
         converted = " (original SD layout, converted by diffusers)" if self.layout == ORIGINAL_LAYOUT else ""
-        return f"{what}: {counts}{converted}"
+        return counts + converted
+
+    def summary(self, what: str, base: str) -> str:
+        return f"{what}: {self.counts(base)}"
 
     def ignored_line(self, what: str) -> str:
         return f"{what}: ignored {len(self.ignored)} keys of {self.path} beyond the UNet: {_name_keys(self.ignored)}"
@@ -227,7 +230,7 @@ def check_teacher(path: str, base: str, config_folder: str | None = None, token:
     teacher = read_teacher_file(weights, unet)
     print(f"file:   {weights} ({teacher.layout} layout, {teacher.num_keys} keys)")
     print(f"config: {source} ({teacher.total} tensors)")
-    print(f"counts: {teacher.summary('teacher', base if teacher.needs_base else '-')}")
+    print(f"counts: {teacher.counts(base)}")
     if teacher.ignored:
         print(f"ignored: {_name_keys(teacher.ignored)}")
     try:
