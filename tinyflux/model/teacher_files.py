@@ -69,8 +69,9 @@ def _name_keys(keys: list[str]) -> str:
     """A few keys by name; many by prefix with counts (a whole SD checkpoint has hundreds of VAE / CLIP keys)."""
     if len(keys) <= 6:
         return ", ".join(keys)
-    groups = Counter(".".join(k.split(".")[: 3 if k.startswith(LDM_UNET_KEY) else 1]) for k in keys)
-    return ", ".join(f"{group}.* ({n})" for group, n in sorted(groups.items()))
+    groups = sorted(Counter(".".join(k.split(".")[: 3 if k.startswith(LDM_UNET_KEY) else 1]) for k in keys).items())
+    named = ", ".join(f"{group}.* ({n})" for group, n in groups[:8])
+    return named + (f" and {len(groups) - 8} more prefixes" if len(groups) > 8 else "")
 
 
 @dataclass
@@ -102,7 +103,7 @@ class TeacherFile:
         if self.from_file == 0 or 2 * self.from_file < self.candidates:
             return (
                 f"{self.path} is not a UNet for this config: only {self.from_file} of its {self.candidates} "
-                f"{self.layout} keys are tensors of the UNet (ignored: {_name_keys(self.ignored[:40])}); it must hold "
+                f"{self.layout} keys are tensors of the UNet (ignored: {_name_keys(self.ignored)}); it must hold "
                 "UNet2DConditionModel weights in diffusers names or in the original SD layout (model.diffusion_model.*)"
             )
         wrong = [(k, w.shape, self.shapes[k]) for k, w in self.tensors.items() if w.shape != self.shapes[k]]
