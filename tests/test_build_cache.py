@@ -17,10 +17,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 from safetensors.torch import load as load_tensors
+from transformers import HfArgumentParser
 
 from build_cache import main as build_cache_main
 from tests.fixtures_cache import TINY, BuiltCache
-from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
+from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, _make_zoo, build_settings, run_build
 from tinyflux.trainer.cache_encode import prepare_image
 from tinyflux.trainer.cache_format import T_BUCKETS, CacheMismatchError, check_compatible, load_manifest
 from tinyflux.trainer.data import make_stream_loader
@@ -199,6 +200,21 @@ def test_bad_sources_exit_2_with_a_message(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert "build_cache.py: error:" in err
     assert re.search(message, err), err
+
+
+def test_teacher_base_reaches_the_zoo_and_the_feature_settings(tmp_path: Path, tiny_zoo_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    argv = ["--images", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--zoo", str(tiny_zoo_path)]
+
+    def settings(*extra: str) -> tuple[str, dict]:
+        (args,) = HfArgumentParser(BuildCacheArgs).parse_args_into_dataclasses([*argv, *extra])
+        zoo = _make_zoo(args, torch.device("cpu"), torch.float32)
+        return zoo.teacher_base, build_settings(args, zoo, torch.float32)["sources"]
+
+    base, sources = settings()
+    assert base == str(tiny_zoo_path / "teacher_base") and "teacher_base" not in sources  # old caches keep their hash
+    base, sources = settings("--teacher_base", "some/base")
+    assert base == sources["teacher_base"] == "some/base"
 
 
 def test_output_that_is_a_file_is_refused(tmp_path, capsys):

@@ -24,11 +24,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from einops import rearrange
 from huggingface_hub import hf_hub_download
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
 from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.teacher_files import check_teacher, load_teacher_unet, teacher_config
 from tinyflux.model.zoo_random import SPECS, ensure_random_zoo, make_random_zoo
 from tinyflux.model.zoo_sources import (
     CLIP_MAX_LENGTH,
@@ -39,10 +39,11 @@ from tinyflux.model.zoo_sources import (
     SOL_FILENAME,
     T5_MAX_LENGTH,
     T5_REPO,
-    UNET_CONFIG_NAME,
+    TEACHER_BASE_REPO,
     VAE_REPO,
     VAE_SUBFOLDER,
     ZOO_SUBFOLDERS,
+    ZOO_TEACHER_BASE,
     ZooError,
     advice,
     check_tiny_zoo,
@@ -119,7 +120,9 @@ class ModelZoo:
 
     Loading is lazy: every encode/extract method loads what it needs; `load_*` load ahead and return the modules.
     Sources: Hub repo ids (defaults: the real models) or local paths; `zoo=PATH` overrides all four with a tiny zoo's
-    subfolders. `t5_layers` selects T5 hidden states (index i = output of layer i, 0 = embeddings, num_layers = final).
+    subfolders. `teacher_base` (default SD1.5's `unet` subfolder; with `zoo`, the zoo's teacher_base/) completes a
+    teacher file that holds part of a UNet (teacher_files.py). `t5_layers` selects T5 hidden states (index i = output
+    of layer i, 0 = embeddings, num_layers = final).
     Device "cuda" without CUDA raises ZooError rather than silently running a cache build on the CPU.
     """
 
@@ -135,6 +138,7 @@ class ModelZoo:
         zoo: str | Path | None = None,
         t5_layers: tuple[int, ...] = TinyFluxConfig().t5_layers,
         vae_subfolder: str = VAE_SUBFOLDER,
+        teacher_base: str | None = None,
         token: str | None = None,
     ):
         self.device = _check_device(device)
@@ -144,6 +148,9 @@ class ModelZoo:
             vae_repo, t5_repo, clip_repo, experts_repo = (
                 str(root / ZOO_SUBFOLDERS[name]) for name in ("vae", "t5", "clip", "experts")
             )
+            teacher_base = teacher_base or str(root / ZOO_TEACHER_BASE)
+        # Used only for a teacher file that holds part of a UNet (teacher_files.py), so it is never fetched otherwise.
+        self.teacher_base = teacher_base or TEACHER_BASE_REPO
         self.vae_repo, self.t5_repo, self.clip_repo, self.experts_repo = vae_repo, t5_repo, clip_repo, experts_repo
         self.vae_subfolder = vae_subfolder
         self.t5_layers = tuple(int(i) for i in t5_layers)
@@ -242,42 +249,21 @@ class ModelZoo:
         direct = Path(filename).expanduser()
         explicit_path = direct.is_absolute() or filename.startswith((".", "~"))
         if (explicit_path or len(direct.parts) > 1) and direct.is_file():
-            return direct, self._unet_config(direct.parent)
+            return direct, teacher_config(direct.parent)
         if explicit_path:
             raise ZooError(f"cannot load the {what}: the local file {filename!r} does not exist.\n{advice(what)}")
         source = resolve_source(self.experts_repo, what)
         if isinstance(source, Path):
-            return local_teacher_file(source, filename, what), self._unet_config(source)
+            return local_teacher_file(source, filename, what), teacher_config(source)
         with loading(what, self.experts_repo, filename):
             weights = Path(hf_hub_download(self.experts_repo, filename, token=self.token))
         return weights, dict(SD15_UNET_CONFIG)
 
-    @staticmethod
-    def _unet_config(folder: Path) -> dict[str, Any]:
-        if (folder / UNET_CONFIG_NAME).is_file():
-            return dict(UNet2DConditionModel.load_config(str(folder), config_name=UNET_CONFIG_NAME))
-        return dict(SD15_UNET_CONFIG)
-
     def _load_teacher(self, what: str, filename: str) -> UNet2DConditionModel:
         weights, config = self._teacher_files(what, filename)
-        # Built on the meta device (no random init of ~860M SD1.5 weights), then the file's tensors are assigned.
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-        with loading(what, str(weights)):
-            state = {name: w.to(self.dtype) for name, w in load_file(weights, device=str(self.device)).items()}
-        expected, found = set(unet.state_dict()), set(state)
-        if expected != found:
-            missing, unexpected = sorted(expected - found), sorted(found - expected)
-            raise ZooError(
-                f"cannot load the {what}: {weights} does not fit its UNet config: {len(missing)} of {len(expected)} "
-                f"weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
-                "It must hold a whole UNet2DConditionModel state dict in diffusers key format, for the config.json "
-                "beside it or, without one, the SD1.5 UNet config."
-            )
-        try:
-            unet.load_state_dict(state, assign=True)
-        except RuntimeError as err:  # same keys, other shapes: weights for another config
-            raise ZooError(f"cannot load the {what}: {weights} does not fit its UNet config: {err}") from err
+        unet = load_teacher_unet(
+            weights, config, what, self.teacher_base, device=self.device, dtype=self.dtype, token=self.token
+        )
         return self._freeze(unet)
 
     def unload(self, *names: str) -> None:
@@ -469,7 +455,7 @@ def _print_zoo(root: Path, what: str, seed: int) -> None:
         print(f"  {path.relative_to(root)}  ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinyflux.model.zoo", description="ModelZoo utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-tiny", help="write the offline tiny zoo (random weights, real formats)")
@@ -486,18 +472,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     random_zoo.add_argument(
         "--reuse", action="store_true", help="keep a zoo already at PATH whose marker says the same seed and size"
     )
+    check = commands.add_parser(
+        "check-teacher", help="print a teacher file's layout, where its tensors come from, and whether it loads"
+    )
+    check.add_argument("file", help="the teacher's .safetensors file")
+    check.add_argument("--teacher_base", default=TEACHER_BASE_REPO, help="base UNet for a file holding part of one")
+    check.add_argument("--config", default=None, help="folder of the UNet's config.json (default: beside the file)")
     args = parser.parse_args(argv)
+    if args.command == "check-teacher":
+        return 0 if check_teacher(args.file, args.teacher_base, args.config) else 1
     if args.command == "make-tiny":
         root = make_tiny_zoo(args.path, seed=args.seed)
         _print_zoo(root, "tiny zoo", args.seed)
         print(f"use it with ModelZoo(device='cpu', dtype=torch.float32, zoo={str(root)!r}) or --zoo {root}")
-        return
+        return 0
     spec = SPECS[args.size]
     write = ensure_random_zoo if args.reuse else make_random_zoo
     root = write(args.path, args.seed, spec=spec)
     _print_zoo(root, f"{args.size} random zoo", args.seed)
     print(f"use it with ModelZoo(zoo={str(root)!r}, t5_layers=TinyFluxConfig.preset({spec.preset!r}).t5_layers)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -33,6 +33,10 @@ T5_MAX_LENGTH = 128  # T5 tokens per prompt (padded / truncated)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
 VAE_DOWNSAMPLE = 8  # pixels per latent pixel: the Flux VAE and the tiny zoo's (four blocks, three 2x downsamplings)
 ZOO_SUBFOLDERS = {"vae": "vae", "t5": "t5", "clip": "clip", "experts": "experts"}  # a tiny zoo's layout
+# The UNet a partial teacher file is laid over, as the original project loads the experts (docs/EXPERT_CACHE.md).
+TEACHER_BASE_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TEACHER_BASE_SUBFOLDER = "unet"
+ZOO_TEACHER_BASE = "teacher_base"  # a tiny zoo's base UNet, in TEACHER_BASE_SUBFOLDER below it (older zoos lack it)
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, held here so that the teachers need no second download.
 SD15_UNET_CONFIG: dict[str, Any] = {

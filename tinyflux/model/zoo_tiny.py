@@ -6,6 +6,8 @@
     PATH/t5/       T5EncoderModel + T5 tokenizer (Unigram, <pad>/</s>/<unk>) counted on CAPTION_CORPUS
     PATH/clip/     CLIPTextModel + CLIP tokenizer (byte-level BPE learned on CAPTION_CORPUS), 77 tokens
     PATH/experts/  Lune and Sol UNet2DConditionModel weights (.safetensors, the real file names) + their config.json
+    PATH/teacher_base/unet/  a base UNet of the same config (save_pretrained), in SD1.5's repo layout: what a teacher
+                   file holding part of a UNet is laid over (teacher_files.py)
     PATH/tiny_zoo.json  what wrote it, with the seed
 
 Widths come from the `tiny` TinyFluxConfig preset, so a tiny student fits the tiny zoo's outputs. `ModelZoo(zoo=PATH)`
@@ -185,6 +187,8 @@ def make_tiny_zoo(path: str | Path, seed: int = 0) -> Path:
     unet_config = _tiny_unet_config(layout.SD15_UNET_CONFIG, tiny)
     _write_teacher(experts / layout.LUNE_FILENAME, unet_config, seed + 3).save_config(experts)
     _write_teacher(experts / layout.SOL_FILENAME, unet_config, seed + 4)
+    base = _seeded(seed + 5, lambda: UNet2DConditionModel.from_config(unet_config))
+    base.save_pretrained(root / layout.ZOO_TEACHER_BASE / layout.TEACHER_BASE_SUBFOLDER)
     info = {"written_by": "tinyflux.model.zoo make-tiny", "seed": seed, "preset": "tiny"}
     (root / "tiny_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
     return root

@@ -91,6 +91,10 @@ class BuildCacheArgs:
     t5: Optional[str] = field(default=None, metadata={"help": "T5 encoder repo id or path (default flan-t5-base)"})
     clip: Optional[str] = field(default=None, metadata={"help": "CLIP text repo id or path (default ViT-L/14)"})
     experts: Optional[str] = field(default=None, metadata={"help": "repo id or folder of the Lune / Sol weights"})
+    teacher_base: Optional[str] = field(
+        default=None,
+        metadata={"help": "base UNet under a teacher file holding part of one (default: SD1.5's unet; the zoo's)"},
+    )
     no_lune: bool = field(default=False, metadata={"help": "do not extract Lune features"})
     no_sol: bool = field(default=False, metadata={"help": "do not extract Sol features"})
     seed: int = field(default=0, metadata={"help": "seed of the teachers' noise (one for all samples)"})
@@ -229,12 +233,16 @@ def _make_zoo(args: BuildCacheArgs, device: torch.device, dtype: torch.dtype) ->
     from tinyflux.model.zoo import ModelZoo
 
     sources = {"vae_repo": args.vae, "t5_repo": args.t5, "clip_repo": args.clip, "experts_repo": args.experts}
-    sources = {k: v for k, v in sources.items() if v is not None}
+    sources = {k: v for k, v in sources.items() if v is not None} | {"teacher_base": args.teacher_base}
     return ModelZoo(device=str(device), dtype=dtype, zoo=args.zoo, t5_layers=args.layers, **sources)
 
 
 def build_settings(args: BuildCacheArgs, zoo: Any, compute_dtype: torch.dtype) -> dict[str, Any]:
     sources = {"vae": zoo.vae_repo, "t5": zoo.t5_repo, "clip": zoo.clip_repo, "experts": zoo.experts_repo}
+    if args.teacher_base:
+        # Only when given: the default base follows from the experts source, and caches built before the flag keep
+        # their feature hash. Another base can change the teachers (when a file holds part of a UNet), so it counts.
+        sources["teacher_base"] = args.teacher_base
     return feature_settings(
         resolution=args.resolution,
         t5_layers=args.layers,
