@@ -16,6 +16,7 @@ is a few integers per worker and a restored stream yields exactly the samples th
 from __future__ import annotations
 
 import logging
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -29,7 +30,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import CacheFormatError, Manifest, check_compatible, decode_sample, load_manifest
+from tinyflux.trainer.cache_format import (
+    CacheFormatError,
+    Manifest,
+    check_compatible,
+    decode_sample,
+    load_manifest,
+    repair_hint,
+    verify_shard,
+)
 from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -114,6 +123,8 @@ class _Source:
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise CacheFormatError(f"{cache_dir}: {len(missing)} shard(s) in the manifest are missing: {missing[:3]}")
+        for path, entry in zip(paths, manifest.shards, strict=True):  # sizes now (a stat each); hashes as read
+            verify_shard(path, entry, cache_dir, hash_bytes=False)
         counts = [int(s["count"]) for s in manifest.shards]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         return cls(str(cache_dir), manifest, paths, counts, offsets)
@@ -187,6 +198,7 @@ class StreamingCacheDataset(IterableDataset):
         pad_to: int | None = None,
         dtype: torch.dtype = torch.float32,
         model_config: TinyFluxConfig | None = None,
+        verify_shards: bool = True,
     ):
         dirs = [sources] if isinstance(sources, (str, Path)) else list(sources)
         if not dirs:
@@ -208,6 +220,8 @@ class StreamingCacheDataset(IterableDataset):
         self.num_workers = num_workers  # DataLoader worker processes; 0 = the main process, one logical worker
         self.layout_workers = max(1, num_workers)
         self.infinite, self.pad_to, self.dtype = infinite, pad_to, dtype
+        self.verify_shards = verify_shards
+        self._verified: set[tuple[int, int]] = set()  # (cache, shard) hashed by this process (each worker has its own)
         self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
         for src, n in zip(self.sources, self.per_worker, strict=True):
             if n == 0:
@@ -260,18 +274,38 @@ class StreamingCacheDataset(IterableDataset):
                 pos += src.counts[k]
                 if lo >= hi:
                     continue
+                self._verify(sid, int(k))
                 samples = wds.tarfile_samples([{"url": src.paths[k]}])
-                for i, raw in enumerate(islice(samples, hi)):
-                    if i >= lo:
-                        yield src.offsets[k] + i, raw
+                try:
+                    for i, raw in enumerate(islice(samples, hi)):
+                        if i >= lo:
+                            yield src.offsets[k] + i, raw
+                except (tarfile.TarError, OSError) as e:  # unverified (verify_shards=False) and damaged
+                    raise CacheFormatError(
+                        f"shard {src.paths[k]} cannot be read ({type(e).__name__}: {e}); {repair_hint(src.cache_dir)}"
+                    ) from e
                 if pos >= start + n:
                     return
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
 
+    def _verify(self, sid: int, shard: int) -> None:
+        """Hash a shard against the manifest the first time this process (DataLoader worker) opens it. Reading it
+        twice costs little: the parse that follows reads it from the page cache (bench/NOTES.md has the figure)."""
+        if self.verify_shards and (sid, shard) not in self._verified:
+            src = self.sources[sid]
+            verify_shard(src.paths[shard], src.manifest.shards[shard], src.cache_dir)
+            self._verified.add((sid, shard))
+
     def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
-        sample = decode_sample(raw)
+        try:
+            sample = decode_sample(raw)
+        except Exception as e:  # missing members, safetensors, JSON or UTF-8 errors of a damaged, unverified shard
+            why = str(e) if isinstance(e, CacheFormatError) else f"{type(e).__name__}: {e}"
+            raise CacheFormatError(
+                f"shard {raw.get('__url__')} cannot be decoded ({why}); {repair_hint(self.sources[sid].cache_dir)}"
+            ) from e
         sample.pop("meta")
         sample.update(index=index, dataset_id=sid, t_buckets=torch.tensor(self.sources[sid].manifest.t_buckets))
         return sample
@@ -427,6 +461,7 @@ def make_stream_loader(
     pin_memory: bool = False,
     pad_to: int | None = None,
     dtype: torch.dtype = torch.float32,
+    verify_shards: bool = True,
 ) -> StreamingLoader:
     """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
 
@@ -447,6 +482,7 @@ def make_stream_loader(
         pad_to=pad_to,
         dtype=dtype,
         model_config=model_config,
+        verify_shards=verify_shards,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
 
@@ -468,4 +504,5 @@ def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
         model_config=model_config,
         pin_memory=torch.cuda.is_available(),
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
+        verify_shards=trainer.verify_shards,
     )
