@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import webdataset as wds
 from PIL import Image
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.trainer.cache_encode import (
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class BuildError(ValueError):
+class BuildError(TinyFluxError, ValueError):
     """A cache build that cannot start: bad arguments, or an output directory built with other settings."""
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from tinyflux.errors import TinyFluxError
+
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
@@ -44,7 +46,7 @@ _NAME = re.compile(r"^(step|epoch)_(\d+)$")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TinyFluxError, RuntimeError):
     """A checkpoint that cannot be found, read or written."""
 
 
