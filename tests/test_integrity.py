@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_cache import BuiltCache
 from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
 from tinyflux.trainer.cache_format import CacheFormatError, load_manifest
 from tinyflux.trainer.data import make_stream_loader
-from tests.fixtures_cache import BuiltCache
 
 
 def _flip_byte(path: Path, offset: int = 700) -> None:
@@ -27,7 +27,9 @@ def _drain(cache: Path, num_workers: int = 0, **kwargs) -> int:  # noqa: ANN003
     return sum(len(batch["key"]) for batch in loader)
 
 
-def test_a_build_rerun_rebuilds_a_same_size_corrupted_shard(built_cache: BuiltCache, tmp_path: Path, one_thread) -> None:  # noqa: ANN001
+def test_a_build_rerun_rebuilds_a_same_size_corrupted_shard(
+    built_cache: BuiltCache, tmp_path: Path, one_thread
+) -> None:  # noqa: ANN001
     output = tmp_path / "cache"
     shutil.copytree(built_cache.output, output)
     shard = output / "shards/shard-000001.tar"
@@ -77,7 +79,10 @@ def test_an_unverified_truncated_shard_is_a_cache_format_error_not_a_read_error(
 
 
 def test_a_full_disk_during_a_build_is_one_message_and_leaves_no_tmp(
-    built_cache: BuiltCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread  # noqa: ANN001
+    built_cache: BuiltCache,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread,  # noqa: ANN001
 ) -> None:
     from webdataset import TarWriter
 

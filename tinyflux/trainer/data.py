@@ -32,6 +32,7 @@ from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import (
     CacheFormatError,
+    CacheMismatchError,
     Manifest,
     check_compatible,
     decode_sample,
@@ -424,7 +425,7 @@ class StreamingLoader:
         (with another world size or worker count the interrupted pass's remainder is skipped, nothing repeated)."""
         layout, now = state["layout"], self._layout()
         if layout["sources"] != now["sources"]:
-            raise ValueError(
+            raise CacheMismatchError(
                 f"the saved data state is for caches {layout['sources']}, this loader reads {now['sources']} "
                 "(feature_hash:num_samples): resume with the same --cache directories, or start a new run"
             )
