@@ -63,6 +63,10 @@ class BuildCacheArgs:
 
     output: str = field(metadata={"help": "cache directory to write (shards/, manifest.json, report.json)"})
     images: Optional[str] = field(default=None, metadata={"help": "folder of images with same-stem .txt captions"})
+    follow_symlinks: bool = field(
+        default=False,
+        metadata={"help": "--images: also read symlinks to files outside the folder (default: skip them)"},
+    )
     dataset: Optional[str] = field(
         default=None, metadata={"help": "a `datasets` dataset: Hub name, or a local save_to_disk / data directory"}
     )
