@@ -97,3 +97,13 @@ def test_a_full_disk_during_a_build_is_one_message_and_leaves_no_tmp(
     assert not list(output.rglob("*.tmp"))
     with pytest.raises(CacheFormatError, match="no manifest"):
         load_manifest(output)
+
+
+def test_each_shard_is_hashed_once_per_run_not_once_per_pass(synthetic_shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    loader = make_stream_loader(cache, batch_size=4, num_workers=1, rank=0, world_size=1)
+    assert sum(len(b["key"]) for b in loader) == 37
+    assert loader.dataset.verified == {(0, k) for k in range(8)}  # reported back by the worker process
+    _flip_byte(cache / "shards/shard-000003.tar")  # after the check: the next pass's new workers do not hash again
+    assert sum(len(b["key"]) for b in loader) == 37

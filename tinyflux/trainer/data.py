@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -222,7 +223,11 @@ class StreamingCacheDataset(IterableDataset):
         self.layout_workers = max(1, num_workers)
         self.infinite, self.pad_to, self.dtype = infinite, pad_to, dtype
         self.verify_shards = verify_shards
-        self._verified: set[tuple[int, int]] = set()  # (cache, shard) hashed by this process (each worker has its own)
+        # (cache, shard) pairs already hashed: StreamingLoader hands the ones its workers reported to the next
+        # pass's workers, so each shard is hashed once per run, not once per epoch (workers restart every pass)
+        self.verified: set[tuple[int, int]] = set()
+        self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
+        self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
         self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
         for src, n in zip(self.sources, self.per_worker, strict=True):
             if n == 0:
@@ -268,14 +273,18 @@ class StreamingCacheDataset(IterableDataset):
         start = self.rank * (src.manifest.num_samples // self.world_size) + worker * n
         order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
 
+        spans = []  # (shard, first, end) of the samples this worker reads, in order
+        pos = 0  # position of the current shard's first sample in this epoch's order
+        for k in order:
+            lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
+            pos += src.counts[k]
+            if lo < hi:
+                spans.append((int(k), lo, hi))
+            if pos >= start + n:
+                break
+
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
-            pos = 0  # position of the current shard's first sample in this epoch's order
-            for k in order:
-                lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
-                pos += src.counts[k]
-                if lo >= hi:
-                    continue
-                self._verify(sid, int(k))
+            for k, lo, hi in self._verified_ahead(sid, spans):
                 samples = wds.tarfile_samples([{"url": src.paths[k]}])
                 try:
                     for i, raw in enumerate(islice(samples, hi)):
@@ -285,19 +294,36 @@ class StreamingCacheDataset(IterableDataset):
                     raise CacheFormatError(
                         f"shard {src.paths[k]} cannot be read ({type(e).__name__}: {e}); {repair_hint(src.cache_dir)}"
                     ) from e
-                if pos >= start + n:
-                    return
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
 
-    def _verify(self, sid: int, shard: int) -> None:
-        """Hash a shard against the manifest the first time this process (DataLoader worker) opens it. Reading it
-        twice costs little: the parse that follows reads it from the page cache (bench/NOTES.md has the figure)."""
-        if self.verify_shards and (sid, shard) not in self._verified:
-            src = self.sources[sid]
-            verify_shard(src.paths[shard], src.manifest.shards[shard], src.cache_dir)
-            self._verified.add((sid, shard))
+    def _verified_ahead(self, sid: int, spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
+        """The spans, each once its shard matches its manifest sha256 (first open in the run only). The next shard is
+        hashed in a thread while this one is parsed (hashlib releases the GIL), so on a machine with a spare core the
+        hash costs the reader little. Cost: bench/NOTES.md, 2026-12-05."""
+        src = self.sources[sid]
+        pending: dict[int, Future] = {}
+
+        def start(k: int) -> None:
+            if self.verify_shards and (sid, k) not in self.verified and k not in pending:
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tinyflux-shard-hash")
+                pending[k] = self._hasher.submit(verify_shard, src.paths[k], src.manifest.shards[k], src.cache_dir)
+
+        for i, span in enumerate(spans):
+            k = span[0]
+            start(k)
+            if i + 1 < len(spans):
+                start(spans[i + 1][0])
+            if k in pending:
+                pending.pop(k).result()  # raises the shard's CacheFormatError here, before any of its samples
+                self.verified.add((sid, k))
+                self._newly_verified.append((sid, k))
+            yield span
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_hasher": None}  # a thread pool does not pickle into DataLoader workers
 
     def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -340,6 +366,8 @@ class StreamingCacheDataset(IterableDataset):
             position += size
             batch = collate_fn(samples, self.pad_to, self.dtype)
             batch["stream_position"] = torch.tensor([worker, position])
+            batch["verified_shards"] = torch.tensor(self._newly_verified, dtype=torch.long).view(-1, 2)
+            self._newly_verified.clear()
             yield batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -391,6 +419,7 @@ class StreamingLoader:
         )
         for batch in loader:
             worker, position = batch.pop("stream_position").tolist()
+            ds.verified.update((int(s), int(k)) for s, k in batch.pop("verified_shards").tolist())
             self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
             yield batch
 
