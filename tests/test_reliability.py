@@ -173,3 +173,14 @@ def test_a_grid_of_8_px_samples_has_room_for_its_captions() -> None:
     tiles = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
     grid = captioned_grid(tiles, ["a cat on a sofa", "b", "a long caption that wraps"])
     assert grid.width == 16 and grid.getpixel((0, 0)) == (255, 0, 0) and grid.getpixel((8, 0)) == (0, 0, 255)
+
+
+def test_the_reliability_table_names_real_tests_and_the_readme_counts_its_rows() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [line for line in (root / "docs/RELIABILITY.md").read_text().splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert [int(row.split("|")[1]) for row in rows] == list(range(1, len(rows) + 1))
+    for file, name in re.findall(r"`(test_\w+\.py)::(test_\w+)", "\n".join(rows)):
+        assert f"def {name}(" in (root / "tests" / file).read_text(), f"{file}::{name} is not a test"
+    assert f"docs/RELIABILITY.md): {len(rows)} faults and bad inputs" in (root / "README.md").read_text()
