@@ -9,12 +9,12 @@ whole on every process (FSDP2 then shards it like the parameters), and accelerat
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
 from safetensors import SafetensorError
 
 from tinyflux.model.loader import CONFIG_NAME, save_model
@@ -22,7 +22,8 @@ from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.ema import EMA
 
-logger = logging.getLogger(__name__)
+# accelerate's adapter logs on the main process only: a checkpoint is saved or resumed once per run, not per process
+logger = get_logger(__name__)
 ENGINE_WORDS = {
     "whole": "one process or DDP",
     "fsdp2": "FSDP2 (accelerate_configs/fsdp.yaml)",
