@@ -216,6 +216,8 @@ def feature_settings(
         "format_version": FORMAT_VERSION,
         "resolution": int(resolution),
         "resize": "shorter side to resolution (Lanczos), centre crop",
+        # the decoding rules of cache_encode.to_rgb8: a cache decoded by other rules is not finished with these
+        "decode": "EXIF orientation; 16-bit and I / 65535, F as 0..1, alpha onto white, else PIL's RGB",
         "t5_layers": [int(i) for i in t5_layers],
         "t_buckets": [float(t) for t in t_buckets],  # float32 values, exact in JSON
         "seed": int(seed),
