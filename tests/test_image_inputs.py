@@ -132,3 +132,12 @@ def test_symlinks_out_of_images_and_non_utf8_captions_are_skipped(tmp_path: Path
     followed = _outcomes(folder_items(root, follow_symlinks=True))
     assert followed["linked_caption"] == "a private note" and followed["linked_image"] == "caption of linked_image"
     assert followed["latin1"] == BAD_CAPTION_ENCODING  # never decoded with replacement characters
+
+
+def test_caption_bytes_are_strict_utf8_with_the_bom_dropped() -> None:
+    from tinyflux.trainer.cache_encode import check_caption
+
+    assert check_caption("\ufeffa caf\u00e9".encode()) == "a caf\u00e9"  # a .txt saved by Notepad, or a tar member
+    with pytest.raises(SkippedInput) as info:
+        check_caption("caf\xe9".encode("latin-1"))
+    assert info.value.reason == BAD_CAPTION_ENCODING and "byte 3" in info.value.detail
