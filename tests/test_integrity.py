@@ -107,3 +107,15 @@ def test_each_shard_is_hashed_once_per_run_not_once_per_pass(synthetic_shards: P
     assert loader.dataset.verified == {(0, k) for k in range(8)}  # reported back by the worker process
     _flip_byte(cache / "shards/shard-000003.tar")  # after the check: the next pass's new workers do not hash again
     assert sum(len(b["key"]) for b in loader) == 37
+
+
+def test_a_loader_read_in_process_then_with_workers_still_hashes(synthetic_shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    loader = make_stream_loader(cache, batch_size=4, num_workers=0, rank=0, world_size=1)
+    next(iter(loader))  # the hash thread now exists in this process; a forked worker would inherit it dead
+    loader.dataset.num_workers = loader.dataset.layout_workers = 1
+    loader.dataset.verified.clear()
+    _flip_byte(cache / "shards/shard-000005.tar")
+    with pytest.raises(CacheFormatError, match="shard-000005.tar is damaged"):  # and does not hang
+        sum(1 for _ in loader)

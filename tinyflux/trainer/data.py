@@ -16,6 +16,7 @@ is a few integers per worker and a restored stream yields exactly the samples th
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -228,6 +229,7 @@ class StreamingCacheDataset(IterableDataset):
         self.verified: set[tuple[int, int]] = set()
         self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
         self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
+        self._hasher_pid = 0  # the process whose thread that is
         self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
         for src, n in zip(self.sources, self.per_worker, strict=True):
             if n == 0:
@@ -307,8 +309,9 @@ class StreamingCacheDataset(IterableDataset):
 
         def start(k: int) -> None:
             if self.verify_shards and (sid, k) not in self.verified and k not in pending:
-                if self._hasher is None:
+                if self._hasher is None or self._hasher_pid != os.getpid():  # a forked worker inherits no threads
                     self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tinyflux-shard-hash")
+                    self._hasher_pid = os.getpid()
                 pending[k] = self._hasher.submit(verify_shard, src.paths[k], src.manifest.shards[k], src.cache_dir)
 
         for i, span in enumerate(spans):
