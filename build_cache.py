@@ -14,9 +14,9 @@ import sys
 
 from transformers import HfArgumentParser
 
+from tinyflux.errors import TinyFluxError, message
 from tinyflux.model.zoo import ZooError
-from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
-from tinyflux.trainer.cache_format import CacheFormatError
+from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = HfArgumentParser(BuildCacheArgs).parse_args_into_dataclasses(argv)
         run_build(args)
-    except (BuildError, ZooError, CacheFormatError) as e:
-        print(f"build_cache.py: error: {e}", file=sys.stderr)
+    except (TinyFluxError, ZooError) as e:  # ZooError: tinyflux.model's, not yet under TinyFluxError
+        print(f"build_cache.py: error: {message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from transformers import HfArgumentParser
 
+from tinyflux.errors import TinyFluxError, message, os_error_message
 from tinyflux.model import zoo as zoo_sources
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.zoo import ModelZoo, ZooError
@@ -34,7 +35,10 @@ from tinyflux.util.dtypes import parse_dtype
 @dataclass
 class SampleArgs:
     model: str = field(metadata={"help": "model source: .safetensors / .pt file, directory, or Hub id user/repo[:sub]"})
-    prompt: list[str] = field(default_factory=list, metadata={"help": "one or more prompts"})
+    prompt: list[str] = field(
+        default_factory=list,  # "extend": --prompt A --prompt B keeps both, as --prompt A B does
+        metadata={"help": "one or more prompts (the flag may be repeated)", "action": "extend"},
+    )
     prompts_file: str | None = field(default=None, metadata={"help": "text file with one prompt per line"})
     negative_prompt: str = field(
         default=sampling.DEFAULT_NEGATIVE_PROMPT, metadata={"help": 'CFG negative prompt; "" = the null conditioning'}
@@ -70,7 +74,7 @@ class SampleArgs:
     dtype: str = field(default="auto", metadata={"help": "auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16"})
 
 
-class UsageError(ValueError):
+class UsageError(TinyFluxError, ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
@@ -119,6 +123,8 @@ def latent_size(pixels: int, name: str, patch_size: int) -> int:
 def main(args: SampleArgs) -> list[str]:
     """Generate and save; returns the written paths (grid first)."""
     prompts = read_prompts(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a file; --output names a directory for the grid and the images")
     device, dtype = resolve_device(args)
     config = load_config(args.config) if args.config else None
     model = load_model(args.model, config=config, device=device, dtype=dtype)
@@ -158,9 +164,12 @@ def cli(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(SampleArgs).parse_args_into_dataclasses(args=argv)
     try:
         paths = main(args)
-    except (UsageError, LoadError, ZooError, FileNotFoundError, ValueError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+    except (TinyFluxError, LoadError, ZooError, FileNotFoundError, ValueError) as e:
+        print(f"sample.py: error: {message(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing the images: a full disk, a read-only --output
+        print(f"sample.py: error: {os_error_message(e, 'writing the samples')}", file=sys.stderr)
+        return 1
     for path in paths:
         print(path)
     return 0

@@ -52,6 +52,7 @@ def reader_rate(
     dtype: torch.dtype,
     pin: bool,
     rounds: int,
+    verify: bool = True,
 ) -> float:
     """Samples/s the stream yields to the training process, fastest of `rounds` windows of `batches` batches after
     `skip` start-up batches (an infinite stream: no epoch ends)."""
@@ -66,6 +67,7 @@ def reader_rate(
         model_config=cfg,
         pin_memory=pin,
         dtype=dtype,
+        verify_shards=verify,
     )
     stream = iter(loader)
     for _ in islice(stream, skip):
@@ -76,6 +78,20 @@ def reader_rate(
         count = sum(b["latents"].shape[0] for b in islice(stream, batches))
         best = max(best, count / (time.perf_counter() - start))
     return best
+
+
+def first_pass_rate(
+    cache_dir: str, cfg: TinyFluxConfig, batch: int, workers: int, dtype: torch.dtype, pin: bool, verify: bool
+) -> float:
+    """Samples/s of one whole pass from a fresh loader, start-up, shuffle-buffer fill and (verify) the hash of every
+    shard included: the pass that pays for shard verification (later passes of the run skip hashed shards)."""
+    loader = make_stream_loader(
+        cache_dir, batch_size=batch, num_workers=workers, seed=0, rank=0, world_size=1, model_config=cfg,
+        pin_memory=pin, dtype=dtype, verify_shards=verify,
+    )  # fmt: skip
+    start = time.perf_counter()
+    count = sum(b["latents"].shape[0] for b in loader)
+    return count / (time.perf_counter() - start)
 
 
 def step_rate(
@@ -114,6 +130,12 @@ def main() -> None:
     ap.add_argument("--measure_step", action="store_true", help="measure the Trainer step here (bench_train.py)")
     ap.add_argument("--step_steps", type=int, default=10, help="timed steps of --measure_step")
     ap.add_argument("--compile", action="store_true", help="--measure_step with each block compiled")
+    ap.add_argument(
+        "--verify_shards", nargs="+", default=["on"], choices=["on", "off"],
+        help="sha256 of each shard as a worker opens it (on), or not (off); a fresh loader hashes in its first pass, "
+        "so time it with --rounds 1",
+    )  # fmt: skip
+    ap.add_argument("--first_pass", action="store_true", help="time whole first passes (fresh loaders) instead")
     ap.add_argument("--workdir", default=None, help="keep the synthetic caches here (default: a temp dir)")
     add_device_args(ap)
     args = ap.parse_args()
@@ -132,12 +154,20 @@ def main() -> None:
             consumes = step_rate(args, cfg, latent, device, dtype)
             for batch_dtype in args.batch_dtype:
                 for w in args.workers:
-                    rate = reader_rate(
-                        str(cache), cfg, args.batch, w, args.batches, max(2 * w, 2), parse_dtype(batch_dtype), pin,
-                        args.rounds,
-                    )  # fmt: skip
-                    name = f"{latent * 8}px ({size:.0f} KiB/sample), {w} workers, {batch_dtype} batches"
-                    rows.append(Row(name, rate, consumes, "samples/s"))
+                    for verify in args.verify_shards:
+                        if args.first_pass:
+                            rate = max(
+                                first_pass_rate(str(cache), cfg, args.batch, w, parse_dtype(batch_dtype), pin,
+                                                verify == "on")
+                                for _ in range(args.rounds)
+                            )  # fmt: skip
+                        else:
+                            rate = reader_rate(
+                                str(cache), cfg, args.batch, w, args.batches, max(2 * w, 2), parse_dtype(batch_dtype),
+                                pin, args.rounds, verify == "on",
+                            )  # fmt: skip
+                        name = f"{latent * 8}px ({size:.0f} KiB/sample), {w} workers, {batch_dtype} batches"
+                        rows.append(Row(f"{name}, verify {verify}", rate, consumes, "samples/s"))
     source = "--step_rate" if args.step_rate else ("measured Trainer step" if args.measure_step else "issue target")
     title = (
         f"Streaming reader vs the step's consumption: preset={args.preset} batch={args.batch} text={args.text_len} "

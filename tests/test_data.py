@@ -150,7 +150,7 @@ def test_the_training_script_streams_batches_in_the_caches_storage_dtype(synthet
 
     args = SimpleNamespace(
         script=SimpleNamespace(cache=[str(synthetic_shards)], cache_weights=None),
-        trainer=SimpleNamespace(batch_size=4, num_workers=0, seed=3, shuffle_buffer=6),
+        trainer=SimpleNamespace(batch_size=4, num_workers=0, seed=3, shuffle_buffer=6, verify_shards=True),
     )
     stored = next(iter(build_loader(args, TINY)))
     wide = next(iter(make_stream_loader(synthetic_shards, batch_size=4, seed=3, shuffle_buffer=6, model_config=TINY)))

@@ -199,6 +199,8 @@ def test_two_processes_give_the_same_weights_as_one_with_the_same_global_batch(c
         env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the main process's lines only, not one per process
+    assert result.stderr.count("final checkpoint: ") == 1 and result.stderr.count(" saved ") == 1
     two = tmp_path / "two" / "checkpoints" / "step_0000004"
     assert json.loads((two / ckpt.TRAINER_STATE).read_text())["samples_seen"] == one.progress.samples_seen
     assert_same_weights(one.last_checkpoint, two, atol=1e-6)

@@ -22,11 +22,12 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 
 
-class ArgsError(ValueError):
+class ArgsError(TinyFluxError, ValueError):
     """A command line or YAML config that cannot be turned into a run, with what to change."""
 
 
@@ -176,7 +177,54 @@ def load_yaml(path: str) -> dict[str, Any]:
         )
     if "config" in values:
         raise ArgsError(f"--config {path}: a config file cannot name another config file")
+    problems = [f"{key}: {problem}" for key, value in values.items() if (problem := _yaml_type_problem(key, value))]
+    if problems:
+        raise ArgsError(f"--config {path}: " + "; ".join(problems))
     return values
+
+
+def _field_types() -> dict[str, Any]:
+    return {
+        name: tp
+        for cls in (ScriptArgs, TrainerConfig, TinyFluxConfig)
+        for name, tp in typing.get_type_hints(cls).items()
+    }
+
+
+def _type_name(tp: Any) -> str:
+    if _is_optional(tp):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner)} or null"
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, "a dtype name")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a YAML value has the field's type (argparse never sees YAML values, so nothing converts them)."""
+    if _is_optional(tp):
+        return value is None or _fits(value, next(a for a in typing.get_args(tp) if a is not type(None)))
+    if typing.get_origin(tp) in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, str) and tp in (int, float):  # YAML reads 1e-4 (no dot) as a string; argparse converts it
+        try:
+            value = tp(value)
+        except ValueError:
+            return False
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # NaN passes every `x <= 0` range check, so it is refused here
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if tp is str or tp is torch.dtype:
+        return isinstance(value, str)
+    return True
+
+
+def _yaml_type_problem(key: str, value: Any) -> str | None:
+    tp = _field_types()[key]
+    return None if _fits(value, tp) else f"{value!r} is not {_type_name(tp)}"
 
 
 def _normalise_resume(argv: list[str]) -> list[str]:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_experts import interpolate_buckets
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.schedules import sample_timesteps
 
 
-class BatchMismatchError(ValueError):
+class BatchMismatchError(TinyFluxError, ValueError):
     """Training data whose tensors do not fit the model config."""
 
 

@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from tinyflux.errors import os_error_message
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.cache_encode import DUPLICATE_KEY, SkippedInput, encode_batch
@@ -62,6 +63,10 @@ class BuildCacheArgs:
 
     output: str = field(metadata={"help": "cache directory to write (shards/, manifest.json, report.json)"})
     images: Optional[str] = field(default=None, metadata={"help": "folder of images with same-stem .txt captions"})
+    follow_symlinks: bool = field(
+        default=False,
+        metadata={"help": "--images: also read symlinks to files outside the folder (default: skip them)"},
+    )
     dataset: Optional[str] = field(
         default=None, metadata={"help": "a `datasets` dataset: Hub name, or a local save_to_disk / data directory"}
     )
@@ -323,15 +328,24 @@ def _start_output(output: Path, settings: dict[str, Any], accelerator: Any) -> N
 def run_build(args: BuildCacheArgs) -> Manifest | None:
     """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
     accelerator = _make_accelerator(args)
-    rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compute_dtype = auto_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
     zoo = _make_zoo(args, device, compute_dtype)
     settings = build_settings(args, zoo, compute_dtype)
     output = Path(args.output)
-    _start_output(output, settings, accelerator)
+    try:
+        return _build(args, accelerator, zoo, settings, output)
+    except OSError as e:  # a full disk or a read-only output: one line with the errno, and what a re-run keeps
+        raise BuildError(
+            os_error_message(e, f"writing the cache {output}")
+            + ". Then re-run the same command: complete shards are kept, the interrupted one is rebuilt"
+        ) from e
 
+
+def _build(args: BuildCacheArgs, accelerator: Any, zoo: Any, settings: dict[str, Any], output: Path) -> Manifest | None:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    _start_output(output, settings, accelerator)
     items, total = list_inputs(args)
     bar = tqdm(
         total=_owned_inputs(total, args.shard_size, rank, world),

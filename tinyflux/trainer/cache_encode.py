@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tinyflux.trainer.cache_format import T_BUCKETS
 
@@ -30,6 +31,12 @@ MISSING_CAPTION = "missing_caption"  # no same-stem .txt, or no caption in the r
 EMPTY_CAPTION = "empty_caption"  # caption is empty or whitespace only
 TOO_SMALL = "too_small"  # shorter side below resolution / 2
 DUPLICATE_KEY = "duplicate_key"  # a second input with the same sample key (e.g. a.png and a.jpg)
+BAD_CAPTION_ENCODING = "bad_caption_encoding"  # caption bytes that are not UTF-8 (never replaced with U+FFFD)
+UNSUPPORTED_MODE = "unsupported_mode"  # an image mode PIL cannot convert to RGB (LAB, multi-band TIFF, ...)
+OUTSIDE_IMAGES = "outside_images"  # an image or caption that resolves (symlink) outside --images
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+_16_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class SkippedInput(Exception):
@@ -55,28 +62,54 @@ def check_caption(caption: str | bytes | None) -> str:
     if caption is None:
         raise SkippedInput(MISSING_CAPTION, "no caption")
     if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", errors="replace")
+        try:
+            caption = caption.decode("utf-8-sig")  # UTF-8; a leading byte-order mark is dropped
+        except UnicodeDecodeError as e:
+            raise SkippedInput(
+                BAD_CAPTION_ENCODING, f"caption is not UTF-8 (byte {e.start}: {caption[e.start : e.start + 4]!r})"
+            ) from e
     caption = str(caption).strip()
     if not caption:
         raise SkippedInput(EMPTY_CAPTION, "caption is empty")
     return caption
 
 
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB by a stated rule per mode (docs/CACHE_FORMAT.md, "Image modes"); SkippedInput when none applies.
+
+    16-bit grayscale (I;16*) and 32-bit integer (I) are read as 0..65535 and scaled by 255 / 65535; float (F) as
+    0..1, clipped; alpha (RGBA, LA, PA, RGBa, La, P with transparency) is composited onto BACKGROUND; CMYK, palette,
+    1-bit, YCbCr and the rest go through PIL's own conversion (CMYK without its ICC profile).
+    """
+    if image.mode in (*_16_BIT, "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if image.mode == "F" else 65535.0  # PIL's convert("L") would clip at 255: almost white
+        gray = (np.clip(pixels / scale, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")  # (H, W) uint8: mode L
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    try:
+        return image.convert("RGB")
+    except ValueError as e:  # e.g. LAB: PIL has no direct conversion
+        raise SkippedInput(UNSUPPORTED_MODE, f"image mode {image.mode} cannot be converted to RGB ({e})") from e
+
+
 def prepare_image(image: Image.Image, resolution: int, min_side: int | None = None) -> Image.Image:
-    """RGB, shorter side resized to `resolution` (Lanczos), centre-cropped to resolution x resolution.
+    """EXIF orientation applied, 8-bit RGB (to_rgb8), shorter side resized to `resolution` (Lanczos), centre-cropped
+    to resolution x resolution.
 
     Raises SkippedInput(TOO_SMALL) when the shorter side is below `min_side` (default resolution // 2): upscaling
-    further would cache mostly interpolation blur. Transparent pixels become white.
+    further would cache mostly interpolation blur.
     """
     min_side = resolution // 2 if min_side is None else min_side
     w, h = image.size
     if min(w, h) < min_side:
         raise SkippedInput(TOO_SMALL, f"{w}x{h}: shorter side < {min_side} (resolution {resolution} / 2)")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    image = image.convert("RGB")
+    image = to_rgb8(ImageOps.exif_transpose(image))  # phone photos are stored sideways with orientation 6 or 8
+    w, h = image.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.LANCZOS)

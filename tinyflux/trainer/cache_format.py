@@ -21,6 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from webdataset import TarWriter
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, SOL_STATS, TinyFluxConfig
 from tinyflux.util.dtypes import dtype_name
 
@@ -38,11 +39,11 @@ SAMPLE_TENSORS = ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "s
 _TAR_FIELDS = dict(user="tinyflux", group="tinyflux", mode=0o444, mtime=0)  # int: a float mtime costs a pax header
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(TinyFluxError, ValueError):
     """A cache directory or shard that cannot be read as a TinyFlux cache."""
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(TinyFluxError, ValueError):
     """A cache whose features do not fit the model config (see check_compatible)."""
 
 
@@ -57,6 +58,35 @@ def shard_path(cache_dir: str | Path, index: int) -> Path:
 
 def sidecar_path(tar_path: str | Path) -> Path:
     return Path(tar_path).with_suffix(".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def repair_hint(cache_dir: str | Path) -> str:
+    return (
+        f"re-run the build_cache.py command that wrote {cache_dir} (same --output): it keeps the intact shards and "
+        "rebuilds this one"
+    )
+
+
+def verify_shard(path: str | Path, entry: dict[str, Any], cache_dir: str | Path, hash_bytes: bool = True) -> None:
+    """Raise CacheFormatError naming the shard and the repair when it is not the file its manifest `entry` lists:
+    another size (truncated, appended to), or with `hash_bytes` another sha256 (same-size corruption)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CacheFormatError(f"shard {path} cannot be read ({e}); {repair_hint(cache_dir)}") from e
+    if size != entry["bytes"]:
+        problem = f"is {size} bytes, the manifest says {entry['bytes']}"
+    elif hash_bytes and file_sha256(path) != entry["sha256"]:
+        problem = "has the right size but not the sha256 the manifest lists (its bytes changed)"
+    else:
+        return
+    raise CacheFormatError(f"shard {path} is damaged: it {problem}; {repair_hint(cache_dir)}")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -109,14 +139,19 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]], sidecar: di
     path.unlink(missing_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with TarWriter(str(tmp), encoder=False, **_TAR_FIELDS) as writer:
-        for sample in samples:
-            writer.write(sample)
-            count += 1
-    data = tmp.read_bytes()
-    sidecar = {**sidecar, "name": f"{SHARD_DIR}/{path.name}", "count": count, "bytes": len(data)}
-    sidecar["sha256"] = hashlib.sha256(data).hexdigest()
-    write_json_atomic(sidecar_path(path), sidecar)
+    try:
+        with TarWriter(str(tmp), encoder=False, **_TAR_FIELDS) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        data = tmp.read_bytes()
+        sidecar = {**sidecar, "name": f"{SHARD_DIR}/{path.name}", "count": count, "bytes": len(data)}
+        sidecar["sha256"] = hashlib.sha256(data).hexdigest()
+        write_json_atomic(sidecar_path(path), sidecar)
+    except BaseException:  # a full disk, a kill: no partial .tar.tmp (or sidecar .tmp) stays behind
+        tmp.unlink(missing_ok=True)
+        sidecar_path(path).with_name(sidecar_path(path).name + ".tmp").unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return sidecar
 
@@ -134,13 +169,15 @@ def read_sidecar(tar_path: str | Path) -> dict[str, Any] | None:
 
 
 def shard_is_complete(tar_path: str | Path, input_keys: list[str], feature_hash: str) -> bool:
-    """True when the shard exists and was built from exactly these input keys with these feature settings."""
+    """True when the shard exists, was built from exactly these input keys with these feature settings, and its bytes
+    are the ones its sidecar hashed (size first, then sha256: a same-size corruption is rebuilt, not kept)."""
     side = read_sidecar(tar_path)
     return (
         side is not None
         and side.get("input_keys") == input_keys
         and side.get("feature_hash") == feature_hash
         and side.get("bytes") == Path(tar_path).stat().st_size
+        and side.get("sha256") == file_sha256(tar_path)
     )
 
 
@@ -186,6 +223,8 @@ def feature_settings(
         "format_version": FORMAT_VERSION,
         "resolution": int(resolution),
         "resize": "shorter side to resolution (Lanczos), centre crop",
+        # the decoding rules of cache_encode.to_rgb8: a cache decoded by other rules is not finished with these
+        "decode": "EXIF orientation; 16-bit and I / 65535, F as 0..1, alpha onto white, else PIL's RGB",
         "t5_layers": [int(i) for i in t5_layers],
         "t_buckets": [float(t) for t in t_buckets],  # float32 values, exact in JSON
         "seed": int(seed),

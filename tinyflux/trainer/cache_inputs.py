@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import webdataset as wds
 from PIL import Image
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.trainer.cache_encode import (
     MISSING_CAPTION,
     MISSING_IMAGE,
+    OUTSIDE_IMAGES,
     SkippedInput,
     check_caption,
     load_image,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class BuildError(ValueError):
+class BuildError(TinyFluxError, ValueError):
     """A cache build that cannot start: bad arguments, or an output directory built with other settings."""
 
 
@@ -51,20 +53,37 @@ def sample_key(name: str) -> str:
     return name.replace("\\", "/").replace(".", "_")
 
 
-def _load_file(image_path: Path) -> tuple[Image.Image, str]:
+def _check_inside(path: Path, root: Path | None) -> None:
+    """SkippedInput(OUTSIDE_IMAGES) when `path` resolves (through symlinks) outside `root`; root None = anywhere."""
+    if root is not None and not path.resolve().is_relative_to(root):
+        raise SkippedInput(
+            OUTSIDE_IMAGES,
+            f"{path} resolves to {path.resolve()}, outside --images (a symlink); pass --follow_symlinks to read it",
+        )
+
+
+def _load_file(image_path: Path, root: Path | None = None) -> tuple[Image.Image, str]:
+    """(image, caption) of an image file and its same-stem .txt, both inside `root` (resolved) unless root is None."""
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
         raise SkippedInput(MISSING_CAPTION, f"no {caption_path.name} beside the image")
-    caption = check_caption(caption_path.read_text(encoding="utf-8", errors="replace"))
+    _check_inside(image_path, root)
+    _check_inside(caption_path, root)
+    caption = check_caption(caption_path.read_bytes())  # bytes: a caption that is not UTF-8 is skipped, not altered
     return load_image(image_path), caption
 
 
-def folder_items(root: str | Path) -> list[InputItem]:
-    """Images under `root` (recursively), sorted by key = relative path without extension."""
+def folder_items(root: str | Path, follow_symlinks: bool = False) -> list[InputItem]:
+    """Images under `root` (recursively), sorted by key = relative path without extension. Unless `follow_symlinks`,
+    an image or caption that resolves outside `root` is skipped (OUTSIDE_IMAGES): a symlink must not copy a file from
+    elsewhere into a shard that may be shared."""
     root = Path(root)
+    inside = None if follow_symlinks else root.resolve()
     paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     items = [
-        InputItem(sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p), partial(_load_file, p))
+        InputItem(
+            sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p), partial(_load_file, p, root=inside)
+        )
         for p in paths
     ]
     return sorted(items, key=lambda item: (item.key, item.source))
@@ -134,7 +153,7 @@ def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
 def list_inputs(args: BuildCacheArgs) -> tuple[Iterable[InputItem], int | None]:
     """The inputs in shard order, and how many there are when known without reading them all."""
     if args.images:
-        items = folder_items(args.images)
+        items = folder_items(args.images, follow_symlinks=args.follow_symlinks)
         return items, len(items)
     if args.dataset:
         items = dataset_items(args)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from tinyflux.errors import TinyFluxError, os_error_message
+
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
@@ -44,7 +46,7 @@ _NAME = re.compile(r"^(step|epoch)_(\d+)$")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TinyFluxError, RuntimeError):
     """A checkpoint that cannot be found, read or written."""
 
 
@@ -210,6 +212,22 @@ def all_ok(accelerator: Accelerator, ok: bool) -> bool:
     return accelerator.reduce(flag, "sum").item() == 0
 
 
+def _save_error_words(error: BaseException | None, root: Path) -> str:
+    """What went wrong, with the errno in view: an OSError's name (ENOSPC), and for torch's writer, whose
+    RuntimeError ("enforce fail at inline_container.cc") hides it, the usual cause and the free space now."""
+    if error is None:
+        return "another process failed to write its part"
+    if isinstance(error, OSError):
+        return os_error_message(error, "writing it")
+    if isinstance(error, RuntimeError) and ("inline_container" in str(error) or "write" in str(error)):
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on {root} now"
+        except OSError:
+            free = "free space unknown"
+        return f"torch's file writer failed ({error}); the usual cause is a full disk (ENOSPC): {free}"
+    return str(error)
+
+
 def save_atomically(accelerator: Accelerator, final: Path, write_extras: Callable[[Path], None]) -> Path:
     """Save accelerate's state plus write_extras(tmp_dir) into `final.tmp`, mark it COMPLETE and rename it to `final`.
 
@@ -245,7 +263,7 @@ def save_atomically(accelerator: Accelerator, final: Path, write_extras: Callabl
         shutil.rmtree(tmp, ignore_errors=True)
     previous = find_latest(final.parent)
     raise CheckpointError(
-        f"saving checkpoint {final} failed: {error or 'another process failed to write its part'}. Nothing was "
+        f"saving checkpoint {final} failed: {_save_error_words(error, final.parent)}. Nothing was "
         f"renamed: the previous checkpoint ({previous or 'none'}) is intact. Free disk space or point checkpoint_dir "
         f"elsewhere; the run can go on, or resume later with --resume latest."
     ) from error

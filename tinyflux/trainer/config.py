@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.model.math import ATTENTION_BACKENDS
 from tinyflux.trainer.losses import LUNE_MODES
 from tinyflux.trainer.schedules import (
@@ -30,7 +31,7 @@ LOG_WITH = ("tensorboard", "none")
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
 
 
-class TrainerConfigError(ValueError):
+class TrainerConfigError(TinyFluxError, ValueError):
     """A TrainerConfig whose fields contradict each other or are out of range."""
 
 
@@ -131,6 +132,7 @@ class TrainerConfig:
     batch_size: int = 8  # micro-batch per process
     num_workers: int = 2  # DataLoader worker processes
     shuffle_buffer: int = 1000  # samples in the streaming loader's shuffle buffer
+    verify_shards: bool = True  # check each shard's sha256 against its manifest as it is opened; off = trusted disk
     max_nan_steps: int = 10  # stop after this many consecutive optimizer steps with a non-finite loss or gradient
     ema_every: int = 1  # optimizer steps between EMA updates
     ddp_timeout: int = 1800  # seconds a process waits in a collective before the run fails (rank 0 samples / exports)

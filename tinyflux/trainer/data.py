@@ -17,7 +17,10 @@ is a few integers per worker and a restored stream yields exactly the samples th
 from __future__ import annotations
 
 import logging
+import os
+import tarfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,7 +33,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import CacheFormatError, Manifest, check_compatible, decode_sample, load_manifest
+from tinyflux.trainer.cache_format import (
+    CacheFormatError,
+    CacheMismatchError,
+    Manifest,
+    check_compatible,
+    decode_sample,
+    load_manifest,
+    repair_hint,
+    verify_shard,
+)
 from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -115,6 +127,8 @@ class _Source:
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise CacheFormatError(f"{cache_dir}: {len(missing)} shard(s) in the manifest are missing: {missing[:3]}")
+        for path, entry in zip(paths, manifest.shards, strict=True):  # sizes now (a stat each); hashes as read
+            verify_shard(path, entry, cache_dir, hash_bytes=False)
         counts = [int(s["count"]) for s in manifest.shards]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         return cls(str(cache_dir), manifest, paths, counts, offsets)
@@ -199,6 +213,7 @@ class StreamingCacheDataset(IterableDataset):
         pad_to: int | None = None,
         dtype: torch.dtype = torch.float32,
         model_config: TinyFluxConfig | None = None,
+        verify_shards: bool = True,
     ):
         dirs = [sources] if isinstance(sources, (str, Path)) else list(sources)
         if not dirs:
@@ -220,6 +235,13 @@ class StreamingCacheDataset(IterableDataset):
         self.num_workers = num_workers  # DataLoader worker processes; 0 = the main process, one logical worker
         self.layout_workers = max(1, num_workers)
         self.infinite, self.pad_to, self.dtype = infinite, pad_to, dtype
+        self.verify_shards = verify_shards
+        # (cache, shard) pairs already hashed: StreamingLoader hands the ones its workers reported to the next
+        # pass's workers, so each shard is hashed once per run, not once per epoch (workers restart every pass)
+        self.verified: set[tuple[int, int]] = set()
+        self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
+        self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
+        self._hasher_pid = 0  # the process whose thread that is
         self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
         for src, n in zip(self.sources, self.per_worker, strict=True):
             if n == 0:
@@ -265,25 +287,67 @@ class StreamingCacheDataset(IterableDataset):
         start = self.rank * (src.manifest.num_samples // self.world_size) + worker * n
         order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
 
+        spans = []  # (shard, first, end) of the samples this worker reads, in order
+        pos = 0  # position of the current shard's first sample in this epoch's order
+        for k in order:
+            lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
+            pos += src.counts[k]
+            if lo < hi:
+                spans.append((int(k), lo, hi))
+            if pos >= start + n:
+                break
+
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
-            pos = 0  # position of the current shard's first sample in this epoch's order
-            for k in order:
-                lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
-                pos += src.counts[k]
-                if lo >= hi:
-                    continue
+            for k, lo, hi in self._verified_ahead(sid, spans):
                 samples = wds.tarfile_samples([{"url": src.paths[k]}])
-                for i, raw in enumerate(islice(samples, hi)):
-                    if i >= lo:
-                        yield src.offsets[k] + i, raw
-                if pos >= start + n:
-                    return
+                try:
+                    for i, raw in enumerate(islice(samples, hi)):
+                        if i >= lo:
+                            yield src.offsets[k] + i, raw
+                except (tarfile.TarError, OSError) as e:  # unverified (verify_shards=False) and damaged
+                    raise CacheFormatError(
+                        f"shard {src.paths[k]} cannot be read ({type(e).__name__}: {e}); {repair_hint(src.cache_dir)}"
+                    ) from e
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
 
+    def _verified_ahead(self, sid: int, spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
+        """The spans, each once its shard matches its manifest sha256 (first open in the run only). The next shard is
+        hashed in a thread while this one is parsed (hashlib releases the GIL), so on a machine with a spare core the
+        hash costs the reader little. Cost: bench/NOTES.md, 2026-12-05."""
+        src = self.sources[sid]
+        pending: dict[int, Future] = {}
+
+        def start(k: int) -> None:
+            if self.verify_shards and (sid, k) not in self.verified and k not in pending:
+                if self._hasher is None or self._hasher_pid != os.getpid():  # a forked worker inherits no threads
+                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tinyflux-shard-hash")
+                    self._hasher_pid = os.getpid()
+                pending[k] = self._hasher.submit(verify_shard, src.paths[k], src.manifest.shards[k], src.cache_dir)
+
+        for i, span in enumerate(spans):
+            k = span[0]
+            start(k)
+            if i + 1 < len(spans):
+                start(spans[i + 1][0])
+            if k in pending:
+                pending.pop(k).result()  # raises the shard's CacheFormatError here, before any of its samples
+                self.verified.add((sid, k))
+                self._newly_verified.append((sid, k))
+            yield span
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_hasher": None}  # a thread pool does not pickle into DataLoader workers
+
     def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
-        sample = decode_sample(raw)
+        try:
+            sample = decode_sample(raw)
+        except Exception as e:  # missing members, safetensors, JSON or UTF-8 errors of a damaged, unverified shard
+            why = str(e) if isinstance(e, CacheFormatError) else f"{type(e).__name__}: {e}"
+            raise CacheFormatError(
+                f"shard {raw.get('__url__')} cannot be decoded ({why}); {repair_hint(self.sources[sid].cache_dir)}"
+            ) from e
         sample.pop("meta")
         sample.update(index=index, dataset_id=sid, t_buckets=torch.tensor(self.sources[sid].manifest.t_buckets))
         return sample
@@ -317,6 +381,8 @@ class StreamingCacheDataset(IterableDataset):
             position += size
             batch = collate_fn(samples, self.pad_to, self.dtype)
             batch["stream_position"] = torch.tensor([worker, position])
+            batch["verified_shards"] = torch.tensor(self._newly_verified, dtype=torch.long).view(-1, 2)
+            self._newly_verified.clear()
             yield batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -368,6 +434,7 @@ class StreamingLoader:
         )
         for batch in loader:
             worker, position = batch.pop("stream_position").tolist()
+            ds.verified.update((int(s), int(k)) for s, k in batch.pop("verified_shards").tolist())
             self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
             yield batch
 
@@ -402,7 +469,7 @@ class StreamingLoader:
         (with another world size or worker count the interrupted pass's remainder is skipped, nothing repeated)."""
         layout, now = state["layout"], self._layout()
         if layout["sources"] != now["sources"]:
-            raise ValueError(
+            raise CacheMismatchError(
                 f"the saved data state is for caches {layout['sources']}, this loader reads {now['sources']} "
                 "(feature_hash:num_samples): resume with the same --cache directories, or start a new run"
             )
@@ -439,6 +506,7 @@ def make_stream_loader(
     pin_memory: bool = False,
     pad_to: int | None = None,
     dtype: torch.dtype = torch.float32,
+    verify_shards: bool = True,
 ) -> StreamingLoader:
     """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
 
@@ -459,6 +527,7 @@ def make_stream_loader(
         pad_to=pad_to,
         dtype=dtype,
         model_config=model_config,
+        verify_shards=verify_shards,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
 
@@ -480,4 +549,5 @@ def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
         model_config=model_config,
         pin_memory=torch.cuda.is_available(),
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
+        verify_shards=trainer.verify_shards,
     )

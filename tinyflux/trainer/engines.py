@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 from torch import Tensor, nn
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.ema import EMA, clean_name
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class EngineError(RuntimeError):
+class EngineError(TinyFluxError, RuntimeError):
     """A launch whose engine cannot run here, or whose accelerate config contradicts the TrainerConfig."""
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.trainer import schedules
 from tinyflux.trainer.config import TrainerConfig
 
@@ -17,7 +18,7 @@ _BNB_PROBE_NUMEL = 8192
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
-class OptimizerUnavailableError(RuntimeError):
+class OptimizerUnavailableError(TinyFluxError, RuntimeError):
     """The configured optimizer cannot run in this environment."""
 
 

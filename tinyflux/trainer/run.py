@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 
+from tinyflux.errors import TinyFluxError, message
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.model import TinyFluxDeep
@@ -23,28 +24,18 @@ from tinyflux.model.zoo_sources import ZooError
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import data
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
-from tinyflux.trainer.batch import BatchMismatchError
 from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import CacheFormatError, CacheMismatchError, check_compatible, load_manifest
-from tinyflux.trainer.engines import EngineError
-from tinyflux.trainer.optim import OptimizerUnavailableError
-from tinyflux.trainer.trainer import NonFiniteLossError, Trainer
+from tinyflux.trainer.cache_format import check_compatible, load_manifest
+from tinyflux.trainer.config import TrainerConfigError
+from tinyflux.trainer.trainer import Trainer
 
 logger = logging.getLogger("tinyflux.train")
 
-# Errors that already say what is wrong and how to fix it: main() prints them without a traceback.
-RUN_ERRORS = (
-    BatchMismatchError,
-    CacheFormatError,
-    CacheMismatchError,
-    ckpt.CheckpointError,
-    ConfigError,
-    EngineError,
-    LoadError,
-    NonFiniteLossError,
-    OptimizerUnavailableError,
-    ZooError,
-)
+# Errors that already say what is wrong and how to fix it: main() prints them as one line, without a traceback.
+# tinyflux.model's errors do not derive from TinyFluxError yet (that package is owned elsewhere): listed by name.
+RUN_ERRORS = (TinyFluxError, ConfigError, LoadError, ZooError)
+# Bad input rather than a failed run: exit code 2, like argparse.
+USAGE_ERRORS = (ArgsError, TrainerConfigError)
 
 
 def model_config_for(args: RunArgs) -> TinyFluxConfig:
@@ -122,9 +113,12 @@ def run_training(args: RunArgs) -> Trainer:
     trainer.setup(loader, sampler=build_sampler(args, trainer))
     trainer.train(epochs=args.script.epochs)
     trainer.finish()
-    if trainer.stopped_by:
-        logger.info("stopped by %s at step %d; continue with --resume latest", trainer.stopped_by, trainer.current_step)
-    logger.info("final checkpoint: %s", trainer.last_checkpoint)
+    if trainer.accelerator.is_main_process:  # once per run, not once per process
+        if trainer.stopped_by:
+            logger.info(
+                "stopped by %s at step %d; continue with --resume latest", trainer.stopped_by, trainer.current_step
+            )
+        logger.info("final checkpoint: %s", trainer.last_checkpoint)
     return trainer
 
 
@@ -134,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         run_training(args)
-    except ArgsError as e:
-        print(f"train_tinyflux.py: error: {e}", file=sys.stderr)
+    except USAGE_ERRORS as e:
+        print(f"train_tinyflux.py: error: {message(e)}", file=sys.stderr)
         return 2
     except RUN_ERRORS as e:
-        logger.error("%s: %s", type(e).__name__, e)
+        logger.error("%s: %s", type(e).__name__, message(e))
         return 1
     return 0
 

@@ -271,8 +271,11 @@ def captioned_grid(tiles: Sequence[Image.Image], captions: Sequence[str], max_li
     font = ImageFont.load_default()
     w, h = tiles[0].size
     _, _, char_w, line_h = ImageDraw.Draw(tiles[0]).textbbox((0, 0), "M", font=font)
-    chars = max(1, w // max(char_w, 1))
-    wrapped = [textwrap.wrap(c, chars, max_lines=max_lines, placeholder="...") or [""] for c in captions]
+    placeholder = "..."
+    # at least the placeholder's width: textwrap refuses a narrower one, and a tile narrower than 4 characters (an
+    # 8 px sample) gets its caption clipped at the tile's right edge instead
+    chars = max(len(placeholder) + 1, w // max(char_w, 1))
+    wrapped = [textwrap.wrap(c, chars, max_lines=max_lines, placeholder=placeholder) or [""] for c in captions]
     caption_h = (line_h + 2) * max(len(lines) for lines in wrapped) + 4
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)

@@ -135,8 +135,8 @@ class Trainer(CheckpointingMixin):
                 f"{cfg.checkpoint_dir} already holds checkpoints of another run; continue it with --resume latest, "
                 "or train into a new --checkpoint_dir"
             )
-        if resume is not None:
-            self._load_ema(resume)  # before prepare, while every parameter is whole on every process
+        if resume is not None:  # before prepare, while every parameter is whole on every process
+            resume = self._resume_falling_back(resume, self._load_ema, self._load_ema)
         self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
         if self._prepared_loader:
             self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
@@ -168,8 +168,8 @@ class Trainer(CheckpointingMixin):
         if acc.is_main_process:
             ckpt.clean_stale_tmp(cfg.checkpoint_dir)
         acc.wait_for_everyone()
-        if resume is not None:
-            self._load_training_state(resume)
+        if resume is not None:  # a fallback after prepare reloads the older checkpoint's EMA too (weights are whole)
+            self._resume_falling_back(resume, self._load_training_state, self.load_checkpoint)
         elif cfg.resume == "latest":
             logger.info("resume=latest: no complete checkpoint in %s yet, starting from scratch", cfg.checkpoint_dir)
 

@@ -9,10 +9,12 @@ whole on every process (FSDP2 then shards it like the parameters), and accelerat
 from __future__ import annotations
 
 import json
-import logging
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
 from safetensors import SafetensorError
 
 from tinyflux.model.loader import CONFIG_NAME, save_model
@@ -20,7 +22,8 @@ from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.ema import EMA
 
-logger = logging.getLogger(__name__)
+# accelerate's adapter logs on the main process only: a checkpoint is saved or resumed once per run, not per process
+logger = get_logger(__name__)
 ENGINE_WORDS = {
     "whole": "one process or DDP",
     "fsdp2": "FSDP2 (accelerate_configs/fsdp.yaml)",
@@ -99,6 +102,33 @@ class CheckpointingMixin:
         self._load_ema(path)
         self._load_training_state(path)
 
+    def _resume_falling_back(
+        self, path: Path, load: Callable[[Path], None], fallback_load: Callable[[Path], None]
+    ) -> Path:
+        """load(path); when that raises CheckpointError under resume=latest, the next older complete checkpoint
+        through fallback_load, and so on, saying which checkpoint was damaged and which one the run resumes from.
+        Returns the checkpoint loaded. Not under FSDP2 / ZeRO-3, whose state loads only during setup()."""
+        try:
+            load(path)
+            return path
+        except ckpt.CheckpointError as first:
+            if self.config.resume != "latest" or self.engine.shards_parameters:
+                raise
+            error, damaged = first, path
+        for older in reversed(ckpt.list_checkpoints(self.config.checkpoint_dir)):
+            if ckpt.read_progress(older).step >= ckpt.read_progress(damaged).step or older == damaged:
+                continue
+            logger.warning("resume=latest: %s is damaged (%s); resuming from the older %s", damaged, error, older)
+            try:
+                fallback_load(older)
+                return older
+            except ckpt.CheckpointError as e:
+                error, damaged = e, older
+        raise ckpt.CheckpointError(
+            f"resume=latest: no complete checkpoint in {self.config.checkpoint_dir} loads; the last tried, "
+            f"{damaged}: {error}"
+        ) from error
+
     def _load_ema(self, path: Path) -> None:
         """The EMA file (whole float32 tensors) into the existing EMA object, which a Sampler may hold; decay and
         warmup stay those of this run's config."""
@@ -123,7 +153,8 @@ class CheckpointingMixin:
             )
         try:
             self.accelerator.load_state(str(path))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError, EOFError, pickle.UnpicklingError) as e:
+            # EOFError: a zero-byte optimizer.bin / scheduler.bin (torch.load of an empty file)
             raise ckpt.CheckpointError(
                 f"cannot resume from {path}: accelerate could not load its state ({type(e).__name__}: {e}). The "
                 "checkpoint is damaged or was written by another model / engine; resume from an older one"

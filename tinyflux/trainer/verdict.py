@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tinyflux.errors import TinyFluxError
+
 __all__ = ["Flags", "NonFiniteLossError", "StepVerdicts", "book", "fused_adam"]
 
 logger = logging.getLogger("tinyflux.trainer.trainer")  # the trainer's log: a user filters one name
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TinyFluxError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 

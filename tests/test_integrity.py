@@ -1,0 +1,121 @@
+"""Shard integrity: the manifest's sha256 is checked by a build re-run (a damaged shard is rebuilt) and by the training
+stream (a damaged shard stops it with the shard's name and the repair, not a bare tarfile.ReadError)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_cache import BuiltCache
+from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
+from tinyflux.trainer.cache_format import CacheFormatError, load_manifest
+from tinyflux.trainer.data import make_stream_loader
+
+
+def _flip_byte(path: Path, offset: int = 700) -> None:
+    """Same size, one byte changed (inside the first sample's tensors): what bit rot or a bad copy does."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drain(cache: Path, num_workers: int = 0, **kwargs) -> int:  # noqa: ANN003
+    loader = make_stream_loader(cache, batch_size=4, num_workers=num_workers, rank=0, world_size=1, **kwargs)
+    return sum(len(batch["key"]) for batch in loader)
+
+
+def test_a_build_rerun_rebuilds_a_same_size_corrupted_shard(
+    built_cache: BuiltCache, tmp_path: Path, one_thread
+) -> None:  # noqa: ANN001
+    output = tmp_path / "cache"
+    shutil.copytree(built_cache.output, output)
+    shard = output / "shards/shard-000001.tar"
+    good = shard.read_bytes()
+    _flip_byte(shard)
+    assert shard.stat().st_size == len(good)
+
+    manifest = run_build(BuildCacheArgs(output=str(output), **built_cache.build_kwargs()))
+    assert shard.read_bytes() == good  # rebuilt, identical to the first build
+    assert manifest.to_dict() == built_cache.manifest.to_dict()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_stream_refuses_a_same_size_corrupted_shard_naming_it_and_the_repair(
+    synthetic_shards: Path, tmp_path: Path, num_workers: int
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    assert _drain(cache) == 37  # one pass reads every sample of every shard
+    _flip_byte(cache / "shards/shard-000003.tar")
+    with pytest.raises(CacheFormatError) as info:
+        _drain(cache, num_workers=num_workers)
+    text = str(info.value)
+    assert "shard-000003.tar is damaged" in text and "sha256" in text and "re-run the build_cache.py command" in text
+    assert _drain(cache, verify_shards=False) == 37  # trusted storage: not hashed, so this flip goes unseen
+
+
+def test_a_truncated_shard_is_named_when_the_stream_opens(synthetic_shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    shard = cache / "shards/shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(CacheFormatError, match=r"shard-000002.tar is damaged: it is 1500 bytes, the manifest says"):
+        make_stream_loader(cache, batch_size=4, rank=0, world_size=1)
+
+
+def test_an_unverified_truncated_shard_is_a_cache_format_error_not_a_read_error(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    loader = make_stream_loader(cache, batch_size=4, rank=0, world_size=1, verify_shards=False)
+    for shard in (cache / "shards").glob("*.tar"):  # damaged after the sizes were checked at open
+        shard.write_bytes(shard.read_bytes()[:1100])
+    with pytest.raises(CacheFormatError, match=r"shard .*shard-00000\d.tar cannot be (read|decoded).*re-run the build"):
+        sum(1 for _ in loader)
+
+
+def test_a_full_disk_during_a_build_is_one_message_and_leaves_no_tmp(
+    built_cache: BuiltCache,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread,  # noqa: ANN001
+) -> None:
+    from webdataset import TarWriter
+
+    def full(self, obj):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TarWriter, "write", full)
+    output = tmp_path / "cache"
+    with pytest.raises(BuildError) as info:
+        run_build(BuildCacheArgs(output=str(output), **built_cache.build_kwargs()))
+    assert "[ENOSPC]" in str(info.value) and "re-run the same command" in str(info.value)
+    assert not list(output.rglob("*.tmp"))
+    with pytest.raises(CacheFormatError, match="no manifest"):
+        load_manifest(output)
+
+
+def test_each_shard_is_hashed_once_per_run_not_once_per_pass(synthetic_shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    loader = make_stream_loader(cache, batch_size=4, num_workers=1, rank=0, world_size=1)
+    assert sum(len(b["key"]) for b in loader) == 37
+    assert loader.dataset.verified == {(0, k) for k in range(8)}  # reported back by the worker process
+    _flip_byte(cache / "shards/shard-000003.tar")  # after the check: the next pass's new workers do not hash again
+    assert sum(len(b["key"]) for b in loader) == 37
+
+
+def test_a_loader_read_in_process_then_with_workers_still_hashes(synthetic_shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_shards, cache)
+    loader = make_stream_loader(cache, batch_size=4, num_workers=0, rank=0, world_size=1)
+    next(iter(loader))  # the hash thread now exists in this process; a forked worker would inherit it dead
+    loader.dataset.num_workers = loader.dataset.layout_workers = 1
+    loader.dataset.verified.clear()
+    _flip_byte(cache / "shards/shard-000005.tar")
+    with pytest.raises(CacheFormatError, match="shard-000005.tar is damaged"):  # and does not hang
+        sum(1 for _ in loader)
