@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from tinyflux.errors import TinyFluxError
 
-class ConfigError(ValueError):
+
+class ConfigError(TinyFluxError, ValueError):
     """A TinyFluxConfig whose fields contradict each other or are out of range."""
 
 
@@ -45,6 +47,9 @@ class TinyFluxConfig:
     num_single_layers: int = 8  # single-stream blocks over the concatenated text + image tokens
     mlp_ratio: float = 4.0  # MLP hidden width = hidden_size * mlp_ratio
     in_channels: int = 16  # VAE latent channels (16 for the Flux VAE)
+    latent_shift: bool = (
+        True  # latents = (z - VAE shift_factor) * scale; False: z * scale, as released v4.2 was trained
+    )
     patch_size: int = 1  # latent pixels per token side: 1 (unpatchified, as released) or 2
 
     # Expert modules
@@ -166,8 +171,8 @@ class TinyFluxConfig:
 
         It names the T5 width `joint_attention_dim` and the Lune predictor's dropout `lune_dropout`, and has no
         t5_layers: its network reads T5's last hidden state
-        (t5_layers=(12,)), shares no text projections, predicts 3 Sol statistics and saw all 128 padded T5 states
-        without a mask. Keys starting with "_" (its `_metadata`) are ignored; any other unknown key is refused.
+        (t5_layers=(12,)), shares no text projections, predicts 3 Sol statistics, saw all 128 padded T5 states
+        without a mask, and its latents were z * scale without the VAE's shift factor. Keys starting with "_" (its `_metadata`) are ignored; any other unknown key is refused.
         """
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         for original, ours in ORIGINAL_FIELD_NAMES.items():
@@ -200,7 +205,12 @@ class TinyFluxConfig:
 
 # What the original's config.json leaves implicit: the released network's values of our extra fields.
 RELEASED_TEXT_AND_EXPERTS: dict[str, Any] = dict(
-    t5_layers=(12,), use_cross_attention_sharing=False, sol_num_stats=3, text_regime="padded", max_text_tokens=128
+    t5_layers=(12,),
+    use_cross_attention_sharing=False,
+    sol_num_stats=3,
+    text_regime="padded",
+    max_text_tokens=128,
+    latent_shift=False,
 )
 # The original's names of our fields; `joint_attention_dim` is only ever in its config.json, so it marks one.
 ORIGINAL_FIELD_NAMES = {"joint_attention_dim": "t5_hidden_size", "lune_dropout": "lune_predictor_dropout"}

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, released_shapes
 
@@ -27,7 +28,7 @@ CONFIG_METADATA_KEY = "tinyflux_config"
 WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
-class LoadError(RuntimeError):
+class LoadError(TinyFluxError, RuntimeError):
     """A model source that cannot be found, read, or does not fit the config."""
 
 

@@ -316,10 +316,13 @@ class ModelZoo:
         return self._vae_factors()[1]
 
     @torch.no_grad()
-    def encode_images_batched(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    def encode_images_batched(
+        self, images: Sequence[Image.Image], batch_size: int = 32, shift: bool = True
+    ) -> torch.Tensor:
         """PIL images, all of one size with sides divisible by 8 -> latents (N, C_lat, H/8, W/8) float32 on the CPU.
 
-        Latents are the posterior mode (deterministic), shifted and scaled: (mode - shift_factor) * scaling_factor.
+        Latents are the posterior mode (deterministic), shifted and scaled: (mode - shift_factor) * scaling_factor;
+        shift=False leaves the shift out (mode * scaling_factor), the convention the released v4.2 weights saw.
         """
         images = list(images)
         vae = self.load_vae()
@@ -330,12 +333,13 @@ class ModelZoo:
                 f"images must be non-empty, share one size and have sides divisible by {factor}; got sizes "
                 f"{sizes[:4]}. Resize / centre-crop them first (the cache builder does)."
             )
-        scale, shift = self._vae_factors()
+        scale, offset = self._vae_factors()
+        offset = offset if shift else 0.0
         latents = []
         for batch in _batches(len(images), batch_size, "VAE encode"):
             pixels = _images_to_pixels(images[batch]).to(_module_device(vae), self.dtype)  # (B, 3, H, W)
             mode = vae.encode(pixels).latent_dist.mode().float()  # (B, C_lat, H/8, W/8)
-            latents.append(((mode - shift) * scale).cpu())
+            latents.append(((mode - offset) * scale).cpu())
         return torch.cat(latents)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -343,16 +347,18 @@ class ModelZoo:
         return self.encode_images_batched([image])[0]
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Shifted and scaled latents (B, C_lat, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1] on the CPU."""
+    def decode_latents(self, latents: torch.Tensor, batch_size: int = 32, shift: bool = True) -> torch.Tensor:
+        """Shifted and scaled latents (B, C_lat, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1] on the CPU.
+        shift=False: latents that are only scaled (encode_images_batched(shift=False))."""
         vae = self.load_vae()
         channels = vae.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != channels:
             raise ValueError(f"latents must be (B, {channels}, h, w), got shape {tuple(latents.shape)}")
-        scale, shift = self._vae_factors()
+        scale, offset = self._vae_factors()
+        offset = offset if shift else 0.0
         images = []
         for batch in _batches(latents.shape[0], batch_size, "VAE decode"):
-            z = latents[batch].to(_module_device(vae), torch.float32) / scale + shift  # undo the shift and scale
+            z = latents[batch].to(_module_device(vae), torch.float32) / scale + offset  # undo the shift and scale
             pixels = vae.decode(z.to(self.dtype)).sample.float()  # (B, 3, 8h, 8w) in about [-1, 1]
             images.append(((pixels + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
         return torch.cat(images)
@@ -374,12 +380,14 @@ class ModelZoo:
 
     @torch.no_grad()
     def encode_prompts_batched(
-        self, prompts: Sequence[str], batch_size: int = 128, return_lengths: bool = False
+        self, prompts: Sequence[str], batch_size: int = 128, return_lengths: bool = False, padded: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """Prompts -> (t5 (N, 128, K, D), clip_pooled (N, P)) [+ lengths (N,) long], float32 on the CPU.
 
-        t5[:, :, k] is T5 hidden state t5_layers[k]; prompts are padded / truncated to 128 tokens and pad positions are
-        zero, so embeddings trimmed to `lengths` (real tokens, EOS included) and re-padded with zeros are identical.
+        t5[:, :, k] is T5 hidden state t5_layers[k]; prompts are padded / truncated to 128 tokens and T5 runs with the
+        attention mask. Pad positions are zero, so embeddings trimmed to `lengths` (real tokens, EOS included) and
+        re-padded with zeros are identical. padded=True (the "padded" text regime of the released v4.2 weights) keeps
+        T5's outputs at the pad positions too, and every length is 128.
         """
         prompts = _check_prompts(prompts)
         tokenizer, t5 = self.load_t5()
@@ -392,8 +400,8 @@ class ModelZoo:
             mask = tokens.attention_mask.to(_module_device(t5))  # (B, L)
             out = t5(input_ids=tokens.input_ids.to(mask.device), attention_mask=mask, output_hidden_states=True)
             hidden = torch.stack([out.hidden_states[i] for i in self.t5_layers], dim=2).float()  # (B, L, K, D)
-            embeds.append((hidden * mask[:, :, None, None]).cpu())
-            lengths.append(tokens.attention_mask.sum(dim=1))
+            embeds.append((hidden if padded else hidden * mask[:, :, None, None]).cpu())
+            lengths.append(torch.full_like(mask[:, 0], mask.shape[1]).cpu() if padded else tokens.attention_mask.sum(1))
             pooled.append(self._clip_outputs(prompts[batch])[1].float().cpu())  # (B, P)
         result = (torch.cat(embeds), torch.cat(pooled))
         return (*result, torch.cat(lengths).long()) if return_lengths else result

@@ -21,6 +21,8 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 
+from tinyflux.errors import TinyFluxError
+
 VAE_REPO = "black-forest-labs/FLUX.1-dev"
 VAE_SUBFOLDER = "vae"
 T5_REPO = "google/flan-t5-base"
@@ -62,7 +64,7 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class ZooError(RuntimeError):
+class ZooError(TinyFluxError, RuntimeError):
     """A model the zoo cannot load or use; the message names the source and says what to do."""
 
 

@@ -24,7 +24,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from tinyflux.errors import os_error_message
-from tinyflux.model.config import PRESETS, TinyFluxConfig
+from tinyflux.model.config import PRESETS, TEXT_REGIMES, TinyFluxConfig
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.cache_encode import DUPLICATE_KEY, SkippedInput, encode_batch
 from tinyflux.trainer.cache_format import (
@@ -91,6 +91,16 @@ class BuildCacheArgs:
     t5_layers: Optional[list[int]] = field(
         default=None, metadata={"help": "T5 hidden-state indices (wins over preset)"}
     )
+    latent_shift: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "subtract the VAE's shift_factor (false: z * scale, as released v4.2); default: the preset's"
+        },
+    )
+    text_regime: Optional[str] = field(
+        default=None,
+        metadata={"help": "masked (real T5 tokens) or padded (all 128, as released v4.2 reads); default: the preset's"},
+    )
     zoo: Optional[str] = field(default=None, metadata={"help": "tiny zoo directory (overrides the model sources)"})
     vae: Optional[str] = field(default=None, metadata={"help": "VAE repo id or path (default: the zoo's, FLUX.1-dev)"})
     t5: Optional[str] = field(default=None, metadata={"help": "T5 encoder repo id or path (default flan-t5-base)"})
@@ -133,6 +143,8 @@ class BuildCacheArgs:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 1")
         if self.model_preset not in PRESETS:
             problems.append(f"--model_preset {self.model_preset!r}: choose one of {list(PRESETS)}")
+        elif self.regime not in TEXT_REGIMES:
+            problems.append(f"--text_regime {self.text_regime!r}: choose one of {list(TEXT_REGIMES)}")
         if self.storage_dtype not in ("float16", "fp16", "bfloat16", "bf16"):
             problems.append(f"--storage_dtype {self.storage_dtype!r}: choose float16 or bfloat16")
         if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
@@ -145,6 +157,10 @@ class BuildCacheArgs:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.t5_layers) if self.t5_layers else TinyFluxConfig.preset(self.model_preset).t5_layers
+
+    @property
+    def regime(self) -> str:
+        return self.text_regime or TinyFluxConfig.preset(self.model_preset).text_regime
 
 
 @dataclass
@@ -204,6 +220,8 @@ class CacheBuilder:
                     sol=self.settings["sol"],
                     seed=self.settings["seed"],
                     t_buckets=torch.tensor(self.settings["t_buckets"]),
+                    text_regime=self.settings.get("text_regime", "masked"),
+                    latent_shift=self.settings.get("latent_shift", True),
                 )
                 for b, (item, _, caption) in enumerate(good):
                     n = int(out["t5_lengths"][b])
@@ -243,6 +261,7 @@ def _make_zoo(args: BuildCacheArgs, device: torch.device, dtype: torch.dtype) ->
 
 
 def build_settings(args: BuildCacheArgs, zoo: Any, compute_dtype: torch.dtype) -> dict[str, Any]:
+    preset = TinyFluxConfig.preset(args.model_preset)
     sources = {"vae": zoo.vae_repo, "t5": zoo.t5_repo, "clip": zoo.clip_repo, "experts": zoo.experts_repo}
     if args.teacher_base:
         # Only when given: the default base follows from the experts source, and caches built before the flag keep
@@ -257,6 +276,8 @@ def build_settings(args: BuildCacheArgs, zoo: Any, compute_dtype: torch.dtype) -
         storage_dtype=dtype_name(parse_dtype(args.storage_dtype)),
         lune=not args.no_lune,
         sol=not args.no_sol,
+        text_regime=args.regime,
+        latent_shift=args.latent_shift if args.latent_shift is not None else preset.latent_shift,
     )
 
 

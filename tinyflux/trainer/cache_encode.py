@@ -118,10 +118,16 @@ def prepare_image(image: Image.Image, resolution: int, min_side: int | None = No
 
 
 def text_features(
-    zoo: ModelZoo, prompts: Sequence[str], batch_size: int = 128
+    zoo: ModelZoo, prompts: Sequence[str], batch_size: int = 128, text_regime: str = "masked"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t5 (N, L, K, D) zero past each length, lengths (N,) long, clip_pooled (N, P)), float32 on the CPU."""
-    t5, pooled, lengths = zoo.encode_prompts_batched(list(prompts), batch_size=batch_size, return_lengths=True)
+    """(t5 (N, L, K, D) zero past each length, lengths (N,) long, clip_pooled (N, P)), float32 on the CPU.
+
+    text_regime "padded": all 128 states, T5's pad outputs included, every length 128 (what released weights read).
+    """
+    padded = text_regime == "padded"
+    t5, pooled, lengths = zoo.encode_prompts_batched(
+        list(prompts), batch_size=batch_size, return_lengths=True, padded=padded
+    )
     return t5, lengths, pooled
 
 
@@ -203,6 +209,8 @@ def encode_batch(
     seed: int = 0,
     t_buckets: torch.Tensor = T_BUCKETS,
     spatial_size: int = 8,
+    text_regime: str = "masked",
+    latent_shift: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Everything a cache stores for a batch of prepared images and captions, float32 on the CPU, one batch per model:
     latents (B, C, H, W), t5_embeds (B, L, K, D), t5_lengths (B,), clip_pooled (B, P), and when asked
@@ -211,8 +219,8 @@ def encode_batch(
     The teachers' CLIP context is computed once and serves all T buckets of both; each teacher runs its T buckets as
     one call of T * B rows."""
     n = len(images)
-    out = {"latents": zoo.encode_images_batched(list(images), batch_size=n)}
-    out["t5_embeds"], out["t5_lengths"], out["clip_pooled"] = text_features(zoo, captions, batch_size=n)
+    out = {"latents": zoo.encode_images_batched(list(images), batch_size=n, shift=latent_shift)}
+    out["t5_embeds"], out["t5_lengths"], out["clip_pooled"] = text_features(zoo, captions, n, text_regime)
     context = teacher_context(zoo, captions) if lune or sol else None
     if lune:
         out["lune"] = lune_features(zoo, captions, t_buckets, seed, n, batch_timesteps=True, context=context)

@@ -211,6 +211,7 @@ def feature_settings(
     sol: bool,
     t_buckets: torch.Tensor = T_BUCKETS,
     text_regime: str = "masked",
+    latent_shift: bool = True,
 ) -> dict[str, Any]:
     """Every setting that changes the cached features; the manifest stores it and feature_hash hashes it.
 
@@ -218,6 +219,8 @@ def feature_settings(
     settings only when chosen, so the hash of a masked cache is what it was before the regime existed.
     """
     regime = {"text_regime": text_regime} if text_regime != "masked" else {}
+    if not latent_shift:  # likewise: only the released convention (no VAE shift) enters the settings
+        regime["latent_shift"] = False
     return {
         **regime,
         "format_version": FORMAT_VERSION,
@@ -278,6 +281,13 @@ class Manifest:
     @property
     def has_sol(self) -> bool:
         return "sol_stats" in self.fields and "sol_spatial" in self.fields
+
+    @property
+    def latent_shift(self) -> bool:
+        """Whether the latents are (z - shift_factor) * scale (builds by default) or z * scale (the original's)."""
+        if "latent_shift" in self.settings:
+            return bool(self.settings["latent_shift"])
+        return "shift_factor not subtracted" not in self.settings.get("latent_convention", "")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -465,6 +475,8 @@ def _regime_mismatches(manifest: Manifest, config: TinyFluxConfig) -> list[tuple
     out: list[tuple[str, Any, Any]] = []
     if manifest.text_regime != config.text_regime:
         out.append(("text_regime", manifest.text_regime, config.text_regime))
+    if manifest.latent_shift != config.latent_shift:
+        out.append(("latent_shift", manifest.latent_shift, config.latent_shift))
     if config.use_sol_prior and manifest.has_sol:
         names, n = tuple(manifest.sol_stats_names), config.sol_num_stats
         if names[:n] != SOL_STATS[:n]:
@@ -484,6 +496,8 @@ def _fix_for(name: str, cache_value: Any, model_value: Any) -> str:
         return (
             "rebuild the cache with --text_regime padded (all 128 T5 states), or use a model with text_regime='masked'"
         )
+    if name == "latent_shift":
+        return f"use a model with latent_shift={cache_value}, or rebuild the cache with --latent_shift {str(model_value).lower()}"
     if name == "sol_num_stats":
         return (
             f"use a model with sol_num_stats={len(cache_value)} or fewer (it reads the first columns), or rebuild the "

@@ -100,8 +100,10 @@ class Sampler:
         self.last_seed: int | None = None
 
     def encode_text(self, prompts: Sequence[str]) -> TextConditioning:
-        """Prompts -> their conditioning, padded to 128 T5 tokens (CPU, float32)."""
-        t5, pooled, lengths = self.zoo.encode_prompts_batched(list(prompts), return_lengths=True)
+        """Prompts -> their conditioning, padded to 128 T5 tokens (CPU, float32). In the "padded" text regime (the
+        released v4.2 weights) the pad positions hold T5's outputs and every token counts as real."""
+        padded = self.model.config.text_regime == "padded"
+        t5, pooled, lengths = self.zoo.encode_prompts_batched(list(prompts), return_lengths=True, padded=padded)
         mask = torch.arange(t5.shape[1])[None, :] < lengths[:, None]  # (B, L)
         return TextConditioning(t5, mask, pooled)
 
@@ -183,7 +185,7 @@ class Sampler:
                 seeds = range(seed + start, seed + start + len(batch))
                 latents.append(self._denoise(batch, seeds, num_steps, guidance_scale, height, width, negative_prompt))
         out = torch.cat(latents)  # (B, C, H, W)
-        return out if return_latents else self.zoo.decode_latents(out)
+        return out if return_latents else self.zoo.decode_latents(out, shift=self.model.config.latent_shift)
 
     def _denoise(
         self,
@@ -207,7 +209,8 @@ class Sampler:
         length = max(int(cond.mask.sum(1).max()), NULL_TEXT_TOKENS)  # trailing pads are masked: drop them
         param_dtype = next(self.model.parameters()).dtype
         t5 = cond.t5[:, :length].to(device, param_dtype)  # (B', L, K, D)
-        mask = cond.mask[:, :length].to(device)  # (B', L)
+        # The padded regime reads all 128 states with no mask, as the released weights were trained.
+        mask = cond.mask[:, :length].to(device) if self.model.config.text_regime == "masked" else None  # (B', L)
         pooled = cond.pooled.to(device, param_dtype)  # (B', P)
         n_rows = t5.shape[0]
         grid = (height // p, width // p)
