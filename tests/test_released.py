@@ -139,3 +139,20 @@ def test_released_checkpoint_directory_and_bare_state_dict_load_strictly(tmp_pat
     torch.save({"model": state}, tmp_path / "step_100.pt")
     bare = load_model(str(tmp_path / "step_100.pt"), config=load_config(str(folder)), device="cpu", dtype=torch.float32)
     torch.testing.assert_close(bare(**case_inputs(cases)), cases["out_predicted"], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_the_spec_loader_example_loads_a_released_repo_from_the_offline_hub_cache(tmp_path, monkeypatch, cases):
+    """load_model("AbstractPhil/tiny-flux-deep") on a repo laid out as the release is (model.safetensors + the
+    original config.json), here the golden tiny network, from huggingface_hub's offline cache."""
+    import huggingface_hub.constants as hub_constants
+
+    from tests.test_loader import _fake_hub_cache
+
+    files = {"config.json": (DATA / "tiny_config.json").read_bytes()}
+    files["model.safetensors"] = (DATA / "tiny_model.safetensors").read_bytes()
+    _fake_hub_cache(tmp_path / "hub", "AbstractPhil/tiny-flux-deep", files)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model = load_model("AbstractPhil/tiny-flux-deep", device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(model(**case_inputs(cases)), cases["out_predicted"], atol=1e-5, rtol=0)

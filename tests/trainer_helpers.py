@@ -132,7 +132,9 @@ def eval_loss(model: TinyFluxDeep, dataset: SyntheticCache) -> float:
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    """The parameters as the state dict shows them (the released 0-dim shape for the scalar gates)."""
+    names = {n for n, _ in model.named_parameters()}
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
 
 
 @torch.no_grad()

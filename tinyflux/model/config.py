@@ -47,9 +47,7 @@ class TinyFluxConfig:
     num_single_layers: int = 8  # single-stream blocks over the concatenated text + image tokens
     mlp_ratio: float = 4.0  # MLP hidden width = hidden_size * mlp_ratio
     in_channels: int = 16  # VAE latent channels (16 for the Flux VAE)
-    latent_shift: bool = (
-        True  # latents = (z - VAE shift_factor) * scale; False: z * scale, as released v4.2 was trained
-    )
+    latent_shift: bool = True  # latents = (z - VAE shift) * scale; False: z * scale, as released v4.2 was trained
     patch_size: int = 1  # latent pixels per token side: 1 (unpatchified, as released) or 2
 
     # Expert modules

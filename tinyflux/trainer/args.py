@@ -241,10 +241,11 @@ def resolve_model_config(model: str, overrides: dict[str, Any]) -> TinyFluxConfi
     """The architecture that --model names (preset, .json, or checkpoint), with overrides applied."""
     from tinyflux.model.loader import LoadError, load_config
 
-    if model not in PRESETS and not Path(model).exists():
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+(:\S+)?", model) is not None  # user/repo[:subfolder]
+    if model not in PRESETS and not Path(model).exists() and not hub_id:
         raise ArgsError(
             f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config .json, "
-            f"checkpoint directory or .safetensors file"
+            f"checkpoint directory or .safetensors file, nor a Hub id user/repo[:subfolder]"
         )
     try:
         base = load_config(model)
