@@ -28,6 +28,7 @@ from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError, CacheMismatchError, check_compatible, load_manifest
 from tinyflux.trainer.engines import EngineError
 from tinyflux.trainer.optim import OptimizerUnavailableError
+from tinyflux.trainer.runtime import WorkerInit
 from tinyflux.trainer.trainer import NonFiniteLossError, Trainer
 
 logger = logging.getLogger("tinyflux.train")
@@ -87,6 +88,7 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
         num_workers=args.trainer.num_workers,
         collate_fn=data.collate_fn,
         pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
+        worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
     )
 
 

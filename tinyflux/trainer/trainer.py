@@ -50,7 +50,15 @@ from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
 from tinyflux.trainer.optim import build_optimizer, build_scheduler
-from tinyflux.trainer.runtime import check_compile_mode, compile_blocks, hparams, make_accelerator, stop_signals
+from tinyflux.trainer.runtime import (
+    check_compile_mode,
+    compile_blocks,
+    hparams,
+    make_accelerator,
+    started,
+    stop_signals,
+    workers_ignore_stop_signals,
+)
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
@@ -137,6 +145,7 @@ class Trainer(CheckpointingMixin):
             )
         if resume is not None:
             self._load_ema(resume)  # before prepare, while every parameter is whole on every process
+        workers_ignore_stop_signals(dataloader)  # before prepare, which copies it (the streaming loader has its own)
         self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
         if self._prepared_loader:
             self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
@@ -325,7 +334,7 @@ class Trainer(CheckpointingMixin):
             loader = self.accelerator.skip_first_batches(loader, skip)
         elif skip:
             loader = islice(loader, skip, None)
-        return iter(loader)
+        return started(loader)  # DataLoader workers must ignore the stop signals from their first instant
 
     def _batches_to_skip(self) -> int:
         total = getattr(self.dataloader, "total_batch_size", None) if self._prepared_loader else None
