@@ -13,6 +13,7 @@
 # processes (slurmd -N) with their own ports and NodeAddr=127.0.0.1: names that do not resolve, as on clusters where
 # NodeName differs from the host name. Two partitions: `low` (default) is pre-emptible (PreemptType=
 # preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=LOCAL_SLURM_GRACE, default 60 s) by `high`.
+# A requeued job may start again LOCAL_SLURM_REQUEUE_DELAY seconds later (default 30; SLURM's own default is 120).
 # Ports: LOCAL_SLURM_PORT (default 16817) for slurmctld, the next two for the nodes.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(realpath -m "${LOCAL_SLURM_DIR:-$root/runs/slurm}")
 port=${LOCAL_SLURM_PORT:-16817}
 grace=${LOCAL_SLURM_GRACE:-60}
+# cred_expire: also how long a requeued job waits before it may start again (SLURM's default: 120 s)
+requeue_delay=${LOCAL_SLURM_REQUEUE_DELAY:-30}
 nodes=(n1 n2)
 conf=$dir/slurm.conf
 socket=$dir/munge/munge.socket
@@ -48,7 +51,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$socket
+AuthInfo=socket=$socket,cred_expire=$requeue_delay
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid

@@ -42,6 +42,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         "LOCAL_SLURM_DIR": str(state),
         "LOCAL_SLURM_PORT": "16917",
         "LOCAL_SLURM_GRACE": str(GRACE),
+        "LOCAL_SLURM_REQUEUE_DELAY": "10",
     }
     script = str(ROOT / "slurm" / "local_cluster.sh")
     up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=120)
@@ -170,6 +171,19 @@ def test_scancel_usr1_saves_and_does_not_end_failed(cluster, cache, tmp_path):
     assert job.info()["Restarts"] == "0"
 
 
+def test_the_time_limit_signal_saves_requeues_and_resumes(cluster, cache, tmp_path):
+    """--signal=B:USR1@40 with a 1-minute limit: USR1 comes about 20 s in (SLURM checks every few seconds)."""
+    job = submit(cluster, cache, tmp_path, 100_000, "--time=1", "--signal=B:USR1@40")
+    job.wait(lambda: "SIGUSR1 received: saved" in job.output(), 90, "save at the time-limit signal")
+    saved = re.search(r"SIGUSR1 received: saved (\S+) at step (\d+)", job.output())
+    job.wait(lambda: job.info().get("Restarts") == "1", 60, "requeue")
+    job.wait(lambda: "resumed from" in job.output(), 120, "resume")
+    assert f"resumed from {saved.group(1)} at step {saved.group(2)}" in job.output()
+    assert "killed by signal" not in job.output()
+    job.scancel()
+    job.wait_done()
+
+
 def test_preemption_requeues_and_resumes_at_the_step_saved_in_the_grace_time(cluster, cache, tmp_path):
     job = submit(cluster, cache, tmp_path, 100_000)
     job.wait_checkpoint(4)
@@ -183,7 +197,8 @@ def test_preemption_requeues_and_resumes_at_the_step_saved_in_the_grace_time(clu
     job.wait(lambda: "SIGTERM received: saved" in job.output(), GRACE + 30, "save in the grace time")
     saved = re.search(r"SIGTERM received: saved (\S+) at step (\d+)", job.output())
     job.wait(lambda: job.info().get("Restarts") == "1", 60, "requeue")
-    job.wait(lambda: "resumed from" in job.output(), 240, "resume")
+    job.wait(lambda: "resumed from" in job.output(), 120, "resume")
+    assert "killed by signal" not in job.output()
     assert f"resumed from {saved.group(1)} at step {saved.group(2)}" in job.output()
     job.scancel()
     job.wait_done()

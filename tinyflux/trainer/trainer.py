@@ -112,6 +112,8 @@ class Trainer(CheckpointingMixin):
         self._stateful_loader = False  # the loader saves / restores its own position (state_dict)
         self._pending_resume: Path | None = None
         self._signal: int | None = None
+        # A stop signal that came before train() (during setup: run.py notes it): the first step then saves and stops.
+        self.pending_signal: int | None = None
         self._latent_side: int | None = None  # of the training latents, seen on the first batch
         self._epoch_actions_due = False
         self._verdicts: StepVerdicts | None = None  # built by setup(), on the prepared optimizer
@@ -285,7 +287,7 @@ class Trainer(CheckpointingMixin):
         self._meter.reset(p.samples_seen)
         self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
         stop = p.step >= self._stop_at
-        self._signal = None
+        self._signal, self.pending_signal = self.pending_signal, None
         self._stop_requested = False
         with stop_signals(self._on_signal):
             while not stop and (epochs is None or p.epoch < epochs):
