@@ -302,7 +302,12 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [[ "$1 $2" == "show hostnames" ]]; then printf "node01\\nnode02\\n"; '
+        'elif [[ "$1 $2" == "show node" ]]; then echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.0.0.1 NodeHostName=$3"; '
         'else echo "scontrol $*" >> "$FAKE_LOG"; fi\n'
+    )
+    # SLURM delivers `scancel --signal=USR1 JOB` to every process of the job's steps: here, the fake srun.
+    (bin_dir / "scancel").write_text(
+        '#!/bin/bash\necho "scancel $*" >> "$FAKE_LOG"\nkill -"${1#--signal=}" "$(cat "$FAKE_LOG.pid")"\n'
     )
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
@@ -340,13 +345,22 @@ def test_slurm_launch_line_is_well_formed_for_accelerate(fake_slurm):
     words = shlex.split(out.stdout)
     assert words[:2] == ["accelerate", "launch"]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(words[2:]))
-    assert (args.num_machines, args.machine_rank, args.main_process_ip) == (2, 1, "node01")
+    # the address SLURM has for the first node (its NodeAddr), not its name
+    assert (args.num_machines, args.machine_rank, args.main_process_ip) == (2, 1, "10.0.0.1")
     assert args.main_process_port == 20000 + 4242 and args.num_processes == 2 * 4 and args.use_fsdp
     assert args.training_script == "train_tinyflux.py"
     assert args.training_script_args == ["--config", "runs/deep.yaml", "--resume", "latest", "--total_steps", "100"]
     prepare_multi_gpu_env(args)  # what accelerate hands torchrun on this node
     assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "4")
-    assert (args.master_addr, args.master_port) == ("node01", "24242")
+    assert (args.master_addr, args.master_port) == ("10.0.0.1", "24242")
+    override = subprocess.run(
+        ["bash", str(SLURM / "launch.sh"), "run.yaml"],
+        env={**fake_slurm, "DRY_RUN": "1", "MAIN_ADDR": "192.168.7.7"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert "--main_process_ip 192.168.7.7" in override.stdout, override.stderr
 
     bare = {k: v for k, v in fake_slurm.items() if k != "SLURM_NODEID"}
     refused = subprocess.run(["bash", str(SLURM / "launch.sh"), "run.yaml"], env=bare, capture_output=True, text=True)
@@ -397,11 +411,11 @@ def test_sbatch_usr1_asks_the_trainers_to_save_waits_then_requeues(fake_slurm):
     code, calls = run_sbatch_until_signal(fake_slurm, signal.SIGUSR1, to_srun=False)
     assert code == 0
     assert calls[0].startswith("srun --ntasks-per-node=1") and calls[0].endswith("slurm/launch.sh runs/deep.yaml")
-    # USR1 reached srun (which forwards it to every node's launcher); the requeue came only after srun exited.
-    assert calls[1:] == ["srun got USR1", "srun exited", "scontrol requeue 4242"]
+    # USR1 reached every process of the step (scancel); the requeue came only after srun exited.
+    assert calls[1:] == ["scancel --signal=USR1 4242", "srun got USR1", "srun exited", "scontrol requeue 4242"]
 
 
 def test_sbatch_term_waits_for_the_save_and_does_not_requeue(fake_slurm):
     code, calls = run_sbatch_until_signal(fake_slurm, signal.SIGTERM, to_srun=True)
-    assert code == 143
-    assert calls[1:] == ["srun got TERM", "srun exited"]  # no requeue: SLURM's pre-emption or scancel decides
+    assert code == 0  # the fake srun's clean save-and-stop
+    assert calls[1:] == ["srun got TERM", "srun exited"]  # no requeue: scancel or the time limit ended the job

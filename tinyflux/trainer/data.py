@@ -43,6 +43,7 @@ from tinyflux.trainer.cache_format import (
     repair_hint,
     verify_shard,
 )
+from tinyflux.trainer.runtime import WorkerInit, stop_signals_blocked
 from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -431,8 +432,11 @@ class StreamingLoader:
             num_workers=ds.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if ds.num_workers else None,
+            worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
         )
-        for batch in loader:
+        with stop_signals_blocked():  # the workers start here
+            batches = iter(loader)
+        for batch in batches:
             worker, position = batch.pop("stream_position").tolist()
             ds.verified.update((int(s), int(k)) for s, k in batch.pop("verified_shards").tolist())
             self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers

@@ -27,6 +27,7 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.config import TrainerConfigError
+from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
 
 logger = logging.getLogger("tinyflux.train")
@@ -78,6 +79,7 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
         num_workers=args.trainer.num_workers,
         collate_fn=data.collate_fn,
         pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
+        worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
     )
 
 
@@ -107,10 +109,13 @@ def run_training(args: RunArgs) -> Trainer:
     """Build everything from parsed arguments, train, wait for Hub uploads. Returns the Trainer: .last_checkpoint is
     the final checkpoint directory, .progress the counters, .stopped_by the signal that ended the run (or None)."""
     set_seed(args.trainer.seed)  # the model init; the training draws have their own seeded generators
-    config = model_config_for(args)
-    loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
-    trainer = Trainer(build_model(args, config), args.trainer)
-    trainer.setup(loader, sampler=build_sampler(args, trainer))
+    early: list[int] = []  # SIGTERM / SIGUSR1 while setting up (SLURM's come at any time): stop after one step
+    with stop_signals(early.append):
+        config = model_config_for(args)
+        loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
+        trainer = Trainer(build_model(args, config), args.trainer)
+        trainer.setup(loader, sampler=build_sampler(args, trainer))
+    trainer.pending_signal = early[0] if early else None
     trainer.train(epochs=args.script.epochs)
     trainer.finish()
     if trainer.accelerator.is_main_process:  # once per run, not once per process

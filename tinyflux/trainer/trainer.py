@@ -50,7 +50,15 @@ from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
 from tinyflux.trainer.optim import build_optimizer, build_scheduler
-from tinyflux.trainer.runtime import check_compile_mode, compile_blocks, hparams, make_accelerator, stop_signals
+from tinyflux.trainer.runtime import (
+    check_compile_mode,
+    compile_blocks,
+    hparams,
+    make_accelerator,
+    started,
+    stop_signals,
+    workers_ignore_stop_signals,
+)
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
@@ -104,6 +112,8 @@ class Trainer(CheckpointingMixin):
         self._stateful_loader = False  # the loader saves / restores its own position (state_dict)
         self._pending_resume: Path | None = None
         self._signal: int | None = None
+        # A stop signal that came before train() (during setup: run.py notes it): the first step then saves and stops.
+        self.pending_signal: int | None = None
         self._latent_side: int | None = None  # of the training latents, seen on the first batch
         self._epoch_actions_due = False
         self._verdicts: StepVerdicts | None = None  # built by setup(), on the prepared optimizer
@@ -137,6 +147,7 @@ class Trainer(CheckpointingMixin):
             )
         if resume is not None:  # before prepare, while every parameter is whole on every process
             resume = self._resume_falling_back(resume, self._load_ema, self._load_ema)
+        workers_ignore_stop_signals(dataloader)  # before prepare, which copies it (the streaming loader has its own)
         self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
         if self._prepared_loader:
             self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
@@ -276,7 +287,7 @@ class Trainer(CheckpointingMixin):
         self._meter.reset(p.samples_seen)
         self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
         stop = p.step >= self._stop_at
-        self._signal = None
+        self._signal, self.pending_signal = self.pending_signal, None
         self._stop_requested = False
         with stop_signals(self._on_signal):
             while not stop and (epochs is None or p.epoch < epochs):
@@ -325,7 +336,7 @@ class Trainer(CheckpointingMixin):
             loader = self.accelerator.skip_first_batches(loader, skip)
         elif skip:
             loader = islice(loader, skip, None)
-        return iter(loader)
+        return started(loader)  # DataLoader workers must ignore the stop signals from their first instant
 
     def _batches_to_skip(self) -> int:
         total = getattr(self.dataloader, "total_batch_size", None) if self._prepared_loader else None
