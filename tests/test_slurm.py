@@ -139,6 +139,10 @@ def test_a_job_completes_on_nodes_whose_names_do_not_resolve(cluster, cache, tmp
     assert job.wait_done() == "COMPLETED", job.output()[-3000:]
     assert job.info()["ExitCode"] == "0:0"
     assert saved_step(job) == 12
+    # no tty: one plain progress line per log step (log_every 5), from the main process only; no tqdm redraws
+    output = job.output()
+    assert [output.count(f"step {k}/12 loss=") for k in (5, 10, 12)] == [1, 1, 1], output[-3000:]
+    assert "\r" not in output and output.count("final checkpoint") == 1
     assert "killed by signal" not in job.output() and "Traceback" not in job.output()
 
 

@@ -8,6 +8,7 @@ the Trainer (the demo calls it).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,13 @@ def run_training(args: RunArgs) -> Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One voice per job: the main process logs INFO; the other ranks (RANK, set by torchrun) only warnings and errors,
+    # marked with their rank, so a multi-node job's output carries each line once.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file of every checkpoint otherwise
     try:
         args = parse_args(argv)

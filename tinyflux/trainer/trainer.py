@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from itertools import islice
@@ -120,6 +121,7 @@ class Trainer(CheckpointingMixin):
         self._stop_requested = False  # a stop signal found in a verdict settled outside _after_step
         self._reset_cycle()
         self._meter = StepMeter()
+        self._plain_progress = False
 
     @property
     def ema(self) -> EMA:
@@ -281,8 +283,13 @@ class Trainer(CheckpointingMixin):
         cfg, p = self.config, self.progress
         self.model.train()
         self.stopped_by = None
+        # A bar for a terminal; in a job's output file (no tty) _log writes one plain line per log step instead.
+        self._plain_progress = not sys.stderr.isatty()
         bar = tqdm(
-            total=cfg.total_steps, initial=p.step, disable=not self.accelerator.is_local_main_process, desc="train"
+            total=cfg.total_steps,
+            initial=p.step,
+            disable=not self.accelerator.is_local_main_process or self._plain_progress,
+            desc="train",
         )
         self._meter.reset(p.samples_seen)
         self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
@@ -497,6 +504,15 @@ class Trainer(CheckpointingMixin):
             values["memory/peak_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         acc.log(values, step=p.step)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", sps=f"{values['samples_per_sec']:.1f}")
+        if self._plain_progress and acc.is_main_process:
+            logger.info(
+                "step %d/%d loss=%.4f lr=%.1e samples/s=%.0f",
+                p.step,
+                cfg.total_steps,
+                values["loss"],
+                values["lr"],
+                values["samples_per_sec"],
+            )
         self._meter.reset(p.samples_seen)
 
     def _sample(self) -> None:
