@@ -41,7 +41,11 @@ def fsdp(cache: Path, out: Path, processes: int, *args: str) -> str:
     """fsdp.yaml launched on `processes` CPU processes, FSDP kept on; the global batch is 4 samples whatever the count."""
     batch = ["--batch_size", str(4 // processes), "--keep_last_n_steps", "10"]
     output = launch(
-        "fsdp.yaml", *argv(cache, out, *batch, *args), num_processes=processes, cpu=True, env={ENGINE_ON_CPU_ENV: "1"}
+        "fsdp.yaml",
+        *argv(cache, out, *batch, *args),
+        num_processes=processes,
+        cpu=True,
+        env={ENGINE_ON_CPU_ENV: "1", "TINYFLUX_LOG_ALL_RANKS": "1"},  # each rank logs its EMA share
     )
     assert f"engine: fsdp2, {processes} process(es)" in output
     return output

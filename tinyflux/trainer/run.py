@@ -131,9 +131,11 @@ def run_training(args: RunArgs) -> Trainer:
 def main(argv: list[str] | None = None) -> int:
     # One voice per job: the main process logs INFO; the other ranks (RANK, set by torchrun) only warnings and errors,
     # marked with their rank, so a multi-node job's output carries each line once.
+    # TINYFLUX_LOG_ALL_RANKS=1 lets every rank log INFO (debugging one rank of a multi-node job).
     rank = int(os.environ.get("RANK", "0"))
+    every_rank = os.environ.get("TINYFLUX_LOG_ALL_RANKS") == "1"
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO if rank == 0 or every_rank else logging.WARNING,
         format=f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file of every checkpoint otherwise
