@@ -140,3 +140,28 @@ def test_a_signal_to_the_process_group_saves_exits_0_and_resumes_exactly(
     resumed = run(processes, run_argv(synthetic_shards, tmp_path, workers, TOTAL, "--resume"))
     assert f"resumed from {last} at step {step}" in resumed
     assert_same_weights(references(processes, workers), checkpoints / f"step_{TOTAL:07d}")
+
+
+LEFT_BEHIND = """
+import gc, sys, torch
+from torch.utils.data import DataLoader
+from tinyflux.trainer.runtime import WorkerInit
+gc.disable()  # nothing collects the cycle below before exit, as when a traceback holds a loader's frame
+loader = DataLoader(torch.arange(100), batch_size=2, num_workers=2, worker_init_fn=WorkerInit())
+batches = iter(loader)
+next(batches)
+cycle = [batches]
+cycle.append(cycle)
+del batches, cycle
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_whose_loader_workers_are_still_alive_at_exit_exits():
+    """The workers ignore SIGTERM, and multiprocessing's exit hook stops daemonic children with SIGTERM and then joins
+    them: without runtime's own exit hook (SIGKILL first) this process waits forever (the test suite did, in CI)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_BEHIND], env=ENV, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "killed by signal" not in done.stderr, done.stderr[-2000:]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
@@ -182,6 +184,7 @@ class WorkerInit:
 
     def __init__(self, then: Callable[[int], None] | None = None):
         self.then = then
+        _kill_workers_left_at_exit()
 
     def __call__(self, worker_id: int) -> None:
         for sig in STOP_SIGNALS:
@@ -189,6 +192,29 @@ class WorkerInit:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while it was forked (stop_signals_blocked)
         if self.then is not None:
             self.then(worker_id)
+
+
+_exit_hook_registered = False
+
+
+def _kill_workers_left_at_exit() -> None:
+    """Once per process: at interpreter exit, SIGKILL the daemonic children still alive.
+
+    multiprocessing's own exit hook stops daemonic children (DataLoader workers) with SIGTERM, then joins them. Ours
+    ignore SIGTERM (WorkerInit), so a worker of a loader iterator not yet collected at exit (one held by a traceback
+    or a reference cycle) would make that join wait forever: the process would never exit. atexit runs hooks last-in
+    first-out, so this one, registered after multiprocessing's, runs first."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemonic_children)
+        _exit_hook_registered = True
+
+
+def _kill_daemonic_children() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a failed worker
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def workers_ignore_stop_signals(loader: Any) -> None:

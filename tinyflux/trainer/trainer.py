@@ -23,6 +23,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -302,17 +303,19 @@ class Trainer(CheckpointingMixin):
                     self._end_epoch()
                     continue
                 seen = 0
-                for batch in self._epoch_batches():
-                    seen += 1
-                    stop = self._micro_step(batch, bar)
-                    if stop:
-                        break
-                else:
-                    if seen == 0 and p.batches_in_epoch == 0:
-                        raise RuntimeError(
-                            "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
-                        )
-                    self._end_epoch()
+                # closing: a step that raises shuts the workers down now, not when the traceback is collected
+                with closing(self._epoch_batches()) as batches:
+                    for batch in batches:
+                        seen += 1
+                        stop = self._micro_step(batch, bar)
+                        if stop:
+                            break
+                    else:
+                        if seen == 0 and p.batches_in_epoch == 0:
+                            raise RuntimeError(
+                                "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
+                            )
+                        self._end_epoch()
         bar.close()
         self._settle()
         if self._saved_step != p.step:
