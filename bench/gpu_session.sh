@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues #6 and #7 in six device calls of under 10 minutes each (a session is lent 30
-# minutes of device time, 10 per call, and a machine start takes 1-2 of them: plan two stages per session, 1 and 3a
-# first, calls back to back so the machine stays warm). From the repo root on the GPU machine:
+# The GPU measurements of issues #6 and #7 in six device calls of under 10 minutes each (a lease holds 15
+# minutes of device time since 2026-12 (30 before), 10 per call, and a machine start takes 1-2 of them: plan one or two
+# stages per lease, 1 and 3a first, calls back to back so the machine stays warm). From the repo root on the GPU machine:
 #   bash bench/gpu_session.sh 1   # the targets: whole Trainer step vs diffusers at 256 and 512 px, eager + compiled
 #   bash bench/gpu_session.sh 2   # why: profile, attention kernels (SDPA vs flex), largest batch with checkpointing
 #   bash bench/gpu_session.sh 3a  # gpu-marked tests but the engines: no host sync, flex, zoo offload
