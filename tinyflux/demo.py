@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from tinyflux.data.demo import write_demo_images
 from tinyflux.model.loader import load_model
@@ -25,6 +24,7 @@ from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.run import run_training
 from tinyflux.trainer.sampling import Sampler
+from tinyflux.util.plots import plot_curves
 
 RESOLUTION = 64  # pixels: 8x8 latents = 64 image tokens, so a step takes milliseconds on a CPU
 PROMPTS = [
@@ -46,29 +46,6 @@ def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
         if tag in acc.Tags().get("scalars", []):
             points += [(e.step, e.value) for e in acc.Scalars(tag)]
     return sorted(set(points))
-
-
-def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> Path:
-    """A plain line plot with PIL (no plotting dependency for one PNG)."""
-    w, h, pad = 640, 360, 48
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    steps, values = [p[0] for p in points], [p[1] for p in points]
-    lo, hi = min(values), max(values)
-    span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-
-    def xy(step: int, value: float) -> tuple[float, float]:
-        return pad + (step - steps[0]) / span_x * (w - 2 * pad), h - pad - (value - lo) / span_y * (h - 2 * pad)
-
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
-    draw.line([xy(s, v) for s, v in points], fill="navy", width=2)
-    draw.text((pad, 12), title, fill="black")
-    draw.text((4, pad - 6), f"{hi:.4f}", fill="black")
-    draw.text((4, h - pad - 6), f"{lo:.4f}", fill="black")
-    draw.text((pad, h - pad + 8), f"step {steps[0]}", fill="black")
-    draw.text((w - pad - 60, h - pad + 8), f"step {steps[-1]}", fill="black")
-    img.save(path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = sampler.save_samples(images, PROMPTS, str(out / "samples"))
 
     losses = read_scalars(log_dir, "loss/main")
-    curve = plot_curve(losses, out / "loss_curve.png", "main (velocity) loss per 10 steps")
+    curve = plot_curves({"velocity loss": losses}, out / "loss_curve.png", "TinyFlux demo: main (velocity) loss")
     k = max(len(losses) // 10, 1)
     first = sum(v for _, v in losses[:k]) / k
     last = sum(v for _, v in losses[-k:]) / k
