@@ -63,3 +63,18 @@ def refresh_readme() -> None:
 
 if __name__ == "__main__":  # python -m tests.test_docs
     refresh_readme()
+
+
+def test_technical_md_is_the_generated_api_document():
+    from tinyflux.util import apidoc
+
+    path = README.parent / "docs" / "TECHNICAL.md"
+    assert path.read_text() == apidoc.generate(), f"{path} is out of date: python -m tinyflux.util.apidoc > {path}"
+
+
+def test_api_signatures_read_as_written():
+    from tinyflux.util.apidoc import signature
+
+    def f(a: int, *rest: str, b: str = "x", **kw: float) -> bool: ...
+
+    assert signature(f) == "(a: int, *rest: str, b: str = 'x', **kw: float) -> bool"

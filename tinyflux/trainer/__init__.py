@@ -1,0 +1,1 @@
+"""Cache building, training (Trainer, checkpoints, engines, EMA, losses, schedules) and sampling."""

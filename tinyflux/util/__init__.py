@@ -1,0 +1,1 @@
+"""Small shared helpers: dtypes, the experts' prediction container, plots, this API document."""
