@@ -52,9 +52,11 @@ def model_config_for(args: RunArgs) -> TinyFluxConfig:
 
 
 def build_model(args: RunArgs, config: TinyFluxConfig) -> TinyFluxDeep:
-    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew)."""
+    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew).
+    A LoRA run's checkpoints hold only the adapter: its base is loaded from --model on resume too."""
     source = args.script.model
-    if source in PRESETS or source.endswith(".json") or config is not args.model_config:
+    resumed = config is not args.model_config and not args.trainer.is_lora
+    if source in PRESETS or source.endswith(".json") or resumed:
         return TinyFluxDeep(config)  # fresh, or about to be overwritten by the resumed state
     return load_model(source, config=config, device="cpu", dtype=torch.float32)
 
