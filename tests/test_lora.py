@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
 
 from tests.test_scale import argv, launch, synthetic_cache
 from tests.trainer_helpers import TINY, SyntheticCache, config, first_batch, loader
@@ -19,6 +20,8 @@ from tinyflux.model.loader import save_model
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, parse_args
+from tinyflux.trainer.cache_experts import DatasetCache
+from tinyflux.trainer.data import CachedDataset, collate_fn
 from tinyflux.trainer.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -30,6 +33,7 @@ from tinyflux.trainer.lora import (
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.trainer_checkpointing import LORA_EMA_DIR
+from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 LATE_ATTENTION = r"single_blocks\.[0-1]\.attn\.(qkv|out_proj)"
@@ -258,3 +262,40 @@ def test_lora_under_fsdp2_on_cpu_saves_resumes_and_trains_what_one_process_train
     one, fsdp = (tmp_path / run / "checkpoints" / "step_0000003" for run in ("one", "two"))
     assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "pytorch_model_fsdp_0"} <= {p.name for p in fsdp.iterdir()}
     assert_same_adapter(one, fsdp, atol=1e-6)
+
+
+@torch.no_grad()
+def held_out_loss(model: TinyFluxDeep, batch: dict) -> float:
+    """Velocity MSE at fixed timesteps and noise, no dropout: the same figure for the same weights."""
+    model.eval()
+    latents = batch["latents"].float()
+    b, _, h, w = latents.shape
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.linspace(0.1, 0.9, b)
+    v = model(
+        pack_latents(flow_x_t(latents, noise, t)),
+        batch["t5_embeds"].float(),
+        batch["clip_pooled"].float(),
+        t,
+        TinyFluxDeep.create_img_ids(b, h, w),
+        encoder_attention_mask=batch["t5_mask"],
+    )
+    return (v - pack_latents(flow_velocity(latents, noise))).square().mean().item()
+
+
+def test_a_lora_on_drawn_shapes_lowers_the_held_out_velocity_loss_below_the_base(built_cache, tmp_path):
+    """The demo's drawn shapes (coloured squares, circles, triangles; 11 images through the tiny zoo), 8 to train a
+    rank-8 LoRA for 40 steps, 3 held out. The held-out velocity loss falls at least 30% below the base model's
+    (measured 2026-12-06: 1.79 -> 0.98, 0.54x)."""
+    samples = CachedDataset(DatasetCache.from_shards(str(built_cache.output)))
+    train, held_out = Subset(samples, range(8)), Subset(samples, range(8, len(samples)))
+    held_out_batch = collate_fn([held_out[i] for i in range(len(held_out))])
+    model = base_model()
+    before = held_out_loss(model, held_out_batch)
+    values = {"lora_rank": 8, "learning_rate": 5e-3, "total_steps": 40, "warmup_steps": 0, "ema_decay": 0.0}
+    trainer = Trainer(model, config(tmp_path, gradient_accumulation=1, **values))
+    trainer.setup(DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate_fn))
+    trainer.train(epochs=None)
+    after = held_out_loss(trainer.model, held_out_batch)
+    assert after < 0.7 * before, (before, after)
