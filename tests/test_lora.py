@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from tests.test_scale import argv, launch, synthetic_cache
 from tests.trainer_helpers import TINY, SyntheticCache, config, first_batch, loader
+from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import save_model
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
@@ -299,3 +300,26 @@ def test_a_lora_on_drawn_shapes_lowers_the_held_out_velocity_loss_below_the_base
     trainer.train(epochs=None)
     after = held_out_loss(trainer.model, held_out_batch)
     assert after < 0.7 * before, (before, after)
+
+
+def test_the_documented_example_adapts_the_late_single_blocks_attention_of_deep(tmp_path):
+    """docs/LORA.md's JSON, on the `deep` preset (built on the meta device): the nine layers and the count it states."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "LORA.md").read_text()
+    example = text.split("```json\n")[1].split("```")[0]
+    spec = LoraSpec.from_trainer_config(
+        config(tmp_path, lora_config=write_json(tmp_path / "doc.json", json.loads(example)))
+    )
+    with torch.device("meta"):
+        deep = TinyFluxDeep(TinyFluxConfig.preset("deep"))
+    resolved = spec.resolve(deep)
+    assert sorted(resolved) == sorted(
+        [f"single_blocks.{i}.attn.qkv" for i in range(20, 25)]
+        + [f"single_blocks.{i}.attn.out_proj" for i in range(21, 25)]
+    )
+    assert {n for n, s in resolved.items() if s.rank == 32 and s.lr_scale == 2.0} == {
+        "single_blocks.23.attn.qkv",
+        "single_blocks.24.attn.qkv",
+    }
+    layers = dict(deep.named_modules())
+    count = sum(s.rank * (layers[n].in_features + layers[n].out_features) for n, s in resolved.items())
+    assert count == 294_912
