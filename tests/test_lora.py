@@ -124,6 +124,9 @@ def test_numeric_ranges_and_bad_specs_fail_with_what_to_fix(tmp_path):
         spec(targets=LATE_ATTENTION, patterns={"double_blocks.*": {"rank": 2}}).resolve(TinyFluxDeep(TINY))
     with pytest.raises(LoraConfigError, match="every targeted layer is disabled"):
         spec(targets=LATE_ATTENTION, patterns={".*": {"enabled": False}}).resolve(TinyFluxDeep(TINY))
+    bad = write_json(tmp_path / "bad.json", {"patterns": {"double_blocks.*": {"rank": -1}}})
+    with pytest.raises(ArgsError, match=r"rank=-1 must be an integer >= 1"):
+        parse_args(["--model", "tiny", "--lora_config", bad])
     with pytest.raises(ArgsError, match="lora_alpha set without lora_rank or lora_config"):
         parse_args(["--cache", str(tmp_path), "--model", "tiny", "--lora_alpha", "4"])
     args = parse_args(["--model", "tiny", "--lora_rank", "4", "--lora_targets", LATE_ATTENTION, "--lora_alpha", "2"])
@@ -244,6 +247,7 @@ def test_lora_on_two_ddp_processes_trains_what_one_process_trains(cache, base_di
     assert "engine: ddp, 2 process(es)" in output
     one, ddp = (tmp_path / run / "checkpoints" / "step_0000003" for run in ("one", "two"))
     assert "model.safetensors" not in {p.name for p in ddp.iterdir()}
+    assert json.loads((ddp / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base_dir)
     assert_same_adapter(one, ddp, atol=1e-6)
 
 

@@ -28,6 +28,7 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.config import TrainerConfigError
+from tinyflux.trainer.lora import ADAPTER_NAME
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
 
@@ -117,6 +118,8 @@ def run_training(args: RunArgs) -> Trainer:
         config = model_config_for(args)
         loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
         trainer = Trainer(build_model(args, config), args.trainer)
+        if trainer.lora is not None:  # adapter_config.json names the base its adapter was trained on
+            trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = args.script.model
         trainer.setup(loader, sampler=build_sampler(args, trainer))
     trainer.pending_signal = early[0] if early else None
     trainer.train(epochs=args.script.epochs)
