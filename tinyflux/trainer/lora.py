@@ -238,10 +238,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> tuple[LoraConfig, dict[nn.Pa
     return config, scales
 
 
-def is_lora_model(model: nn.Module) -> bool:
-    return getattr(model, "peft_config", None) is not None
-
-
 def adapter_state(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The adapter's tensors under peft's file keys (`base_model.model.<layer>.lora_A.weight`), from the model or
     from `state_dict` (the model's names: an EMA shadow, an FSDP-gathered state)."""
