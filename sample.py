@@ -4,8 +4,9 @@
         --guidance_scale 5.0 --seed 0 --height 512 --width 512 --output samples/
 
 --model takes anything tinyflux.model.loader.load_model takes (a .safetensors file, a directory with config.json, a Hub
-id "user/repo[:subfolder]"). `--lora DIR [DIR ...] --lora_scale S [S ...]` adds LoRA adapters (peft's format) on top. Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it
-writes. Exit code 2 on bad input.
+id "user/repo[:subfolder]"); `--lora DIR [DIR ...] --lora_scale S [S ...]` adds LoRA adapters (peft's format) on top
+of it (docs/LORA.md). Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it writes.
+Exit code 2 on bad input.
 """
 
 from __future__ import annotations
@@ -150,9 +151,9 @@ def main(args: SampleArgs) -> list[str]:
         if not Path(args.ema).is_file():
             raise UsageError(f"--ema {args.ema}: no such file")
         ema = EMA.load(args.ema, model)
-    adapters = parse_adapters(args.lora, args.lora_scale) if args.lora else []
     if args.lora_scale and not args.lora:
         raise UsageError("--lora_scale without --lora: pass the adapter directories with --lora DIR [DIR ...]")
+    adapters = parse_adapters(args.lora, args.lora_scale) if args.lora else []
     if adapters and ema is not None:
         ema.copy_to(model)  # the base's EMA weights first; the adapters then apply on top of them
         ema = None
