@@ -31,6 +31,7 @@ from tinyflux.trainer.lora import (
     LoraSpec,
     expand_ranges,
 )
+from tinyflux.trainer.run import run_training
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.trainer_checkpointing import LORA_EMA_DIR
@@ -238,35 +239,45 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
             torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=atol, msg=f"{name}:{key}")
 
 
+LORA_RUN = ("--lora_rank", "4", "--total_steps", "3", "--save_every_steps", "2")
+
+
+@pytest.fixture(scope="module")
+def one_process(cache: Path, base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: three LoRA steps in this process, global batch 4; returns the final checkpoint."""
+    out = tmp_path_factory.mktemp("lora_one")
+    return run_training(
+        parse_args(argv(cache, out, "--batch_size", "4", *LORA_RUN, model=str(base_dir)))
+    ).last_checkpoint
+
+
 @pytest.mark.slow
-def test_lora_on_two_ddp_processes_trains_what_one_process_trains(cache, base_dir, tmp_path):
-    lora = ("--lora_rank", "4", "--total_steps", "3")
-    launch(None, *argv(cache, tmp_path / "one", "--batch_size", "4", *lora, model=str(base_dir)), cpu=True)
-    two = argv(cache, tmp_path / "two", "--batch_size", "2", *lora, model=str(base_dir))
+def test_lora_on_two_ddp_processes_trains_what_one_process_trains(cache, base_dir, one_process, tmp_path):
+    two = argv(cache, tmp_path, "--batch_size", "2", *LORA_RUN, model=str(base_dir))
     output = launch("cpu_2proc.yaml", *two, num_processes=2, cpu=True)
     assert "engine: ddp, 2 process(es)" in output
-    one, ddp = (tmp_path / run / "checkpoints" / "step_0000003" for run in ("one", "two"))
+    ddp = tmp_path / "checkpoints" / "step_0000003"
     assert "model.safetensors" not in {p.name for p in ddp.iterdir()}
     assert json.loads((ddp / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base_dir)
-    assert_same_adapter(one, ddp, atol=1e-6)
+    assert_same_adapter(one_process, ddp, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp2_on_cpu_saves_resumes_and_trains_what_one_process_trains(cache, base_dir, tmp_path):
+def test_lora_under_fsdp2_on_cpu_saves_resumes_and_trains_what_one_process_trains(
+    cache, base_dir, one_process, tmp_path
+):
     """FSDP2 (the CPU test switch) shards base and adapter alike; its resumable state is accelerate's sharded model
     state, base included, and the adapter files are gathered for peft. Two steps, a resume, a third step: the adapter
     and its EMA equal one process's three steps."""
-    lora = ("--lora_rank", "4", "--total_steps", "3", "--save_every_steps", "2")
-    launch(None, *argv(cache, tmp_path / "one", "--batch_size", "4", *lora, model=str(base_dir)), cpu=True)
-    two = argv(cache, tmp_path / "two", "--batch_size", "2", *lora, model=str(base_dir))
+    two = argv(cache, tmp_path, "--batch_size", "2", *LORA_RUN, model=str(base_dir))
     env = {ENGINE_ON_CPU_ENV: "1"}
     output = launch("fsdp.yaml", *two, "--total_steps", "2", num_processes=2, cpu=True, env=env)
     assert "engine: fsdp2, 2 process(es)" in output
     output = launch("fsdp.yaml", *two, "--resume", num_processes=2, cpu=True, env=env)
-    assert "at step 2" in output and "resumed from" in output
-    one, fsdp = (tmp_path / run / "checkpoints" / "step_0000003" for run in ("one", "two"))
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000002'} at step 2" in output
+    fsdp = tmp_path / "checkpoints" / "step_0000003"
     assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "pytorch_model_fsdp_0"} <= {p.name for p in fsdp.iterdir()}
-    assert_same_adapter(one, fsdp, atol=1e-6)
+    assert_same_adapter(one_process, fsdp, atol=1e-6)
 
 
 @torch.no_grad()
