@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
+from tests.test_checkpoint import FakeHub
 from tests.test_scale import argv, launch, synthetic_cache
 from tests.trainer_helpers import TINY, SyntheticCache, config, first_batch, loader
 from tinyflux.model.config import TinyFluxConfig
@@ -23,6 +24,7 @@ from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.data import CachedDataset, collate_fn
+from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -338,3 +340,14 @@ def test_the_documented_example_adapts_the_late_single_blocks_attention_of_deep(
     layers = dict(deep.named_modules())
     count = sum(s.rank * (layers[n].in_features + layers[n].out_features) for n, s in resolved.items())
     assert count == 294_912
+
+
+def test_a_lora_checkpoint_uploads_the_adapter_to_the_hub(tmp_path):
+    trainer = lora_trainer(tmp_path, total_steps=2, save_every_steps=2, hf_repo_id="me/lora")
+    hub = FakeHub()  # huggingface_hub.HfApi's test double (a network service)
+    hub.release.set()
+    trainer.uploader = HubUploader("me/lora", tmp_path / "checkpoints", api=hub)
+    trainer.train(epochs=None)
+    assert trainer.uploader.wait(timeout=30)
+    files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.json", ckpt.EMA_WEIGHTS, ckpt.TRAINER_STATE]
+    assert hub.uploads == [("", sorted(files))]
