@@ -69,6 +69,7 @@ class LoraSettings:
 
     @property
     def lora_alpha(self) -> float:
+        """peft's lora_alpha: alpha, or the rank when alpha is not given (scale 1)."""
         return float(self.rank if self.alpha is None else self.alpha)
 
 
@@ -153,6 +154,7 @@ class LoraSpec:
         return spec
 
     def check_patterns(self) -> None:
+        """Raise LoraConfigError for a bad regex or a bad setting, before any model exists (at parse time)."""
         _compile(self.targets, "LoRA targets")
         for pattern, values in (self.patterns or {}).items():
             _compile(pattern, "LoRA pattern")
@@ -202,6 +204,7 @@ class LoraSpec:
 
 
 def read_json(path: str) -> dict[str, Any]:
+    """The LoRA JSON file's top-level object (defaults, targets, patterns); LoraConfigError otherwise."""
     try:
         values = json.loads(Path(path).read_text())
     except OSError as e:
@@ -341,6 +344,8 @@ def parse_adapters(paths: Sequence[str], scales: Sequence[float]) -> list[Adapte
 
 
 def merge_cli(args: argparse.Namespace) -> Path:
+    """merge-lora: the base from --model, the adapters merged at their scales, saved to --output (load_model reads
+    it); returns the weights file."""
     from tinyflux.model.loader import load_model, save_model
 
     model = load_model(args.model, device="cpu", dtype=torch.float32)
@@ -349,6 +354,7 @@ def merge_cli(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tinyflux.trainer.lora merge-lora ...`: exit 0, or 2 with one line on bad input."""
     parser = argparse.ArgumentParser(prog="python -m tinyflux.trainer.lora", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge-lora", help="merge adapters into a full checkpoint that load_model reads")
