@@ -194,6 +194,17 @@ def test_resume_restores_adapter_optimizer_and_ema_exactly(tmp_path):
         torch.testing.assert_close(resumed.ema.shadow[name], shadow, rtol=0, atol=0)
 
 
+def test_lora_and_full_checkpoints_do_not_resume_each_other_and_say_so(tmp_path):
+    lora = lora_trainer(tmp_path / "lora", total_steps=2)
+    lora.train(epochs=None)
+    with pytest.raises(ckpt.CheckpointError, match="it holds a LoRA adapter, not the model's weights"):
+        lora_trainer(tmp_path / "full", lora_rank=None, resume=str(lora.last_checkpoint))
+    full = lora_trainer(tmp_path / "full2", lora_rank=None, total_steps=2)
+    full.train(epochs=None)
+    with pytest.raises(ckpt.CheckpointError, match="Start the LoRA run from it instead: --model"):
+        lora_trainer(tmp_path / "again", resume=str(full.last_checkpoint))
+
+
 def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tmp_path):
     grads = []
     for flag in (False, True):

@@ -21,7 +21,7 @@ from tinyflux.model.loader import CONFIG_NAME, save_model
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.ema import EMA
-from tinyflux.trainer.lora import load_adapter_weights, save_adapter
+from tinyflux.trainer.lora import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter
 
 # accelerate's adapter logs on the main process only: a checkpoint is saved or resumed once per run, not per process
 logger = get_logger(__name__)
@@ -152,12 +152,28 @@ class CheckpointingMixin:
     def _load_ema(self, path: Path) -> None:
         """The EMA file (whole float32 tensors) into the existing EMA object, which a Sampler may hold; decay and
         warmup stay those of this run's config."""
+        self._check_lora_kind(path)
         try:
             loaded = EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model)
         except (OSError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"cannot resume from {path}: its EMA cannot be read ({e})") from e
         self._ema.load_state_dict(loaded.state_dict())
         self._ema.decay = self.config.ema_decay
+
+    def _check_lora_kind(self, path: Path) -> None:
+        """A LoRA checkpoint resumes only a LoRA run and a full one only a full run: say which, and what to do."""
+        holds_adapter = (path / ADAPTER_WEIGHTS).is_file()
+        if holds_adapter and self.lora is None:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: it holds a LoRA adapter, not the model's weights. Resume with the run's "
+                "LoRA settings (--lora_rank / --lora_config) and its base (--model), or merge the adapter into a full "
+                "checkpoint (python -m tinyflux.trainer.lora merge-lora) and start a new run from that"
+            )
+        if not holds_adapter and self.lora is not None:
+            raise ckpt.CheckpointError(
+                f"cannot resume a LoRA run from {path}: it holds full weights, no {ADAPTER_WEIGHTS}. Start the LoRA "
+                f"run from it instead: --model {path} without --resume"
+            )
 
     def _load_training_state(self, path: Path) -> None:
         """accelerate's state (model, optimizer, scheduler, RNG; sharded ones reshard to this number of processes),
