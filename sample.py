@@ -4,8 +4,9 @@
         --guidance_scale 5.0 --seed 0 --height 512 --width 512 --output samples/
 
 --model takes anything tinyflux.model.loader.load_model takes (a .safetensors file, a directory with config.json, a Hub
-id "user/repo[:subfolder]"). Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it
-writes. Exit code 2 on bad input.
+id "user/repo[:subfolder]"); `--lora DIR [DIR ...] --lora_scale S [S ...]` adds LoRA adapters (peft's format) on top
+of it (docs/LORA.md). Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it writes.
+Exit code 2 on bad input.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer import sampling
 from tinyflux.trainer.checkpoint import TRAINER_CONFIG
 from tinyflux.trainer.ema import EMA
+from tinyflux.trainer.lora import parse_adapters
 from tinyflux.trainer.sampling import Sampler
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
 from tinyflux.util.dtypes import parse_dtype
@@ -66,6 +68,20 @@ class SampleArgs:
         default=None, metadata={"help": "model config (preset name or config.json) when the weights carry none"}
     )
     ema: str | None = field(default=None, metadata={"help": "EMA weights (.safetensors from EMA.save) to sample with"})
+    lora: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "LoRA adapter directories (peft format, e.g. a LoRA checkpoint or its ema/), stacked",
+            "action": "extend",
+        },
+    )
+    lora_scale: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "factor on each --lora's update: one for all or one per adapter (default 1; 0 = base)",
+            "action": "extend",
+        },
+    )
     zoo: str | None = field(default=None, metadata={"help": "offline tiny zoo directory (replaces the repos below)"})
     vae_repo: str = field(default=zoo_sources.VAE_REPO, metadata={"help": "VAE repo or path"})
     t5_repo: str = field(default=zoo_sources.T5_REPO, metadata={"help": "T5 repo or path"})
@@ -135,6 +151,12 @@ def main(args: SampleArgs) -> list[str]:
         if not Path(args.ema).is_file():
             raise UsageError(f"--ema {args.ema}: no such file")
         ema = EMA.load(args.ema, model)
+    if args.lora_scale and not args.lora:
+        raise UsageError("--lora_scale without --lora: pass the adapter directories with --lora DIR [DIR ...]")
+    adapters = parse_adapters(args.lora, args.lora_scale) if args.lora else []
+    if adapters and ema is not None:
+        ema.copy_to(model)  # the base's EMA weights first; the adapters then apply on top of them
+        ema = None
     zoo = ModelZoo(
         device=device,
         dtype=dtype,
@@ -144,7 +166,7 @@ def main(args: SampleArgs) -> list[str]:
         zoo=args.zoo,
         t5_layers=model.config.t5_layers,
     )
-    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=training_shift(args))
+    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=training_shift(args), loras=adapters)
     images = sampler.generate(
         prompts,
         num_steps=args.num_steps,

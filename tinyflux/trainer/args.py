@@ -275,6 +275,10 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
     script = ScriptArgs(**dataclasses.asdict(script_flags))
     try:
         trainer = TrainerConfig(**dataclasses.asdict(trainer_flags))
+        if trainer.is_lora:  # a bad LoRA JSON fails here, before any data or model is loaded
+            from tinyflux.trainer.lora import LoraSpec
+
+            LoraSpec.from_trainer_config(trainer)
     except TrainerConfigError as e:
         raise ArgsError(str(e)) from e
     overrides = {k: v for k, v in dataclasses.asdict(model_flags).items() if v is not None}

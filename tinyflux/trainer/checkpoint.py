@@ -11,6 +11,9 @@ under TrainerConfig.checkpoint_dir. Inside:
     pytorch_model_fsdp_0/, optimizer_0/    FSDP2: model and optimizer shards (torch.distributed.checkpoint)
     pytorch_model/             DeepSpeed: its engine's checkpoint (ZeRO partitions, with DeepSpeed's zero_to_fp32.py)
     trainer_state.json         TrainingProgress: step, epoch, position in the data stream, NaN counters
+    adapter_model.safetensors, adapter_config.json, ema/    a LoRA run (docs/LORA.md): the adapter in peft's format,
+                               and its EMA the same way; then no model.safetensors (the base is not saved) and
+                               ema.safetensors holds the adapter's EMA only
     COMPLETE                   written last, inside the .tmp directory, before the atomic rename
 
 Everything is written into `NAME.tmp/` and renamed to `NAME/` only after every process reported its part written: a

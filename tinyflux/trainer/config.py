@@ -144,11 +144,23 @@ class TrainerConfig:
     sample_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # CFG scale of the sample grid
     sample_size: Optional[int] = None  # latent side of sample images; None = the training latents' side
 
+    # LoRA (peft): adapters on a frozen base; docs/LORA.md
+    lora_rank: Optional[int] = None  # train LoRA adapters of this rank on a frozen base; None = full fine-tune
+    lora_alpha: Optional[float] = None  # LoRA update scale numerator (scale = alpha / rank); None = lora_rank
+    lora_dropout: Optional[float] = None  # dropout on the adapters' inputs; None = lora_config's, else 0
+    lora_targets: Optional[str] = None  # regex of the nn.Linear names to adapt (full match); None = blocks' attn + MLP
+    lora_config: Optional[str] = None  # LoRA JSON: defaults, targets, per-pattern rank/alpha/dropout/lr_scale/enabled
+
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
         self.betas = tuple(float(b) for b in self.betas)
         self.sample_prompts = list(self.sample_prompts)
         self.validate()
+
+    @property
+    def is_lora(self) -> bool:
+        """The run trains LoRA adapters on a frozen base (lora_rank or lora_config set)."""
+        return self.lora_rank is not None or self.lora_config is not None
 
     @property
     def mixed_precision(self) -> str:
@@ -198,6 +210,15 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 errors.append(f"{name}={value} must be > 0, or None")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            errors.append(f"lora_rank={self.lora_rank} must be >= 1 (or None for a full fine-tune)")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            errors.append(f"lora_alpha={self.lora_alpha} must be > 0")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"lora_dropout={self.lora_dropout} must lie in [0, 1)")
+        given = [n for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        if given and self.lora_rank is None and self.lora_config is None:
+            errors.append(f"{', '.join(given)} set without lora_rank or lora_config: set --lora_rank R to train LoRA")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             errors.append(f"betas={self.betas} must be two numbers in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:

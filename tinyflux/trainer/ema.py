@@ -31,9 +31,12 @@ class _Bound:
     fused: bool  # and float32 too: one _foreach_lerp_ does the update
 
 
-def _named_floats(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
-    """Floating parameters and persistent buffers of model, by clean name."""
+def _named_floats(model: nn.Module, trainable_only: bool = False) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
+    """Floating parameters and persistent buffers of model, by clean name; with trainable_only, the parameters that
+    train (a LoRA run's adapters) and no buffer."""
     params = {clean_name(n): p for n, p in model.named_parameters() if p.is_floating_point()}
+    if trainable_only:
+        return {n: p for n, p in params.items() if p.requires_grad}, {}
     state_keys = {clean_name(k) for k in model.state_dict()}
     buffers = {clean_name(n): b for n, b in model.named_buffers() if clean_name(n) in state_keys}
     return params, buffers
@@ -43,7 +46,8 @@ class EMA:
     """Float32 shadow of every floating parameter of a model, trainable or frozen.
 
     Frozen parameters are shadowed too (their average is themselves), so the shadow is always a complete set of
-    weights. Persistent buffers are not averaged but copied at each update, so that save() writes a full state dict.
+    weights; with trainable_only=True (a LoRA run: the base is frozen) only the parameters that train are shadowed,
+    so the EMA and its file are the adapter's size. Persistent buffers are not averaged but copied at each update, so that save() writes a full state dict.
     Names are the model's state-dict names with DDP ("module.") and torch.compile ("_orig_mod.") components
     stripped, so an EMA built on a wrapped model applies to the bare one and the reverse.
 
@@ -52,13 +56,14 @@ class EMA:
     so early averages are not dominated by the random init; off by default, as in the spec.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False, trainable_only: bool = False):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay={decay} must lie in [0, 1]")
         self.decay = float(decay)
         self.warmup = warmup
         self.num_updates = 0
-        params, buffers = _named_floats(model)
+        self.trainable_only = trainable_only
+        params, buffers = _named_floats(model, trainable_only)
         self.shadow: dict[str, Tensor] = {n: p.detach().float().clone() for n, p in params.items()}
         self.buffers: dict[str, Tensor] = {n: b.detach().clone() for n, b in buffers.items()}
         self.backup: list[Tensor] | None = None
@@ -68,7 +73,7 @@ class EMA:
         """model's tensors in shadow order, cached for the last model seen; to() clears the cache."""
         if self._bound is not None and self._bound.model() is model:
             return self._bound
-        params, buffers = _named_floats(model)
+        params, buffers = _named_floats(model, self.trainable_only)
         missing = sorted((set(self.shadow) - set(params)) | (set(self.buffers) - set(buffers)))
         extra = sorted((set(params) - set(self.shadow)) | (set(buffers) - set(self.buffers)))
         if missing or extra:
@@ -192,6 +197,8 @@ class EMA:
             tensors[n] = b.detach().cpu().contiguous()
         released_shapes(tensors)  # the released checkpoints' 0-dim scalars: the original's loader reads the file too
         metadata = {"format": FORMAT, "decay": repr(self.decay), "num_updates": str(self.num_updates)}
+        if self.trainable_only:
+            metadata["trainable_only"] = "true"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
 
@@ -199,7 +206,8 @@ class EMA:
     def load(cls, path: str, model: nn.Module) -> EMA:
         """An EMA for model whose shadow is read from a file written by save() (or any matching model checkpoint).
 
-        decay and num_updates come from the file's metadata when present (else decay 0.9999, 0 updates). The shadow
+        decay, num_updates and trainable_only come from the file's metadata when present (else decay 0.9999, 0
+        updates, every parameter). The shadow
         is float32 again, but holds only the precision the file was saved with.
         """
         if not Path(path).is_file():
@@ -212,7 +220,8 @@ class EMA:
             raise ValueError(
                 f"EMA file {path} is not a readable safetensors file ({e}); re-save or re-download it"
             ) from e
-        ema = cls(model, decay=float(metadata.get("decay", 0.9999)))
+        trainable_only = metadata.get("trainable_only") == "true"
+        ema = cls(model, decay=float(metadata.get("decay", 0.9999)), trainable_only=trainable_only)
         tensors = {clean_name(k): v for k, v in raw.items()}
         shadow = {n: t for n, t in tensors.items() if n in ema.shadow}
         buffers = {n: t for n, t in tensors.items() if n not in ema.shadow}

@@ -16,10 +16,20 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from tinyflux.trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
 logger = logging.getLogger(__name__)
 
 # What a checkpoint upload sends: the loadable model directory (load_model("user/repo")), not the optimizer state.
-MODEL_FILES = ("model.safetensors", "ema.safetensors", "config.json", "trainer_state.json")
+# A LoRA checkpoint has the adapter's two files instead of model.safetensors: the repo is then a peft adapter repo.
+MODEL_FILES = (
+    "model.safetensors",
+    "ema.safetensors",
+    "config.json",
+    "trainer_state.json",
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+)
 STAGING_DIR = ".upload"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,14 +22,32 @@ class OptimizerUnavailableError(TinyFluxError, RuntimeError):
     """The configured optimizer cannot run in this environment."""
 
 
-def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+def param_groups(
+    params: Iterable[nn.Parameter],
+    weight_decay: float,
+    lr_scales: Mapping[nn.Parameter, float] | None = None,
+    learning_rate: float | None = None,
+) -> list[dict]:
     """Decay weight matrices only: biases, norm scales, gates and mixing weights (ndim < 2) are not decayed,
-    as in nanoGPT, because shrinking them towards 0 changes what the block computes rather than regularising it."""
+    as in nanoGPT, because shrinking them towards 0 changes what the block computes rather than regularising it.
+
+    lr_scales (a LoRA config's per-pattern lr_scale): parameters listed there get groups of their own whose "lr" is
+    learning_rate * scale; the scheduler multiplies every group's own lr, so the ratio holds all run long. The
+    unscaled groups come first (the logged lr is theirs)."""
     params = [p for p in params if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    lr_scales = lr_scales or {}
+    scales = sorted({lr_scales.get(p, 1.0) for p in params} or {1.0}, key=lambda s: (s != 1.0, s))
+    groups = []
+    for scale in scales:
+        for decayed in (True, False):
+            members = [p for p in params if lr_scales.get(p, 1.0) == scale and (p.ndim >= 2) == decayed]
+            if scale != 1.0 and not members:
+                continue
+            group = {"params": members, "weight_decay": weight_decay if decayed else 0.0}
+            if scale != 1.0:
+                group["lr"] = learning_rate * scale
+            groups.append(group)
+    return groups
 
 
 def _adamw_8bit(groups: list[dict], config: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -55,11 +73,15 @@ def _adamw_8bit(groups: list[dict], config: TrainerConfig, device: torch.device)
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter], config: TrainerConfig, device: torch.device | str = "cpu"
+    params: Iterable[nn.Parameter],
+    config: TrainerConfig,
+    device: torch.device | str = "cpu",
+    lr_scales: Mapping[nn.Parameter, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer named by config.optimizer over the trainable params, at config.learning_rate."""
+    """The optimizer named by config.optimizer over the trainable params, at config.learning_rate (times the
+    parameter's lr_scales entry where it has one)."""
     device = torch.device(device)
-    groups = param_groups(params, config.weight_decay)
+    groups = param_groups(params, config.weight_decay, lr_scales, config.learning_rate)
     if config.optimizer == "adamw":
         # The fused kernel is one launch per step instead of several per parameter (on the CPU 4x faster than the
         # single-tensor default, bench/NOTES.md), and it can skip a non-finite step on the device (verdict.py).

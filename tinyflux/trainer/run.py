@@ -28,6 +28,7 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.config import TrainerConfigError
+from tinyflux.trainer.lora import ADAPTER_NAME
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
 
@@ -52,9 +53,11 @@ def model_config_for(args: RunArgs) -> TinyFluxConfig:
 
 
 def build_model(args: RunArgs, config: TinyFluxConfig) -> TinyFluxDeep:
-    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew)."""
+    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew).
+    A LoRA run's checkpoints hold only the adapter: its base is loaded from --model on resume too."""
     source = args.script.model
-    if source in PRESETS or source.endswith(".json") or config is not args.model_config:
+    resumed = config is not args.model_config and not args.trainer.is_lora
+    if source in PRESETS or source.endswith(".json") or resumed:
         return TinyFluxDeep(config)  # fresh, or about to be overwritten by the resumed state
     return load_model(source, config=config, device="cpu", dtype=torch.float32)
 
@@ -115,6 +118,8 @@ def run_training(args: RunArgs) -> Trainer:
         config = model_config_for(args)
         loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
         trainer = Trainer(build_model(args, config), args.trainer)
+        if trainer.lora is not None:  # adapter_config.json names the base its adapter was trained on
+            trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = args.script.model
         trainer.setup(loader, sampler=build_sampler(args, trainer))
     trainer.pending_signal = early[0] if early else None
     trainer.train(epochs=args.script.epochs)

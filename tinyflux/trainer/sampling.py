@@ -27,6 +27,7 @@ from tinyflux.trainer.schedules import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 
 if TYPE_CHECKING:  # the zoo imports diffusers and transformers (seconds): a training process without grids skips them
     from tinyflux.model.zoo import ModelZoo
+    from tinyflux.trainer.lora import Adapter
 
 DEFAULT_LATENT_SIZE = 64  # latent pixels: 64 -> 512 px images with the Flux VAE
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality"
@@ -75,6 +76,9 @@ class Sampler:
     device: where the model runs (the model is moved there); dtype: compute dtype of the model's forward (autocast
     when the model's weights are in another dtype, e.g. fp32 training weights sampled in bf16 on a GPU).
     shift: the schedule's timestep shift; keep it equal to the training shift.
+    loras: LoRA adapters (lora.Adapter: a peft adapter directory and its scale) loaded onto the model with peft, in
+    place and all active, each update times its scale (0 = the base model). Not with an EMA of the base: apply that
+    to the model first (ema.copy_to(model)).
     """
 
     def __init__(
@@ -86,10 +90,21 @@ class Sampler:
         dtype: torch.dtype = torch.bfloat16,
         *,
         shift: float = DEFAULT_SHIFT,
+        loras: Sequence[Adapter] = (),
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("Sampler(device='cuda') but CUDA is not available; pass device='cpu'")
+        self.peft_model = None
+        if loras:
+            if ema is not None:
+                raise ValueError(
+                    "Sampler: pass an EMA or LoRA adapters, not both: the EMA holds the base's names, which the "
+                    "adapters change; apply it to the base first (ema.copy_to(model)), then add the adapters"
+                )
+            from tinyflux.trainer.lora import attach
+
+            self.peft_model = attach(model, loras)  # model itself now computes with the adapters
         self.zoo, self.model, self.ema, self.dtype, self.shift = zoo, model.to(self.device), ema, dtype, shift
         zoo_layers, model_layers = tuple(zoo.t5_layers), tuple(model.config.t5_layers)
         if zoo_layers != model_layers:

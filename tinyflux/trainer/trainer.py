@@ -49,6 +49,7 @@ from tinyflux.trainer.batch import (
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
+from tinyflux.trainer.lora import LoraSpec, apply_lora
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
 from tinyflux.trainer.optim import build_optimizer, build_scheduler
@@ -82,6 +83,17 @@ class Trainer(CheckpointingMixin):
         if any(p.dtype != torch.float32 for p in model.parameters()):
             logger.warning("model weights are not float32: converting (mixed precision keeps float32 master weights)")
         self.model = model.to(device=self.accelerator.device, dtype=torch.float32)
+        # LoRA: peft's adapters injected in place, every other weight frozen; None for a full fine-tune
+        self.lora = LoraSpec.from_trainer_config(config)
+        lr_scales = {}
+        if self.lora is not None:
+            if self.engine.name == "deepspeed":
+                raise engines.EngineError(
+                    "LoRA under DeepSpeed is not supported: launch a LoRA run on one process, DDP "
+                    "(accelerate_configs/multi_gpu.yaml) or FSDP2 (fsdp.yaml); an adapter's optimizer state is small"
+                )
+            _, lr_scales = apply_lora(model, self.lora)
+            self.register_lora_hooks()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         if config.attention_backend == "flex" and self.accelerator.device.type == "cpu":
@@ -95,9 +107,9 @@ class Trainer(CheckpointingMixin):
             logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
         self._params = model.get_trainable_parameters()
         self._stream_params = StreamParams.of(model)
-        self.optimizer = build_optimizer(self._params, config, self.accelerator.device)
+        self.optimizer = build_optimizer(self._params, config, self.accelerator.device, lr_scales)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self._ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
+        self._ema = EMA(model, config.ema_decay, warmup=config.ema_warmup, trainable_only=self.lora is not None)
         self.progress = ckpt.TrainingProgress()
         self.uploader = HubUploader(config.hf_repo_id, config.checkpoint_dir) if config.hf_repo_id else None
         self.dataloader: Any = None

@@ -21,9 +21,11 @@ from tinyflux.model.loader import CONFIG_NAME, save_model
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.ema import EMA
+from tinyflux.trainer.lora import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter
 
 # accelerate's adapter logs on the main process only: a checkpoint is saved or resumed once per run, not per process
 logger = get_logger(__name__)
+LORA_EMA_DIR = "ema"  # a LoRA checkpoint's EMA adapter, in peft's format like the trained one beside it
 ENGINE_WORDS = {
     "whole": "one process or DDP",
     "fsdp2": "FSDP2 (accelerate_configs/fsdp.yaml)",
@@ -59,13 +61,31 @@ class CheckpointingMixin:
         ema = engines.gathered_ema(self._ema, self.accelerator)
         if not self.accelerator.is_main_process:
             return
-        if weights is not None:
+        if self.lora is not None:  # the adapter, the trained one and the EMA's, in peft's format; no base weights
+            save_adapter(self.model, tmp, state_dict=weights)
+            save_adapter(self.model, tmp / LORA_EMA_DIR, state_dict=ema.shadow)
+        elif weights is not None:
             save_model(self.model, tmp, state_dict=weights)
         self.model.config.save_json(tmp / CONFIG_NAME)
         ema.save(str(tmp / ckpt.EMA_WEIGHTS), dtype=torch.float32)
         ckpt.write_text_durably(tmp / ckpt.TRAINER_STATE, self.progress.to_json())
         # the run's settings beside its weights: sample.py reads the training shift from it
         ckpt.write_text_durably(tmp / ckpt.TRAINER_CONFIG, json.dumps(self.config.to_dict(), indent=2))
+
+    def register_lora_hooks(self) -> None:
+        """A LoRA run's accelerate state holds the adapter, not the frozen base: accelerate's save_state writes no
+        model.safetensors (_write_extras writes the adapter) and load_state reads the adapter's file instead."""
+
+        def save_hook(models: list, weights: list, output_dir: str) -> None:
+            weights.clear()
+
+        def load_hook(models: list, input_dir: str) -> None:
+            if models:  # one process / DDP; FSDP2 loads its sharded state (adapter included) itself
+                models.clear()
+                load_adapter_weights(self.model, input_dir)
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
 
     def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
         """Save checkpoint kind_index and prune old ones; a periodic save that fails is logged and training goes on."""
@@ -132,12 +152,28 @@ class CheckpointingMixin:
     def _load_ema(self, path: Path) -> None:
         """The EMA file (whole float32 tensors) into the existing EMA object, which a Sampler may hold; decay and
         warmup stay those of this run's config."""
+        self._check_lora_kind(path)
         try:
             loaded = EMA.load(str(path / ckpt.EMA_WEIGHTS), self.model)
         except (OSError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"cannot resume from {path}: its EMA cannot be read ({e})") from e
         self._ema.load_state_dict(loaded.state_dict())
         self._ema.decay = self.config.ema_decay
+
+    def _check_lora_kind(self, path: Path) -> None:
+        """A LoRA checkpoint resumes only a LoRA run and a full one only a full run: say which, and what to do."""
+        holds_adapter = (path / ADAPTER_WEIGHTS).is_file()
+        if holds_adapter and self.lora is None:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: it holds a LoRA adapter, not the model's weights. Resume with the run's "
+                "LoRA settings (--lora_rank / --lora_config) and its base (--model), or merge the adapter into a full "
+                "checkpoint (python -m tinyflux.trainer.lora merge-lora) and start a new run from that"
+            )
+        if not holds_adapter and self.lora is not None:
+            raise ckpt.CheckpointError(
+                f"cannot resume a LoRA run from {path}: it holds full weights, no {ADAPTER_WEIGHTS}. Start the LoRA "
+                f"run from it instead: --model {path} without --resume"
+            )
 
     def _load_training_state(self, path: Path) -> None:
         """accelerate's state (model, optimizer, scheduler, RNG; sharded ones reshard to this number of processes),
