@@ -1,0 +1,72 @@
+"""The validation loss: a fixed split, fixed timesteps and noise, so equal weights give equal figures (also after a
+resume); it falls as the tiny model trains on the drawn-shapes cache; the best step is kept and named."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.trainer_helpers import TINY, config
+from tinyflux.model.model import TinyFluxDeep
+from tinyflux.trainer import checkpoint as ckpt
+from tinyflux.trainer.data import make_stream_loader
+from tinyflux.trainer.trainer import Trainer
+from tinyflux.trainer.validation import Validator, held_out_indices, read_samples, validation_timesteps
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def test_the_split_is_fixed_and_sized_by_the_fraction():
+    assert held_out_indices(11, 0.25) == held_out_indices(11, 0.25)
+    assert len(held_out_indices(11, 0.25)) == 3 and len(held_out_indices(1000, 0.1)) == 100
+    assert len(held_out_indices(5, 0.01)) == 1  # at least one
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        held_out_indices(2, 0.9)
+    torch.testing.assert_close(validation_timesteps(4), torch.tensor([0.125, 0.375, 0.625, 0.875]))
+
+
+def _trainer(tmp_path, cache, held_out, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    trainer = Trainer(TinyFluxDeep(TINY), config(tmp_path, batch_size=4, gradient_accumulation=1, **overrides))
+    trainer.validator = Validator(read_samples(cache, held_out, limit=8), batch_size=2, timesteps=4)
+    loader = make_stream_loader(cache, batch_size=4, seed=0, shuffle_buffer=8, held_out=[held_out], infinite=True)
+    trainer.setup(loader)
+    return trainer
+
+
+def test_held_out_samples_are_never_trained_on_and_equal_weights_give_equal_losses(built_cache, tmp_path, caplog):
+    cache = built_cache.output
+    held_out = held_out_indices(built_cache.manifest.num_samples, 0.25)
+    loader = make_stream_loader(cache, batch_size=4, seed=0, held_out=[held_out])
+    streamed = [i for batch in loader for i in batch["index"].tolist()]
+    assert sorted(streamed) == sorted(set(range(built_cache.manifest.num_samples)) - set(held_out))
+
+    caplog.set_level(logging.INFO, logger="tinyflux.trainer.validation")
+    trainer = _trainer(tmp_path, cache, held_out, total_steps=4, save_every_steps=4, validation_every=2)
+    trainer.train(epochs=None)
+    first = trainer.validator.evaluate(trainer)
+    assert trainer.validator.evaluate(trainer) == first  # deterministic: no draw, no dropout
+    assert set(first) == {"val/loss", "val/loss_t0.125", "val/loss_t0.375", "val/loss_t0.625", "val/loss_t0.875"}
+    assert trainer.model.training
+    logged = [r.getMessage() for r in caplog.records if "validation loss" in r.getMessage()]
+    assert [m.split()[1] for m in logged] == ["0", "2", "4"]  # the starting weights, then every validation_every
+    best = trainer.progress.best_val_step
+    assert logged[-1].endswith(f"at step {best})")  # the best step is named
+
+    resumed = _trainer(tmp_path, cache, held_out, total_steps=4, resume="latest")
+    assert resumed.progress.step == 4 and resumed.progress.best_val_step == best
+    assert resumed.validator.evaluate(resumed) == first  # the same weights after a resume: the same figure
+
+
+def test_the_validation_loss_falls_as_the_model_learns_the_shapes(built_cache, tmp_path):
+    cache = built_cache.output
+    held_out = held_out_indices(built_cache.manifest.num_samples, 0.25)
+    trainer = _trainer(tmp_path, cache, held_out, total_steps=30, learning_rate=3e-3, validation_every=30)
+    before = trainer.validator.evaluate(trainer)["val/loss"]
+    trainer.train(epochs=None)
+    after = trainer.validator.evaluate(trainer)["val/loss"]
+    assert after < 0.5 * before, (before, after)
+    assert trainer.progress.best_val_step == 30 and trainer.progress.best_val_loss == pytest.approx(after)
+    assert ckpt.read_progress(trainer.last_checkpoint).best_val_loss == pytest.approx(after)
