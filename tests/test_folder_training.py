@@ -4,6 +4,9 @@ it; an unchanged folder reuses its cache, a changed one gets a new cache; prompt
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from tinyflux.trainer.folder import CACHE_SUBDIR
 from tinyflux.trainer.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def folder_argv(images: Path, zoo: Path, out: Path, *extra: str) -> list[str]:
@@ -104,3 +109,35 @@ def test_repeats_show_each_image_that_often_per_epoch(tmp_path, tiny_zoo_path):
 def test_bad_folder_flags_fail_at_parse_time(tmp_path, extra, message):
     with pytest.raises(ArgsError, match=message):
         parse_args(["--images", str(tmp_path), "--model", "tiny", *extra])
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_folder_cache_together_and_agree_on_the_validation_loss(tmp_path, tiny_zoo_path):
+    """Every process joins the build (each its shards, rank 0 the manifest); each evaluates its share of the held-out
+    batches (3 samples on 2 processes: one pads) and gather_for_metrics joins them: the figure of one process."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = tmp_path / "shapes"
+    write_demo_images(images, n=8, size=64, seed=2)
+    common = ["--total_steps", "2", "--validation_fraction", "0.375", "--log_with", "tensorboard"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    argv = folder_argv(images, tiny_zoo_path, tmp_path / "two", *common, "--cache_dir", str(tmp_path / "caches"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [*launch, str(ROOT / "train_tinyflux.py"), *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: 1 shards written" in result.stderr and "8 samples in 1 shards" in result.stderr
+    one = run_training(
+        parse_args(
+            folder_argv(images, tiny_zoo_path, tmp_path / "one", *common, "--cache_dir", str(tmp_path / "caches"))
+        )
+    )
+    assert len(one.validator) == 3
+
+    def val_loss_at_0(out: Path) -> float:
+        events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+        events.Reload()
+        return next(e.value for e in events.Scalars("val/loss") if e.step == 0)
+
+    assert val_loss_at_0(tmp_path / "two") == pytest.approx(val_loss_at_0(tmp_path / "one"), rel=1e-6)
