@@ -70,3 +70,19 @@ def test_the_validation_loss_falls_as_the_model_learns_the_shapes(built_cache, t
     assert after < 0.5 * before, (before, after)
     assert trainer.progress.best_val_step == 30 and trainer.progress.best_val_loss == pytest.approx(after)
     assert ckpt.read_progress(trainer.last_checkpoint).best_val_loss == pytest.approx(after)
+
+
+def test_the_split_leaves_the_in_memory_loader_too(built_cache):
+    from tinyflux.trainer.args import parse_args
+    from tinyflux.trainer.run import build_dataloader, build_validator, held_out_split
+
+    args = parse_args(
+        ["--cache", str(built_cache.output), "--model", "tiny", "--in_memory", "--num_workers", "0"]
+        + ["--validation_fraction", "0.25", "--validation_samples", "2"]
+    )
+    held_out = held_out_split(args)
+    loader = build_dataloader(args, args.model_config, held_out)
+    trained = sorted(int(i) for batch in loader for i in batch["index"])
+    assert trained == sorted(set(range(built_cache.manifest.num_samples)) - set(held_out[0]))
+    validator = build_validator(args, args.model_config, held_out)
+    assert [s["index"] for s in validator.samples] == held_out[0][:2]  # at most --validation_samples

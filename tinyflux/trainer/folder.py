@@ -16,8 +16,12 @@ import hashlib
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import torch
+from accelerate import PartialState
 
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
@@ -78,9 +82,9 @@ def folder_cache_dir(script: Any, config: TinyFluxConfig) -> tuple[Path, dict[st
     return root / f"{script.resolution}px-{key}", {"images": str(images.resolve()), **record}
 
 
-def prepare_folder_cache(script: Any, config: TinyFluxConfig) -> Path:
+def prepare_folder_cache(script: Any, config: TinyFluxConfig, ddp_timeout: int = 1800) -> Path:
     """The cache directory of --images: reused when the folder and settings are unchanged, else built (on every
-    process; see the module docstring). Returns it."""
+    process; see the module docstring). Returns it. `ddp_timeout`: seconds of the process group's collectives."""
     output, record = folder_cache_dir(script, config)
     if (output / FOLDER_RECORD).is_file() and (output / MANIFEST_NAME).is_file():
         logger.info("--images %s: folder and settings unchanged, reusing the cache %s", script.images, output)
@@ -94,6 +98,10 @@ def prepare_folder_cache(script: Any, config: TinyFluxConfig) -> Path:
             output,
             ", ".join(older),
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The build's Accelerator would start the process group with its day-long barrier timeout, and the training
+        # after it would inherit that: start the group with the run's ddp_timeout (a folder's build takes minutes).
+        PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=ddp_timeout))
     manifest = run_build(build_args(script, config, output))  # every process: the build is collective
     if manifest is not None:  # rank 0, once the cache is complete
         write_json_atomic(output / FOLDER_RECORD, record)

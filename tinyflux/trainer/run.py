@@ -150,7 +150,8 @@ def run_training(args: RunArgs) -> Trainer:
     with stop_signals(early.append):
         config = model_config_for(args)
         if args.script.images is not None:  # the folder's cache, built or reused; --repeats lists it that often
-            args.script.cache = [str(prepare_folder_cache(args.script, config))] * args.script.repeats
+            folder_cache = prepare_folder_cache(args.script, config, args.trainer.ddp_timeout)
+            args.script.cache = [str(folder_cache)] * args.script.repeats
         held_out = held_out_split(args)
         loader = build_dataloader(args, config, held_out)  # first: a cache that does not fit fails before anything
         validator = build_validator(args, config, held_out)
