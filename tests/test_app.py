@@ -32,8 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app_url(tmp_path, tiny_zoo_path):
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_zoo_path):
+    """One page for the module's tests (starting one takes seconds): (url, checkpoint directory)."""
+    tmp_path = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
     model = TinyFluxDeep(TINY)
     perturb(model)  # not the zero-initialised output layer: the image depends on the prompt

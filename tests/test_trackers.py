@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,33 +20,46 @@ from tinyflux.trainer.config import TrainerConfigError
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline W&B run file: a 7-byte header (":W&B", magic, version), then LevelDB-log records
-    (32 KiB blocks; per chunk a crc32, a length and a type: 1 full, 2 first, 3 middle, 4 last) of protobuf Records."""
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf Records of an offline W&B run file: a 7-byte header (":W&B", magic, version), then LevelDB-log
+    chunks (32 KiB blocks; per chunk a crc32, a length and a type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
 
-    data, pos, chunks, rows = path.read_bytes(), 7, [], []
+    data, pos, chunks, records = path.read_bytes(), 7, [], []
     while pos + 7 <= len(data):
         room = 32768 - pos % 32768
         if room < 7:  # a block's tail too short for a header is padding
             pos += room
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
+            records.append(wandb_internal_pb2.Record())
+            records[-1].ParseFromString(b"".join(chunks))
             chunks = []
-            if record.WhichOneof("record_type") == "history":
-                row: dict = {}
-                for item in record.history.item:
-                    *parents, leaf = [item.key] if item.key else list(item.nested_key)
-                    target = row
-                    for name in parents:
-                        target = target.setdefault(name, {})
-                    target[leaf] = json.loads(item.value_json)
-                rows.append(row)
+    return records
+
+
+def wandb_history(path: Path, timeout: float = 60) -> list[dict]:
+    """The history rows of an offline run, once W&B's service has written the run's exit record (finish() returns
+    before its writer is done)."""
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rows = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row: dict = {}
+            for item in record.history.item:
+                *parents, leaf = [item.key] if item.key else list(item.nested_key)
+                target = row
+                for name in parents:
+                    target = target.setdefault(name, {})
+                target[leaf] = json.loads(item.value_json)
+            rows.append(row)
     return rows
 
 
@@ -56,6 +71,8 @@ def test_log_with_all_sends_scalars_and_the_sample_grid_to_tensorboard_and_wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written to WANDB_DIR only
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing under $HOME
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb_dir").mkdir()
     trainer = make_trainer(
