@@ -86,3 +86,14 @@ def test_the_split_leaves_the_in_memory_loader_too(built_cache):
     assert trained == sorted(set(range(built_cache.manifest.num_samples)) - set(held_out[0]))
     validator = build_validator(args, args.model_config, held_out)
     assert [s["index"] for s in validator.samples] == held_out[0][:2]  # at most --validation_samples
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_one_line(built_cache, capsys):
+    from tinyflux.trainer.run import main
+
+    argv = ["--cache", str(built_cache.output), "--model", "tiny", "--dtype", "float32"]
+    assert main([*argv, "--validation_fraction", "0.99"]) == 2
+    assert (
+        "--validation_fraction: validation_fraction=0.99 of 11 samples leaves none to train on"
+        in capsys.readouterr().err
+    )
