@@ -97,3 +97,34 @@ def test_a_split_that_leaves_nothing_to_train_on_is_one_line(built_cache, capsys
         "--validation_fraction: validation_fraction=0.99 of 11 samples leaves none to train on"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.slow
+def test_fsdp2_processes_evaluate_their_share_and_log_what_one_process_logs(tmp_path):
+    """Two FSDP2 processes (the CPU test switch) hold half the weights each: every process runs the same number of
+    validation forwards (accelerate pads the last batch: 3 samples, 2 per batch) and gather_for_metrics drops the
+    padding, so val/loss is the single process's, at step 0 and after two steps on the same global batches (12
+    training samples: no short last batch that two processes would pad)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_scale import argv, launch, synthetic_cache
+    from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
+
+    cache = tmp_path / "cache"
+    synthetic_cache(TINY, n=16, side=8, text_len=6).to_shards(cache, shard_size=8)
+    common = ("--log_with", "tensorboard", "--total_steps", "2", "--validation_fraction", "0.25")
+    common += ("--validation_samples", "3")
+    launch(None, *argv(cache, tmp_path / "one", "--batch_size", "4", *common), cpu=True)
+    two = argv(cache, tmp_path / "two", "--batch_size", "2", *common)
+    output = launch("fsdp.yaml", *two, num_processes=2, cpu=True, env={ENGINE_ON_CPU_ENV: "1"})
+    assert "engine: fsdp2, 2 process(es)" in output and "validation loss on 3 held-out samples" in output
+
+    def val_losses(out) -> dict[int, float]:
+        events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+        events.Reload()
+        return {e.step: e.value for e in events.Scalars("val/loss")}
+
+    one, fsdp2 = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(one) == sorted(fsdp2) == [0, 2]
+    for step, loss in one.items():
+        assert abs(fsdp2[step] - loss) <= 1e-5 * loss, (step, fsdp2[step], loss)
