@@ -8,7 +8,7 @@ TORCH_PIN ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo app test lint bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m tinyflux.demo --output $(DEMO_DIR)
+
+# The Gradio page (app.py) on the demo's newest checkpoint and tiny zoo; runs `make demo` first when there is none.
+app: venv
+	ls -d $(DEMO_DIR)/checkpoints/step_* >/dev/null 2>&1 || $(MAKE) demo
+	$(PY) app.py --model $$(ls -d $(DEMO_DIR)/checkpoints/step_* | tail -1) --zoo $(DEMO_DIR)/zoo
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

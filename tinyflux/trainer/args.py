@@ -44,6 +44,13 @@ class ScriptArgs:
     )
     zoo: Optional[str] = None  # encoders for sample grids: a zoo directory (make-tiny), or "hub" for the real models
     epochs: Optional[int] = None  # stop after this many epochs of the whole run; None = train until total_steps
+    images: Optional[str] = None  # train from an image folder (same-stem .txt captions or a prompts.txt): cached first
+    repeats: int = 1  # --images: times each image is seen per epoch
+    cache_dir: Optional[str] = None  # --images: where its cache goes; default IMAGES/.tinyflux_cache
+    resolution: int = 512  # --images: square side in pixels the images are cached at (multiple of 8)
+    validation_cache: Optional[str] = None  # held-out cache (build_cache.py output) for the validation loss
+    validation_fraction: Optional[float] = None  # or hold out this fraction of each training cache for it (fixed split)
+    validation_samples: int = 256  # at most this many held-out samples are evaluated (validation_timesteps each)
 
 
 @dataclass
@@ -254,6 +261,28 @@ def resolve_model_config(model: str, overrides: dict[str, Any]) -> TinyFluxConfi
         raise ArgsError(f"--model {model}: {e}") from e
 
 
+def _check_folder_and_validation(script: ScriptArgs) -> None:
+    """The --images and validation flags: one data source, values in range."""
+    if script.images is not None and script.cache:
+        raise ArgsError("pass --images DIR (a folder, cached on the fly) or --cache DIR ..., not both")
+    if script.images is not None and not Path(script.images).is_dir():
+        raise ArgsError(f"--images {script.images}: not a directory; pass a folder of images with .txt captions")
+    if script.images is None and (script.repeats != 1 or script.cache_dir is not None):
+        raise ArgsError("--repeats and --cache_dir belong to --images DIR: pass the image folder too")
+    if script.repeats < 1:
+        raise ArgsError(f"--repeats {script.repeats} must be >= 1")
+    if script.resolution < 8 or script.resolution % 8:
+        raise ArgsError(f"--resolution {script.resolution} must be a positive multiple of 8 (the VAE's downsampling)")
+    if script.validation_cache is not None and script.validation_fraction is not None:
+        raise ArgsError("pass --validation_cache DIR or --validation_fraction F, not both")
+    if script.validation_fraction is not None and not 0.0 < script.validation_fraction < 1.0:
+        raise ArgsError(f"--validation_fraction {script.validation_fraction} must lie in (0, 1), e.g. 0.1")
+    if script.validation_cache is not None and not Path(script.validation_cache).is_dir():
+        raise ArgsError(f"--validation_cache {script.validation_cache}: not a directory written by build_cache.py")
+    if script.validation_samples < 1:
+        raise ArgsError(f"--validation_samples {script.validation_samples} must be >= 1")
+
+
 def parse_args(argv: list[str] | None = None) -> RunArgs:
     """Parse a command line (sys.argv[1:] when None) into a validated RunArgs; raises ArgsError on bad input."""
     import sys
@@ -292,6 +321,7 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
         )
     if any(w <= 0 for w in script.cache_weights):
         raise ArgsError(f"--cache_weights {script.cache_weights}: every weight must be > 0")
+    _check_folder_and_validation(script)
     if script.in_memory and script.cache_weights:
         raise ArgsError("--cache_weights mixes streamed caches; with --in_memory every sample is drawn once per epoch")
     return RunArgs(script=script, trainer=trainer, model_config=model_config, model_overrides=overrides)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from tinyflux.trainer.cache_build import BuildCacheArgs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# In an --images folder: captions for the images without a same-stem .txt, one line for all or one line per image.
+PROMPTS_FILE = "prompts.txt"
 
 
 class BuildError(TinyFluxError, ValueError):
@@ -62,15 +64,35 @@ def _check_inside(path: Path, root: Path | None) -> None:
         )
 
 
-def _load_file(image_path: Path, root: Path | None = None) -> tuple[Image.Image, str]:
-    """(image, caption) of an image file and its same-stem .txt, both inside `root` (resolved) unless root is None."""
+def _load_file(image_path: Path, root: Path | None = None, prompt: str | None = None) -> tuple[Image.Image, str]:
+    """(image, caption) of an image file and its same-stem .txt (else `prompt`, its prompts.txt line), both inside
+    `root` (resolved) unless root is None."""
     caption_path = image_path.with_suffix(".txt")
-    if not caption_path.is_file():
-        raise SkippedInput(MISSING_CAPTION, f"no {caption_path.name} beside the image")
+    if not caption_path.is_file() and prompt is None:
+        raise SkippedInput(MISSING_CAPTION, f"no {caption_path.name} beside the image, and no {PROMPTS_FILE} line")
     _check_inside(image_path, root)
-    _check_inside(caption_path, root)
-    caption = check_caption(caption_path.read_bytes())  # bytes: a caption that is not UTF-8 is skipped, not altered
+    if caption_path.is_file():
+        _check_inside(caption_path, root)
+    # bytes: a caption that is not UTF-8 is skipped, not altered
+    caption = check_caption(caption_path.read_bytes() if caption_path.is_file() else prompt.encode())
     return load_image(image_path), caption
+
+
+def folder_prompts(root: Path, count: int) -> list[str | None]:
+    """The prompts.txt caption of each of `count` images in key order: one line for all, or one line per image;
+    None for each when the folder has no prompts.txt."""
+    path = root / PROMPTS_FILE
+    if not path.is_file():
+        return [None] * count
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise BuildError(
+            f"{path} has {len(lines)} captions for {count} images: write one line for every image, or one line per "
+            "image in the order of their sorted file names"
+        )
+    return list(lines)
 
 
 def folder_items(root: str | Path, follow_symlinks: bool = False) -> list[InputItem]:
@@ -80,13 +102,15 @@ def folder_items(root: str | Path, follow_symlinks: bool = False) -> list[InputI
     root = Path(root)
     inside = None if follow_symlinks else root.resolve()
     paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    items = [
+    paths.sort(key=lambda p: (sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p)))
+    return [
         InputItem(
-            sample_key(p.relative_to(root).with_suffix("").as_posix()), str(p), partial(_load_file, p, root=inside)
+            sample_key(p.relative_to(root).with_suffix("").as_posix()),
+            str(p),
+            partial(_load_file, p, root=inside, prompt=prompt),
         )
-        for p in paths
+        for p, prompt in zip(paths, folder_prompts(root, len(paths)), strict=True)
     ]
-    return sorted(items, key=lambda item: (item.key, item.source))
 
 
 def _load_row(ds: Any, i: int, image_column: str, caption_column: str) -> tuple[Image.Image, str]:

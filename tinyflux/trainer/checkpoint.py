@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
@@ -66,6 +66,8 @@ class TrainingProgress:
     nan_steps: int = 0  # optimizer steps with a non-finite loss or gradient (no update applied), in total
     nan_streak: int = 0  # consecutive skipped steps right now
     data_state: dict[str, Any] = field(default_factory=dict)  # the loader's own state_dict(), when it has one
+    best_val_loss: Optional[float] = None  # lowest validation loss so far (tinyflux.trainer.validation)
+    best_val_step: Optional[int] = None  # the step that reached it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -25,7 +25,7 @@ from tinyflux.util import dtypes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-LOG_WITH = ("tensorboard", "none")
+LOG_WITH = ("tensorboard", "wandb", "all", "none")
 
 # The accelerate mixed-precision mode of each training dtype (names: tinyflux.util.dtypes).
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
@@ -136,13 +136,15 @@ class TrainerConfig:
     max_nan_steps: int = 10  # stop after this many consecutive optimizer steps with a non-finite loss or gradient
     ema_every: int = 1  # optimizer steps between EMA updates
     ddp_timeout: int = 1800  # seconds a process waits in a collective before the run fails (rank 0 samples / exports)
-    log_with: str = "tensorboard"  # experiment tracker for accelerator.log: "tensorboard" or "none"
+    log_with: str = "tensorboard"  # trackers: "tensorboard", "wandb", "all" (TensorBoard + W&B if installed), "none"
     run_name: str = "tinyflux"  # tracker project name (TensorBoard subdirectory)
     peak_tflops: Optional[float] = None  # per-device peak dense TFLOP/s for MFU; None = look up the GPU, no MFU on CPU
     resume: Optional[str] = None  # checkpoint directory, or "latest" (newest complete one in checkpoint_dir)
     sample_steps: int = DEFAULT_NUM_STEPS  # Euler steps of the sample grid
     sample_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # CFG scale of the sample grid
     sample_size: Optional[int] = None  # latent side of sample images; None = the training latents' side
+    validation_every: int = 500  # optimizer steps between validation losses (with --validation_cache / _fraction)
+    validation_timesteps: int = 4  # fixed timesteps of the validation loss: the midpoints of this many bins of [0, 1]
 
     # LoRA (peft): adapters on a frozen base; docs/LORA.md
     lora_rank: Optional[int] = None  # train LoRA adapters of this rank on a frozen base; None = full fine-tune
@@ -199,9 +201,11 @@ class TrainerConfig:
         for name in (*names, "ddp_timeout"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("keep_last_n_steps", "keep_last_n_epochs", "sample_steps"):
+        for name in ("keep_last_n_steps", "keep_last_n_epochs", "sample_steps", "validation_every"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.validation_timesteps < 1:
+            errors.append(f"validation_timesteps={self.validation_timesteps} must be >= 1")
         for name in ("save_every_steps", "save_every_epochs", "sample_every", "upload_every_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -16,6 +16,8 @@ is a few integers per worker and a restored stream yields exactly the samples th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -139,6 +141,15 @@ class _Source:
         return f"{self.manifest.feature_hash}:{self.manifest.num_samples}"
 
 
+def _kept_by_shard(src: _Source, held_out: Sequence[int]) -> list[Sequence[int]]:
+    """Per shard, the positions inside it of the samples not held out: a range (fast membership) when it keeps all."""
+    out: list[Sequence[int]] = []
+    for offset, count in zip(src.offsets, src.counts, strict=True):
+        inside = [i - offset for i in held_out if offset <= i < offset + count]
+        out.append(range(count) if not inside else sorted(set(range(count)) - set(inside)))
+    return out
+
+
 def _check_sources_agree(sources: list[_Source]) -> None:
     """Caches mixed into one batch must agree on every per-sample shape and on the buckets."""
     first = sources[0].manifest
@@ -215,6 +226,7 @@ class StreamingCacheDataset(IterableDataset):
         dtype: torch.dtype = torch.float32,
         model_config: TinyFluxConfig | None = None,
         verify_shards: bool = True,
+        held_out: Sequence[Sequence[int]] | None = None,
     ):
         dirs = [sources] if isinstance(sources, (str, Path)) else list(sources)
         if not dirs:
@@ -243,11 +255,17 @@ class StreamingCacheDataset(IterableDataset):
         self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
         self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
         self._hasher_pid = 0  # the process whose thread that is
-        self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
-        for src, n in zip(self.sources, self.per_worker, strict=True):
+        # Indices (manifest order) a validation split holds out of each cache: the layout below never streams them.
+        self.held_out = [sorted(set(h)) for h in held_out] if held_out else [[] for _ in self.sources]
+        if len(self.held_out) != len(self.sources):
+            raise ValueError(f"held_out has {len(self.held_out)} index lists for {len(self.sources)} caches")
+        self._kept = [_kept_by_shard(src, h) for src, h in zip(self.sources, self.held_out, strict=True)]
+        self.sizes = [src.manifest.num_samples - len(h) for src, h in zip(self.sources, self.held_out, strict=True)]
+        self.per_worker = [size // world_size // self.layout_workers for size in self.sizes]
+        for src, n, size in zip(self.sources, self.per_worker, self.sizes, strict=True):
             if n == 0:
                 raise ValueError(
-                    f"{src.cache_dir} holds {src.manifest.num_samples} samples: too few for {world_size} process(es) x "
+                    f"{src.cache_dir} holds {size} samples to train on: too few for {world_size} process(es) x "
                     f"{self.layout_workers} worker(s). Use fewer DataLoader workers or a bigger cache."
                 )
         self._cumulative = np.cumsum(weights) / sum(weights)
@@ -284,15 +302,15 @@ class StreamingCacheDataset(IterableDataset):
 
     def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
-        src, n = self.sources[sid], self.per_worker[sid]
-        start = self.rank * (src.manifest.num_samples // self.world_size) + worker * n
+        src, n, kept = self.sources[sid], self.per_worker[sid], self._kept[sid]
+        start = self.rank * (self.sizes[sid] // self.world_size) + worker * n
         order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
 
-        spans = []  # (shard, first, end) of the samples this worker reads, in order
+        spans = []  # (shard, first, end) of the samples this worker reads, in order, counting kept samples only
         pos = 0  # position of the current shard's first sample in this epoch's order
         for k in order:
-            lo, hi = max(start - pos, 0), min(start + n - pos, src.counts[k])
-            pos += src.counts[k]
+            lo, hi = max(start - pos, 0), min(start + n - pos, len(kept[k]))
+            pos += len(kept[k])
             if lo < hi:
                 spans.append((int(k), lo, hi))
             if pos >= start + n:
@@ -301,9 +319,11 @@ class StreamingCacheDataset(IterableDataset):
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
             for k, lo, hi in self._verified_ahead(sid, spans):
                 samples = wds.tarfile_samples([{"url": src.paths[k]}])
+                wanted = kept[k][lo:hi]  # positions inside the shard
+                members = wanted if isinstance(wanted, range) else set(wanted)
                 try:
-                    for i, raw in enumerate(islice(samples, hi)):
-                        if i >= lo:
+                    for i, raw in enumerate(islice(samples, wanted[-1] + 1)):
+                        if i in members:
                             yield src.offsets[k] + i, raw
                 except (tarfile.TarError, OSError) as e:  # unverified (verify_shards=False) and damaged
                     raise CacheFormatError(
@@ -450,7 +470,7 @@ class StreamingLoader:
 
     def _layout(self) -> dict[str, Any]:
         ds = self.dataset
-        return {
+        layout = {
             "sources": [s.fingerprint for s in ds.sources],
             "weights": ds.weights,
             "seed": ds.seed,
@@ -458,6 +478,9 @@ class StreamingLoader:
             "num_workers": ds.layout_workers,
             "shuffle_buffer": ds.shuffle_buffer,
         }
+        if any(ds.held_out):  # only then, so that the states of runs without a split still compare equal
+            layout["held_out"] = hashlib.sha256(json.dumps(ds.held_out).encode()).hexdigest()
+        return layout
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -480,7 +503,7 @@ class StreamingLoader:
         if layout == now:
             self.positions, self.next_worker = list(state["positions"]), int(state["next_worker"])
             return
-        changed = sorted(k for k in now if layout[k] != now[k])
+        changed = sorted(k for k in now.keys() | layout.keys() if layout.get(k) != now.get(k))
         old_pass = sum(
             s.manifest.num_samples // layout["world_size"] // layout["num_workers"] for s in self.dataset.sources
         )
@@ -511,11 +534,13 @@ def make_stream_loader(
     pad_to: int | None = None,
     dtype: torch.dtype = torch.float32,
     verify_shards: bool = True,
+    held_out: Sequence[Sequence[int]] | None = None,
 ) -> StreamingLoader:
     """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
 
     rank / world_size default to the launch environment (RANK / WORLD_SIZE, or torch.distributed). With
     `model_config`, every cache is checked against it first (CacheMismatchError says what differs and how to fix it).
+    `held_out`: per cache, the sample indices a validation split keeps out of training.
     Do not pass the loader through accelerator.prepare: it already splits the data by rank.
     """
     dataset = StreamingCacheDataset(
@@ -532,13 +557,17 @@ def make_stream_loader(
         dtype=dtype,
         model_config=model_config,
         verify_shards=verify_shards,
+        held_out=held_out,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
 
 
-def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
+def build_loader(
+    args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None
+) -> StreamingLoader:
     """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
-    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`."""
+    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
+    `held_out` samples of each cache."""
     script, trainer = args.script, args.trainer
     # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
     # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
@@ -554,4 +583,5 @@ def build_loader(args: Any, model_config: TinyFluxConfig) -> StreamingLoader:
         pin_memory=torch.cuda.is_available(),
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
         verify_shards=trainer.verify_shards,
+        held_out=held_out,
     )

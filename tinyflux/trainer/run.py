@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from tinyflux.errors import TinyFluxError, message
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
@@ -29,8 +29,10 @@ from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.config import TrainerConfigError
 from tinyflux.trainer.lora import ADAPTER_NAME
+from tinyflux.trainer.folder import prepare_folder_cache
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
+from tinyflux.trainer.validation import Validator, held_out_indices, read_samples
 
 logger = logging.getLogger("tinyflux.train")
 
@@ -62,9 +64,41 @@ def build_model(args: RunArgs, config: TinyFluxConfig) -> TinyFluxDeep:
     return load_model(source, config=config, device="cpu", dtype=torch.float32)
 
 
-def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
+def held_out_split(args: RunArgs) -> list[list[int]] | None:
+    """Per --cache set, the sample indices --validation_fraction keeps out of training (None without a split)."""
+    fraction = args.script.validation_fraction
+    if fraction is None:
+        return None
+    try:
+        return [held_out_indices(load_manifest(d).num_samples, fraction) for d in args.script.cache]
+    except ValueError as e:
+        raise ArgsError(f"--validation_fraction: {e}") from None
+
+
+def build_validator(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None) -> Validator | None:
+    """The held-out samples of --validation_cache or of the --validation_fraction split (each cache once, however
+    often --repeats lists it), at most --validation_samples of them."""
+    script, cfg = args.script, args.trainer
+    limit = script.validation_samples
+    if script.validation_cache is not None:
+        check_compatible(load_manifest(script.validation_cache), config, where="--validation_cache")
+        samples = read_samples(script.validation_cache, None, limit)
+    elif held_out is not None:
+        samples, seen = [], set()
+        for dataset_id, (cache_dir, indices) in enumerate(zip(script.cache, held_out, strict=True)):
+            if cache_dir not in seen and len(samples) < limit:
+                seen.add(cache_dir)
+                samples += read_samples(cache_dir, indices, limit - len(samples), dataset_id)
+    else:
+        return None
+    logger.info("validation loss on %d held-out samples every %d steps", len(samples), cfg.validation_every)
+    return Validator(samples, cfg.batch_size, cfg.validation_timesteps)
+
+
+def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None = None) -> Any:
     """The --cache shard sets, each checked against the model config: streamed and mixed by --cache_weights, or with
-    --in_memory loaded into RAM behind a shuffling DataLoader that accelerate shards across processes."""
+    --in_memory loaded into RAM behind a shuffling DataLoader that accelerate shards across processes; without the
+    `held_out` samples of each set."""
     caches = args.script.cache
     if not caches:
         raise ArgsError("no training data: pass --cache DIR [DIR ...] (directories written by build_cache.py)")
@@ -72,10 +106,12 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig) -> Any:
         if not Path(cache_dir).is_dir():
             raise ArgsError(f"--cache {cache_dir}: not a directory; pass a cache directory written by build_cache.py")
     if not args.script.in_memory:
-        return data.build_loader(args, config)
+        return data.build_loader(args, config, held_out)
     for cache_dir in caches:
         check_compatible(load_manifest(cache_dir), config, where=f"cache {cache_dir}")
-    datasets = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
+    datasets: list[Any] = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
+    if held_out is not None:
+        datasets = [Subset(ds, sorted(set(range(len(ds))) - set(h))) for ds, h in zip(datasets, held_out, strict=True)]
     return DataLoader(
         ConcatDataset(datasets),
         batch_size=args.trainer.batch_size,
@@ -116,10 +152,16 @@ def run_training(args: RunArgs) -> Trainer:
     early: list[int] = []  # SIGTERM / SIGUSR1 while setting up (SLURM's come at any time): stop after one step
     with stop_signals(early.append):
         config = model_config_for(args)
-        loader = build_dataloader(args, config)  # first: a cache that does not fit fails before anything is built
+        if args.script.images is not None:  # the folder's cache, built or reused; --repeats lists it that often
+            folder_cache = prepare_folder_cache(args.script, config, args.trainer.ddp_timeout)
+            args.script.cache = [str(folder_cache)] * args.script.repeats
+        held_out = held_out_split(args)
+        loader = build_dataloader(args, config, held_out)  # first: a cache that does not fit fails before anything
+        validator = build_validator(args, config, held_out)
         trainer = Trainer(build_model(args, config), args.trainer)
         if trainer.lora is not None:  # adapter_config.json names the base its adapter was trained on
             trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = args.script.model
+        trainer.validator = validator
         trainer.setup(loader, sampler=build_sampler(args, trainer))
     trainer.pending_signal = early[0] if early else None
     trainer.train(epochs=args.script.epochs)

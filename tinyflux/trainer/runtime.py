@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -21,6 +22,7 @@ from accelerate.utils import (
     FullyShardedDataParallelPlugin,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    is_wandb_available,
 )
 from torch import nn
 from torch.utils.data import DataLoader
@@ -43,9 +45,10 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         raise TrainerConfigError(
             "dtype=float16 needs a CUDA GPU (fp16 autocast + loss scaling); use bfloat16 or float32"
         )
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        # A second Trainer in one process (tests, notebooks, the demo): accelerate's state is a process-wide
-        # singleton that refuses new settings, so start it afresh. Never done in a multi-process launch.
+    if AcceleratorState._shared_state:
+        # A second Trainer in one process (tests, notebooks, the demo), or a Trainer after the cache build of
+        # --images: accelerate's state is a process-wide singleton that refuses new settings, so start it afresh.
+        # The process group (PartialState) of a multi-process launch stays: only the per-Accelerator settings reset.
         AcceleratorState._reset_state()
         GradientState._reset_state()
     if not torch.cuda.is_available():
@@ -62,7 +65,7 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
-        log_with=None if config.log_with == "none" else config.log_with,
+        log_with=trackers(config.log_with),
         project_config=ProjectConfiguration(project_dir=config.checkpoint_dir, logging_dir=config.tensorboard_dir),
         # Batches of a prepared (in-memory) loader reach the device without blocking the host (pinned on CUDA).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed, non_blocking=True),
@@ -80,6 +83,32 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
     if engine_on_cpu:
         keep_fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def trackers(log_with: str) -> list[str] | None:
+    """accelerate's log_with for TrainerConfig.log_with: "all" is TensorBoard and W&B (W&B where installed; not
+    accelerate's every-installed-tracker, so that an unrelated installed tracker does not start); W&B by name needs
+    the package."""
+    if log_with == "none":
+        return None
+    if log_with == "all":
+        return ["tensorboard", "wandb"] if is_wandb_available() else ["tensorboard"]
+    if log_with == "wandb" and not is_wandb_available():
+        raise TrainerConfigError(
+            "log_with='wandb' needs the wandb package: pip install wandb (or log_with=tensorboard)"
+        )
+    return [log_with]
+
+
+def log_sample_grid(accelerator: Accelerator, grid: str, step: int) -> None:
+    """The captioned sample grid (a PNG save_samples wrote) as an image to every tracker that takes images."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(grid).convert("RGB"))[None]  # (1, H, W, 3) uint8
+    for tracker in accelerator.trackers:  # TensorBoard or W&B (trackers() starts no other)
+        # TensorBoard reads the layout from dataformats; W&B makes a wandb.Image of each (H, W, 3) array
+        kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+        tracker.log_images({"samples": image}, step, **kwargs)
 
 
 def exclude_cudnn_attention() -> None:

@@ -57,6 +57,7 @@ from tinyflux.trainer.runtime import (
     check_compile_mode,
     compile_blocks,
     hparams,
+    log_sample_grid,
     make_accelerator,
     started,
     stop_signals,
@@ -65,6 +66,7 @@ from tinyflux.trainer.runtime import (
 from tinyflux.trainer.sampling import drop_text
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
+from tinyflux.trainer.validation import Validator
 from tinyflux.trainer.verdict import Flags, NonFiniteLossError, StepVerdicts, book, fused_adam
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
@@ -115,6 +117,7 @@ class Trainer(CheckpointingMixin):
         self.dataloader: Any = None
         self.cache: Any = None
         self.sampler: Any = None
+        self.validator: Validator | None = None  # the held-out loss, every validation_every steps (run.py sets it)
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None  # step of the newest checkpoint this trainer saved or loaded
         self._stop_at = config.total_steps
@@ -307,6 +310,8 @@ class Trainer(CheckpointingMixin):
         self._meter.reset(p.samples_seen)
         self._stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, p.step + max_steps)
         stop = p.step >= self._stop_at
+        if self.validator is not None and p.step == 0:  # the starting weights' figure: what training must lower
+            self.validator.log(self)
         self._signal, self.pending_signal = self.pending_signal, None
         self._stop_requested = False
         with stop_signals(self._on_signal):
@@ -463,6 +468,8 @@ class Trainer(CheckpointingMixin):
         cfg, step = self.config, self.progress.step
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             self._log(bar)
+        if self.validator is not None and (step % cfg.validation_every == 0 or step == cfg.total_steps):
+            self.validator.log(self)  # before a save at this step, whose progress then holds the best step
         upload_due = self.uploader is not None and cfg.upload_every_steps and step % cfg.upload_every_steps == 0
         saved = None
         if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or upload_due:
@@ -554,8 +561,7 @@ class Trainer(CheckpointingMixin):
         finally:
             self.model.train()
         logger.info("sample grid: %s", grid)
-        if cfg.log_with == "tensorboard":
-            self.accelerator.get_tracker("tensorboard").log_images({"samples": images}, step, dataformats="NCHW")
+        log_sample_grid(self.accelerator, grid, step)
         if self.uploader is not None:
             self.uploader.upload_samples(grid, step)
 
