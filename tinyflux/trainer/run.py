@@ -28,8 +28,8 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.config import TrainerConfigError
-from tinyflux.trainer.lora import ADAPTER_NAME
 from tinyflux.trainer.folder import prepare_folder_cache
+from tinyflux.trainer.lora import ADAPTER_NAME
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.validation import Validator, held_out_indices, read_samples
