@@ -88,8 +88,13 @@ def test_log_with_all_sends_scalars_and_the_sample_grid_to_tensorboard_and_wandb
     )
     assert sorted(t.name for t in trainer.accelerator.trackers) == ["tensorboard", "wandb"]
     trainer.sampler = Sampler(tiny_zoo, trainer.model, trainer.ema, device="cpu", dtype=torch.float32)
-    trainer.train(epochs=None)
-    trainer.finish()
+    try:
+        trainer.train(epochs=None)
+        trainer.finish()
+    finally:
+        import wandb
+
+        wandb.teardown()  # W&B's service process, which would otherwise live until the suite's exit
     grid = Image.open(tmp_path / "samples" / "grid_step0000004.png")
 
     (run,) = (tmp_path / "wandb_dir" / "wandb").glob("offline-run-*")  # offline: nothing was sent
