@@ -7,7 +7,8 @@
 On a Space, name the checkpoint in the TINYFLUX_MODEL variable (a Hub id or a path in the Space) and, for a zoo
 directory instead of the real encoders, TINYFLUX_ZOO. The checkpoint and the encoders load once, at start; the queue
 runs one generation at a time, so two visitors never run two models at once. --model, --ema, --zoo, --config,
---device and --dtype mean what they mean for sample.py.
+--device, --dtype, --lora and --lora_scale mean what they mean for sample.py; with adapters the page gains a LoRA
+scale slider (a factor on every --lora_scale; 0 = the base model).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tinyflux.model.zoo import ModelZoo, ZooError
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer import sampling
 from tinyflux.trainer.ema import EMA
+from tinyflux.trainer.lora import parse_adapters, set_scales
 from tinyflux.trainer.sampling import Sampler
 
 MAX_STEPS = 60
@@ -47,6 +49,12 @@ class AppArgs:
     config: Optional[str] = field(default=None, metadata={"help": "model config when the weights carry none"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16"})
+    lora: list[str] = field(
+        default_factory=list, metadata={"help": "LoRA adapter directories (peft's format) on top of the model"}
+    )
+    lora_scale: list[float] = field(
+        default_factory=list, metadata={"help": "factor on each --lora's update: one for all or one per adapter"}
+    )
     port: Optional[int] = field(default=None, metadata={"help": "port (default: Gradio's, GRADIO_SERVER_PORT or 7860)"})
 
 
@@ -59,22 +67,37 @@ def load_sampler(args: AppArgs) -> Sampler:
     config = load_config(args.config) if args.config else None
     model = load_model(args.model, config=config, device=device, dtype=dtype)
     ema = EMA.load(args.ema, model) if args.ema else None
+    adapters = parse_adapters(args.lora, args.lora_scale) if args.lora else []
+    if adapters and ema is not None:
+        ema.copy_to(model)  # the base's EMA weights first; the adapters then apply on top of them (as sample.py)
+        ema = None
     zoo = ModelZoo(device=device, dtype=dtype, zoo=args.zoo, t5_layers=model.config.t5_layers)
     zoo.load_t5(), zoo.load_clip(), zoo.load_vae()  # now, not on the first visitor's click
-    return Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=sample.training_shift(as_sample))
+    shift = sample.training_shift(as_sample)
+    return Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=shift, loras=adapters)
 
 
-def build_demo(sampler: Sampler) -> Any:
-    """The page: prompt, negative prompt, steps, guidance, seed, size -> image; behind a queue of one at a time."""
+def build_demo(sampler: Sampler, lora_scales: list[float] | None = None) -> Any:
+    """The page: prompt, negative prompt, steps, guidance, seed, size (and, with adapters, a LoRA scale: a factor on
+    each adapter's `lora_scales` entry) -> image; behind a queue of one at a time."""
     import gradio as gr
 
     multiple = VAE_DOWNSAMPLE * sampler.model.config.patch_size
 
     def generate(
-        prompt: str, negative_prompt: str, steps: float, guidance: float, seed: float, height: float, width: float
+        prompt: str,
+        negative_prompt: str,
+        steps: float,
+        guidance: float,
+        seed: float,
+        height: float,
+        width: float,
+        lora_factor: float = 1.0,
     ) -> Any:
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
+        if lora_scales:  # one request at a time (the queue), so setting the scales here cannot race another
+            set_scales(sampler.model, [float(lora_factor) * s for s in lora_scales])
         try:
             images = sampler.generate(
                 [prompt],
@@ -102,9 +125,11 @@ def build_demo(sampler: Sampler) -> Any:
                 side = sampling.DEFAULT_LATENT_SIZE * VAE_DOWNSAMPLE
                 height = gr.Slider(multiple, MAX_SIDE, value=side, step=multiple, label="Height (pixels)")
                 width = gr.Slider(multiple, MAX_SIDE, value=side, step=multiple, label="Width (pixels)")
+                inputs = [prompt, negative, steps, guidance, seed, height, width]
+                if lora_scales:
+                    inputs.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale (0 = the base model)"))
                 button = gr.Button("Generate", variant="primary")
             image = gr.Image(label="Image", format="png")  # lossless: the pixels the model made
-        inputs = [prompt, negative, steps, guidance, seed, height, width]
         # One queue for the button and Enter: one generation at a time, whoever asks (the sampler holds one model).
         queued = {"concurrency_limit": 1, "concurrency_id": "model"}
         button.click(generate, inputs=inputs, outputs=image, api_name="generate", **queued)
@@ -124,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TinyFluxError, LoadError, ZooError, FileNotFoundError, ValueError) as e:
         print(f"app.py: error: {message(e)}", file=sys.stderr)
         return 2
-    build_demo(sampler).launch(server_port=args.port)
+    lora_scales = [adapter.scale for adapter in parse_adapters(args.lora, args.lora_scale)] if args.lora else None
+    build_demo(sampler, lora_scales).launch(server_port=args.port)
     return 0
 
 

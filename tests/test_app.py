@@ -126,3 +126,43 @@ def test_a_headless_browser_types_a_prompt_and_an_image_appears(app_url):
         assert wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image)) == 512
     finally:
         driver.quit()
+
+
+def test_a_lora_scale_slider_moves_between_the_base_and_the_adapted_model(tiny_zoo_path, tmp_path):
+    import app
+    from tests.test_lora import base_model
+    from tests.test_lora_sampling import trained_adapter
+    from tinyflux.model.zoo import ModelZoo
+    from tinyflux.trainer import sampling
+    from tinyflux.trainer.lora import Adapter
+    from tinyflux.trainer.sampling import Sampler
+
+    save_model(base_model(), tmp_path / "base")
+    trained_adapter(tmp_path / "adapter", seed=1)
+    args = app.AppArgs(
+        model=str(tmp_path / "base"),
+        zoo=str(tiny_zoo_path),
+        device="cpu",
+        dtype="float32",
+        lora=[str(tmp_path / "adapter")],
+        lora_scale=[0.5],
+    )
+    page_sampler = app.load_sampler(args)
+    demo = app.build_demo(page_sampler, lora_scales=[0.5])
+    generate = next(iter(demo.fns.values())).fn
+    settings = ("a red circle", "", 2, 3.0, 7, 32, 32)
+
+    def reference(scale: float | None) -> np.ndarray:
+        zoo = ModelZoo(device="cpu", dtype=torch.float32, zoo=str(tiny_zoo_path), t5_layers=TINY.t5_layers)
+        loras = [] if scale is None else [Adapter(str(tmp_path / "adapter"), scale)]
+        shift = page_sampler.shift
+        sampler = Sampler(zoo, base_model(), device="cpu", dtype=torch.float32, shift=shift, loras=loras)
+        images = sampler.generate(
+            ["a red circle"], num_steps=2, guidance_scale=3.0, height=4, width=4, seed=7, negative_prompt=""
+        )
+        return np.asarray(sampling.to_pil(images[0]))
+
+    page = {factor: np.asarray(generate(*settings, factor)) for factor in (0.0, 2.0, 1.0)}
+    assert np.array_equal(page[0.0], reference(None))  # factor 0: the base model
+    assert np.array_equal(page[2.0], reference(1.0))  # factor x --lora_scale 0.5
+    assert np.array_equal(page[1.0], reference(0.5)) and not np.array_equal(page[1.0], page[0.0])

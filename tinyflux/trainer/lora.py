@@ -302,7 +302,6 @@ def attach(model: nn.Module, adapters: Sequence[Adapter]) -> PeftModel:
     """Load every adapter onto `model` with peft (in place: `model` itself computes with them), all active together,
     each update multiplied by its scale. Returns the PeftModel (merge_and_unload() merges them)."""
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
 
     if not adapters:
         raise LoraError("attach: no adapter given")
@@ -320,12 +319,21 @@ def attach(model: nn.Module, adapters: Sequence[Adapter]) -> PeftModel:
         except (RuntimeError, ValueError, KeyError) as e:
             raise LoraError(f"{adapter.path} does not fit this model ({type(e).__name__}: {e})") from None
     peft_model.base_model.set_adapter(names)  # several active adapters add their updates
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, adapter in zip(names, adapters, strict=True):
-                module.set_scale(name, adapter.scale)
+    set_scales(model, [adapter.scale for adapter in adapters])
     peft_model.eval()
     return peft_model
+
+
+def set_scales(model: nn.Module, scales: Sequence[float]) -> None:
+    """The factor on each attached adapter's update (attach's order), changed in place: a page's LoRA-scale slider
+    sets it per request without reloading anything."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for i, scale in enumerate(scales):
+                if f"lora{i}" in module.scaling:
+                    module.set_scale(f"lora{i}", scale)
 
 
 def merged(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
