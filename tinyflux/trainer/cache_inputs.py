@@ -1,12 +1,14 @@
 """The inputs of a cache build: listing them in shard order, loading and preparing them ahead of the models.
 
-Folders (sorted keys), `datasets` datasets (row order) and webdataset tars (tar order) become InputItems, whose load()
-gives (image, caption) or raises SkippedInput with the reason the report lists. Loading runs in threads, a batch ahead
-of the models (load_ahead). The build itself: tinyflux.trainer.cache_build.
+Folders (sorted keys), `datasets` datasets (row order; with --streaming streamed and split by process) and webdataset
+tars (tar order; local, URLs, pipe: commands) become InputItems, whose load() gives (image, caption) or raises
+SkippedInput with the reason the report lists. Loading runs in threads, a batch ahead of the models (load_ahead). The
+build itself: tinyflux.trainer.cache_build.
 """
 
 from __future__ import annotations
 
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from tinyflux.trainer.cache_encode import (
     load_image,
     prepare_image,
 )
+from tinyflux.trainer.cache_source import is_remote, open_url, tar_samples
 
 if TYPE_CHECKING:
     from tinyflux.trainer.cache_build import BuildCacheArgs
@@ -132,6 +135,38 @@ def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
     return [InputItem(f"{i:0{width}d}", f"{args.dataset}[{i}]", partial(load, i=i)) for i in range(len(ds))]
 
 
+def streamed_dataset_items(args: BuildCacheArgs, rank: int, world: int) -> Iterator[InputItem]:
+    """--dataset --streaming: the rows of process `rank` of `world`, streamed in order (nothing downloaded whole).
+
+    datasets.distributed.split_dataset_by_node gives each process its part: whole data files when their number is a
+    multiple of `world`, else every world-th row. Keys are `RRRRR_NNNNNNNNN` (rank, row in that part), so a process's
+    chunk c is shard c * world + rank (docs/CACHE_FORMAT.md, "Streamed inputs")."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    image_column, caption_column = args.image_column or "image", args.caption_column or "text"
+    try:
+        ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split, streaming=True)
+    except Exception as e:  # as in dataset_items: datasets raises many types
+        raise BuildError(
+            f"--dataset {args.dataset} --streaming: could not open it ({type(e).__name__}: {e}). Pass a Hub dataset "
+            "name or a data folder (parquet, json, image folders); for a gated or private Hub dataset set HF_TOKEN"
+        ) from e
+    columns = list(ds.features or {})
+    missing = [c for c in (image_column, caption_column) if columns and c not in columns]
+    if missing:
+        raise BuildError(
+            f"--dataset {args.dataset} has no column(s) {missing}; its columns are {columns}: "
+            "pick them with --image_column / --caption_column"
+        )
+    if ds.features and isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+    for i, row in enumerate(ds):
+        load = partial(_load_row, [row], 0, image_column=image_column, caption_column=caption_column)
+        yield InputItem(f"{rank:05d}_{i:09d}", f"{args.dataset}[rank {rank} of {world}, row {i}]", load)
+
+
 def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: str) -> tuple[Image.Image, str]:
     caption = check_caption(raw.get(caption_ext))
     data = next((raw[ext] for ext in image_exts if ext in raw), None)
@@ -140,21 +175,79 @@ def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: st
     return load_image(data), caption
 
 
+def wds_urls(specs: Iterable[str]) -> list[str]:
+    """The tars of --wds, in order: each spec brace-expanded (`data/{000..099}.tar`, `https://host/{0..9}.tar`), and
+    a local folder (img2dataset's output: NNNNN.tar beside NNNNN.parquet and NNNNN_stats.json) as its sorted .tar
+    files."""
+    urls = []
+    for spec in specs:
+        if not is_remote(spec) and Path(spec).is_dir():
+            urls += sorted(str(p) for p in Path(spec).glob("*.tar"))
+        else:
+            urls += wds.shardlists.expand_urls(spec)
+    return urls
+
+
+def _not_downloaded(status: str, error: str | None) -> tuple[Image.Image, str]:
+    raise SkippedInput(MISSING_IMAGE, f"img2dataset: {status} ({error or 'no error message'})")
+
+
+def _img2dataset_failures(tar: str, found: set[str]) -> Iterator[InputItem]:
+    """The rows of img2dataset's parquet beside a local tar (NNNNN.parquet: one row per URL, with its status) that
+    did not make it into the tar: inputs the report lists as missing_image with img2dataset's reason."""
+    parquet = Path(tar).with_suffix(".parquet")
+    if is_remote(tar) or not parquet.is_file():
+        return
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    if not {"key", "status"} <= set(table.column_names):
+        return  # another tool's parquet: nothing to report from it
+    rows = table.select([c for c in ("key", "status", "error_message") if c in table.column_names]).to_pylist()
+    for row in rows:
+        key = sample_key(str(row["key"]))
+        if row["status"] != "success" and key not in found:
+            load = partial(_not_downloaded, str(row["status"]), row.get("error_message"))
+            yield InputItem(key, f"{parquet}:{row['key']}", load)
+
+
+def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]) -> Iterator[InputItem]:
+    """The samples of one input tar, streamed (opening retried; see tinyflux.trainer.cache_source), then the inputs
+    img2dataset could not download, from its parquet beside the tar."""
+    stream = open_url(url)
+    found = set()
+    try:
+        for raw in tar_samples(url, stream):
+            found.add(sample_key(raw["__key__"]))
+            yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
+    except (tarfile.TarError, OSError) as e:
+        raise BuildError(
+            f"--wds {url}: reading stopped ({type(e).__name__}: {e}). Re-run the same command: the complete shards "
+            "are kept"
+        ) from e
+    finally:
+        stream.close()
+    yield from _img2dataset_failures(url, found)
+
+
 def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
-    """Samples of webdataset tars in tar order, streamed (each process reads them all, decodes only its own)."""
-    urls = [url for spec in args.wds for url in wds.shardlists.expand_urls(spec)]
+    """Samples of webdataset tars (local, http(s)://, pipe:, s3:// / gs:// through fsspec) in tar order, streamed:
+    each process reads them all and decodes only its own shards' images."""
     image_exts = (args.image_column or "jpg;jpeg;png;webp").split(";")
     caption_ext = args.caption_column or "txt"
     load = partial(_load_tar_sample, image_exts=image_exts, caption_ext=caption_ext)
-    for raw in wds.tarfile_samples([{"url": url} for url in urls]):
-        yield InputItem(sample_key(raw["__key__"]), f"{raw['__url__']}:{raw['__key__']}", partial(load, raw))
+    for url in wds_urls(args.wds or ()):
+        yield from _tar_inputs(url, load)
 
 
-def list_inputs(args: BuildCacheArgs) -> tuple[Iterable[InputItem], int | None]:
-    """The inputs in shard order, and how many there are when known without reading them all."""
+def list_inputs(args: BuildCacheArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
+    """The inputs in shard order, and how many there are when known without reading them all. With --streaming,
+    process `rank` of `world`'s own part of the dataset (streamed_dataset_items)."""
     if args.images:
         items = folder_items(args.images, follow_symlinks=args.follow_symlinks)
         return items, len(items)
+    if args.dataset and args.streaming:
+        return streamed_dataset_items(args, rank, world), None
     if args.dataset:
         items = dataset_items(args)
         return items, len(items)
