@@ -55,9 +55,10 @@ def test_pipe_and_fsspec_caches_stream_the_same_batches(synthetic_shards: Path) 
 
 
 def test_a_remote_stream_resumes_exactly_mid_epoch(synthetic_shards: Path) -> None:
+    """Interrupted while reading the directory, resumed from the URL: the state names the cache, not where it is."""
     with serve(synthetic_shards) as server:
         reference = _batches(server.url, passes=2, num_workers=2)
-        loader = make_stream_loader(server.url, batch_size=4, seed=5, rank=0, world_size=1, num_workers=2)
+        loader = make_stream_loader(synthetic_shards, batch_size=4, seed=5, rank=0, world_size=1, num_workers=2)
         it = iter(loader)
         consumed = [next(it) for _ in range(5)]
         state = json.loads(json.dumps(loader.state_dict()))
