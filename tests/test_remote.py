@@ -78,7 +78,7 @@ def test_a_damaged_served_shard_is_refused_by_its_url(synthetic_shards: Path, tm
     shard.write_bytes(bytes(data))
     with serve(cache) as server:
         with pytest.raises(CacheFormatError) as info:
-            _batches(server.url, num_workers=1)
+            _batches(server.url)
         text = str(info.value)
         assert f"shard {server.url}shards/shard-000003.tar is damaged" in text and "sha256" in text
         assert "copy the rebuilt shard to where this cache is served" in text
@@ -105,6 +105,11 @@ def test_a_source_that_never_answers_is_named_in_bounded_time(synthetic_shards: 
             _batches(CacheLocation(url, retry))
         assert time.monotonic() - start < 5  # 2 timeouts of 0.5 s and one wait of 0.05 s
     assert f"cannot read {url}manifest.json: gave up after 2 tries" in str(info.value)
+
+    start = time.monotonic()  # a pipe: command that hangs is stopped after `timeout` without output
+    with pytest.raises(SourceError, match=r"cannot read pipe:sleep 30: gave up after 2 tries .*no output for 0.5 s"):
+        read_url("pipe:sleep 30", retry)
+    assert time.monotonic() - start < 5
 
     with serve(synthetic_shards) as server:  # the manifest arrives, a shard never does: the worker names it
         server.stall, server.stall_s = {"/shards/shard-000002.tar"}, 3.0

@@ -30,7 +30,7 @@ from tinyflux.trainer.cache_encode import (
     load_image,
     prepare_image,
 )
-from tinyflux.trainer.cache_source import is_remote, open_url, tar_samples
+from tinyflux.trainer.cache_source import RETRIED, is_remote, open_url, tar_samples
 
 if TYPE_CHECKING:
     from tinyflux.trainer.cache_build import BuildCacheArgs
@@ -220,7 +220,7 @@ def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, st
         for raw in tar_samples(url, stream):
             found.add(sample_key(raw["__key__"]))
             yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, *RETRIED) as e:
         raise BuildError(
             f"--wds {url}: reading stopped ({type(e).__name__}: {e}). Re-run the same command: the complete shards "
             "are kept"

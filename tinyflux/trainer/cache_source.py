@@ -15,14 +15,19 @@ protocol) are raised at once.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
+import queue
+import select
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -46,6 +51,9 @@ PIPE = "pipe:"
 NAME_FIELD = "{name}"  # where a pipe: template puts the member name
 # HTTP statuses worth another try: timeouts, throttling, and server-side failures (a 404 or a 403 stays one).
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# What a failed read raises: OSError (refused or reset connections, timeouts, a pipe's exit status, fsspec's
+# filesystems), and http.client's own errors (IncompleteRead: the connection closed before Content-Length bytes).
+RETRIED = (OSError, http.client.HTTPException, subprocess.SubprocessError)
 
 
 class SourceError(TinyFluxError, OSError):
@@ -81,7 +89,7 @@ class Retry:
                 return attempt()
             except _Permanent as e:
                 raise SourceError(f"cannot read {what}: {e}") from e.__cause__
-            except (OSError, TimeoutError, subprocess.SubprocessError) as e:
+            except RETRIED as e:
                 last = f"{type(e).__name__}: {e}"
         raise SourceError(
             f"cannot read {what}: gave up after {self.attempts} tries over {time.monotonic() - start:.1f} s "
@@ -108,11 +116,24 @@ def _http_read(url: str, timeout: float) -> bytes:
 
 
 def _pipe_read(command: str, timeout: float) -> bytes:
-    done = subprocess.run(command, shell=True, capture_output=True, timeout=timeout, check=False)
-    if done.returncode:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no stderr"]
-        raise OSError(f"exit status {done.returncode}: {tail[0]}")
-    return done.stdout
+    """The command's stdout. `timeout` bounds each wait for output, not the whole read (a large shard through a slow
+    pipe takes long, a hung command is stopped), as urllib's timeout does for HTTP."""
+    with subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        chunks = []
+        while True:
+            ready, _, _ = select.select([process.stdout], [], [], timeout)
+            if not ready:
+                process.kill()
+                raise TimeoutError(f"no output for {timeout:g} s")
+            chunk = process.stdout.read1(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        stderr = process.stderr.read()
+        if process.wait():
+            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no stderr"]
+            raise OSError(f"exit status {process.returncode}: {tail[0]}")
+    return b"".join(chunks)
 
 
 def _fsspec_open(url: str) -> Any:
@@ -263,3 +284,28 @@ class CacheLocation:
         if data is None:
             return wds.tarfile_samples([{"url": url}])
         return tar_samples(url, io.BytesIO(data))
+
+
+class ReadAhead:
+    """Runs submitted calls in order on one daemon thread (the next shard's fetch or hash while this one is parsed).
+
+    Not a ThreadPoolExecutor: a process joins those threads at exit, so a DataLoader worker told to stop while its
+    fetch waits out a retry backoff would linger for the rest of the retry budget (torch gives it 5 s, then kills)."""
+
+    def __init__(self, name: str = "tinyflux-shard-read"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to whoever waits on the future
+                    future.set_exception(e)

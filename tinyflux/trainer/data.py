@@ -20,7 +20,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -40,7 +40,7 @@ from tinyflux.trainer.cache_format import (
     check_compatible,
     decode_sample,
 )
-from tinyflux.trainer.cache_source import CacheLocation
+from tinyflux.trainer.cache_source import CacheLocation, ReadAhead
 from tinyflux.trainer.runtime import WorkerInit, stop_signals_blocked
 from tinyflux.util.dtypes import parse_dtype
 
@@ -237,7 +237,7 @@ class StreamingCacheDataset(IterableDataset):
         # pass's workers, so each shard is hashed once per run, not once per epoch (workers restart every pass)
         self.verified: set[tuple[int, int]] = set()
         self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
-        self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
+        self._hasher: ReadAhead | None = None  # fetches / hashes the next shard while this one is read
         self._hasher_pid = 0  # the process whose thread that is
         self.per_worker = [src.manifest.num_samples // world_size // self.layout_workers for src in self.sources]
         for src, n in zip(self.sources, self.per_worker, strict=True):
@@ -324,7 +324,7 @@ class StreamingCacheDataset(IterableDataset):
             verify = self.verify_shards and (src.location.remote or (sid, k) not in self.verified)
             if (verify or src.location.remote) and k not in pending:
                 if self._hasher is None or self._hasher_pid != os.getpid():  # a forked worker inherits no threads
-                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tinyflux-shard-hash")
+                    self._hasher = ReadAhead()
                     self._hasher_pid = os.getpid()
                 pending[k] = self._hasher.submit(src.location.fetch_shard, src.manifest.shards[k], verify)
 
@@ -342,7 +342,7 @@ class StreamingCacheDataset(IterableDataset):
             yield span, data
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_hasher": None}  # a thread pool does not pickle into DataLoader workers
+        return {**self.__dict__, "_hasher": None}  # a thread does not pickle into DataLoader workers
 
     def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
         try:
