@@ -117,23 +117,28 @@ def _http_read(url: str, timeout: float) -> bytes:
 
 def _pipe_read(command: str, timeout: float) -> bytes:
     """The command's stdout. `timeout` bounds each wait for output, not the whole read (a large shard through a slow
-    pipe takes long, a hung command is stopped), as urllib's timeout does for HTTP."""
+    pipe takes long, a hung command is stopped), as urllib's timeout does for HTTP. stderr is drained alongside, so a
+    chatty command (progress lines) cannot fill its pipe and stall."""
     with subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-        chunks = []
-        while True:
-            ready, _, _ = select.select([process.stdout], [], [], timeout)
+        out: dict[Any, list[bytes]] = {process.stdout: [], process.stderr: []}
+        open_streams = list(out)
+        while process.stdout in open_streams:
+            ready, _, _ = select.select(open_streams, [], [], timeout)
             if not ready:
                 process.kill()
                 raise TimeoutError(f"no output for {timeout:g} s")
-            chunk = process.stdout.read1(1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        stderr = process.stderr.read()
+            for stream in ready:
+                chunk = stream.read1(1 << 20)
+                if not chunk:
+                    open_streams.remove(stream)
+                elif stream is process.stdout:
+                    out[stream].append(chunk)
+                else:  # only the end of stderr is reported: keep the last 64 KiB
+                    out[stream] = [(b"".join(out[stream]) + chunk)[-(1 << 16) :]]
         if process.wait():
-            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no stderr"]
+            tail = b"".join(out[process.stderr]).decode(errors="replace").strip().splitlines()[-1:] or ["no stderr"]
             raise OSError(f"exit status {process.returncode}: {tail[0]}")
-    return b"".join(chunks)
+    return b"".join(out[process.stdout])
 
 
 def _fsspec_open(url: str) -> Any:
