@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from PIL import Image
 from tests.fixtures_remote import serve
 from tinyflux.trainer.cache_build import STREAM_LOCK, BuildCacheArgs, BuildError, _fill_stream_gaps, run_build
 from tinyflux.trainer.cache_format import decode_sample, load_manifest
-from tinyflux.trainer.cache_inputs import streamed_dataset_items
+from tinyflux.trainer.cache_inputs import StreamedRows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def _parquet_dataset(folder: Path, n: int) -> datasets.Dataset:
 
 
 def test_a_streamed_dataset_gives_the_features_of_the_downloaded_one_and_resumes(
-    tmp_path: Path, tiny_zoo_path: Path
+    tmp_path: Path, tiny_zoo_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _parquet_dataset(tmp_path / "data", 7).save_to_disk(str(tmp_path / "saved"))
     common = _common(tiny_zoo_path)
@@ -140,8 +141,11 @@ def test_a_streamed_dataset_gives_the_features_of_the_downloaded_one_and_resumes
     args = dict(output=str(tmp_path / "streamed"), dataset=str(tmp_path / "data"), streaming=True, **common)
     assert run_build(BuildCacheArgs(**args, stop_after_shards=2)) is None  # killed after 2 of its 4 shards
     first = (tmp_path / "streamed/shards/shard-000000.tar").stat().st_mtime_ns
-    streamed = run_build(BuildCacheArgs(**args))
+    with caplog.at_level(logging.INFO, logger="tinyflux.trainer.cache_build"):
+        streamed = run_build(BuildCacheArgs(**args))
     assert (tmp_path / "streamed/shards/shard-000000.tar").stat().st_mtime_ns == first  # kept, not rebuilt
+    # the re-run started datasets' stream at the saved position after shard 1, not at row 0
+    assert "rank 0: 2 complete shards; its stream resumes at row 4" in caplog.text
     assert streamed.num_samples == downloaded.num_samples == 7
     a, b = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "whole")
     assert [x["caption"] for x in a] == [y["caption"] for y in b]
@@ -159,10 +163,10 @@ def test_a_streamed_dataset_gives_the_features_of_the_downloaded_one_and_resumes
 def test_processes_stream_disjoint_parts_and_the_gaps_are_filled(tmp_path: Path) -> None:
     _parquet_dataset(tmp_path / "data", 7)
     args = BuildCacheArgs(output=str(tmp_path / "out"), dataset=str(tmp_path / "data"), streaming=True)
-    parts = [[item.load()[1] for item in streamed_dataset_items(args, r, 2)] for r in range(2)]
+    parts = [[item.load()[1] for item in StreamedRows(args, r, 2)] for r in range(2)]
     # two data files for two processes: split_dataset_by_node gives each process one file, read by no other
     assert parts == [[f"a {COLORS[i % 7]} square {i}" for i in rows] for rows in ([0, 1, 2, 3], [4, 5, 6])]
-    assert [item.key for item in streamed_dataset_items(args, 1, 2)] == [f"00001_{i:09d}" for i in range(3)]
+    assert [item.key for item in StreamedRows(args, 1, 2)] == [f"00001_{i:09d}" for i in range(3)]
     # rank 0 wrote 2 chunks (shards 0, 2), rank 1 1 chunk (shard 1): 3 shards, no gap; 3 vs 1: shard 3 is empty
     (tmp_path / "out/shards").mkdir(parents=True)
     assert _fill_stream_gaps(tmp_path / "out", [2, 1], "h", write=True) == 3

@@ -50,6 +50,7 @@ from tinyflux.trainer.cache_format import (
 from tinyflux.trainer.cache_inputs import (
     BuildError,
     InputItem,
+    StreamedRows,
     list_inputs,
     load_ahead,
     prepare_input,
@@ -188,6 +189,7 @@ class _Shard:
     index: int
     items: list[InputItem]
     duplicates: set[int]  # id() of the items in this chunk whose key an earlier input already has
+    stream_state: dict[str, Any] | None = None  # --streaming: datasets' position after this chunk (StreamedRows)
 
 
 class CacheBuilder:
@@ -259,6 +261,8 @@ class CacheBuilder:
             "t5_length_sum": sum(lengths),
             "t5_length_max": max(lengths, default=0),
         }
+        if shard.stream_state is not None:
+            sidecar["stream_state"] = shard.stream_state
         return write_shard(shard_path(args.output, shard.index), samples, sidecar)
 
 
@@ -331,10 +335,12 @@ def _build_shards(
     """Build this process's incomplete shards. Returns the number of shards of the whole input, or with --streaming
     the number of chunks of this process's part (its chunk c is shard c * world + rank)."""
     seen: set[str] = set()
-    num_shards, written, reused = 0, 0, 0
-    for c, chunk in shard_chunks(items, args.shard_size):
+    streamed = items if isinstance(items, StreamedRows) else None
+    first = _resume_stream(args, streamed, builder.feature_hash) if streamed else 0
+    num_shards, written, reused = first, 0, first
+    for c, chunk in shard_chunks(items, args.shard_size, first):
         num_shards = c + 1
-        j = c * world + rank if args.streaming else c
+        j = c * world + rank if streamed else c
         duplicates = set()  # every process tracks every key, so all agree on which input is the duplicate
         for item in chunk:
             if item.key in seen:
@@ -348,10 +354,27 @@ def _build_shards(
             continue
         if args.stop_after_shards is not None and written >= args.stop_after_shards:
             continue
-        builder.build(_Shard(j, chunk, duplicates))
+        builder.build(_Shard(j, chunk, duplicates, streamed.state_dict() if streamed else None))
         written += 1
     logger.info("rank %d: %d shards written, %d complete from an earlier run", rank, written, reused)
     return num_shards
+
+
+def _resume_stream(args: BuildCacheArgs, rows: StreamedRows, feature_hash_: str) -> int:
+    """The number of leading chunks of this process's part that are complete shards with a saved stream position;
+    the stream then starts after them, reading none of their rows again."""
+    size, first, state = args.shard_size, 0, None
+    while True:
+        path = shard_path(args.output, first * rows.world + rows.rank)
+        keys = [rows.key(i) for i in range(first * size, (first + 1) * size)]
+        side = read_sidecar(path)
+        if side is None or "stream_state" not in side or not shard_is_complete(path, keys, feature_hash_):
+            break
+        first, state = first + 1, side["stream_state"]
+    if state is not None:
+        rows.resume(state, first * size)
+        logger.info("rank %d: %d complete shards; its stream resumes at row %d", rows.rank, first, first * size)
+    return first
 
 
 def _check_stream_layout(output: Path, args: BuildCacheArgs, world: int) -> None:

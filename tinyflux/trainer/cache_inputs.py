@@ -135,36 +135,55 @@ def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
     return [InputItem(f"{i:0{width}d}", f"{args.dataset}[{i}]", partial(load, i=i)) for i in range(len(ds))]
 
 
-def streamed_dataset_items(args: BuildCacheArgs, rank: int, world: int) -> Iterator[InputItem]:
+class StreamedRows:
     """--dataset --streaming: the rows of process `rank` of `world`, streamed in order (nothing downloaded whole).
 
     datasets.distributed.split_dataset_by_node gives each process its part: whole data files when their number is a
     multiple of `world`, else every world-th row. Keys are `RRRRR_NNNNNNNNN` (rank, row in that part), so a process's
-    chunk c is shard c * world + rank (docs/CACHE_FORMAT.md, "Streamed inputs")."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
+    chunk c is shard c * world + rank. state_dict() is datasets' own resumable position in the part; a re-run that
+    loads the one saved after its last complete shard continues there (docs/CACHE_FORMAT.md, "Streamed inputs")."""
 
-    image_column, caption_column = args.image_column or "image", args.caption_column or "text"
-    try:
-        ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split, streaming=True)
-    except Exception as e:  # as in dataset_items: datasets raises many types
-        raise BuildError(
-            f"--dataset {args.dataset} --streaming: could not open it ({type(e).__name__}: {e}). Pass a Hub dataset "
-            "name or a data folder (parquet, json, image folders); for a gated or private Hub dataset set HF_TOKEN"
-        ) from e
-    columns = list(ds.features or {})
-    missing = [c for c in (image_column, caption_column) if columns and c not in columns]
-    if missing:
-        raise BuildError(
-            f"--dataset {args.dataset} has no column(s) {missing}; its columns are {columns}: "
-            "pick them with --image_column / --caption_column"
-        )
-    if ds.features and isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
-    ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-    for i, row in enumerate(ds):
-        load = partial(_load_row, [row], 0, image_column=image_column, caption_column=caption_column)
-        yield InputItem(f"{rank:05d}_{i:09d}", f"{args.dataset}[rank {rank} of {world}, row {i}]", load)
+    def __init__(self, args: BuildCacheArgs, rank: int, world: int):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        self.name, self.rank, self.world = args.dataset, rank, world
+        self.image_column, self.caption_column = args.image_column or "image", args.caption_column or "text"
+        try:
+            ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split, streaming=True)
+        except Exception as e:  # as in dataset_items: datasets raises many types
+            raise BuildError(
+                f"--dataset {args.dataset} --streaming: could not open it ({type(e).__name__}: {e}). Pass a Hub "
+                "dataset name or a data folder (parquet, json, image folders); for a gated or private Hub dataset "
+                "set HF_TOKEN"
+            ) from e
+        columns = list(ds.features or {})
+        missing = [c for c in (self.image_column, self.caption_column) if columns and c not in columns]
+        if missing:
+            raise BuildError(
+                f"--dataset {args.dataset} has no column(s) {missing}; its columns are {columns}: "
+                "pick them with --image_column / --caption_column"
+            )
+        if ds.features and isinstance(ds.features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))  # corrupt files are skipped, not fatal
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        self.start = 0  # the part's row the iteration starts at
+
+    def key(self, row: int) -> str:
+        return f"{self.rank:05d}_{row:09d}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ds.state_dict()
+
+    def resume(self, state: dict[str, Any], row: int) -> None:
+        """Start the next iteration at `row`, from datasets' state saved there (it skips whole files unread)."""
+        self.ds.load_state_dict(state)
+        self.start = row
+
+    def __iter__(self) -> Iterator[InputItem]:
+        for i, row in enumerate(self.ds, start=self.start):
+            load = partial(_load_row, [row], 0, image_column=self.image_column, caption_column=self.caption_column)
+            yield InputItem(self.key(i), f"{self.name}[rank {self.rank} of {self.world}, row {i}]", load)
 
 
 def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: str) -> tuple[Image.Image, str]:
@@ -242,22 +261,23 @@ def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
 
 def list_inputs(args: BuildCacheArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
     """The inputs in shard order, and how many there are when known without reading them all. With --streaming,
-    process `rank` of `world`'s own part of the dataset (streamed_dataset_items)."""
+    process `rank` of `world`'s own part of the dataset (StreamedRows)."""
     if args.images:
         items = folder_items(args.images, follow_symlinks=args.follow_symlinks)
         return items, len(items)
     if args.dataset and args.streaming:
-        return streamed_dataset_items(args, rank, world), None
+        return StreamedRows(args, rank, world), None
     if args.dataset:
         items = dataset_items(args)
         return items, len(items)
     return wds_items(args), None
 
 
-def shard_chunks(items: Iterable[InputItem], size: int) -> Iterator[tuple[int, list[InputItem]]]:
-    """(j, the inputs of shard j) in order, reading a streamed input list one shard at a time."""
+def shard_chunks(items: Iterable[InputItem], size: int, first: int = 0) -> Iterator[tuple[int, list[InputItem]]]:
+    """(j, the inputs of shard j) in order from j = first (`items` starting at that chunk), reading a streamed input
+    list one shard at a time."""
     it = iter(items)
-    for j in count():
+    for j in count(first):
         chunk = list(islice(it, size))
         if not chunk:
             return
