@@ -313,15 +313,15 @@ class StreamingCacheDataset(IterableDataset):
         self, sid: int, spans: list[tuple[int, int, int]]
     ) -> Iterator[tuple[tuple[int, int, int], bytes | None]]:
         """The spans, each with its shard readied by CacheLocation.fetch_shard: a local shard once it matches its
-        manifest sha256 (first open in the run only), a remote one fetched and checked (every open: its bytes are
-        new). The next shard is hashed or fetched in a thread while this one is parsed (hashlib and sockets release
-        the GIL), so on a machine with a spare core this costs the reader little. Cost: bench/NOTES.md, 2026-12-05."""
+        manifest sha256 (first open in the run only), a remote one fetched and checked (its sha256 on the first open
+        in the run too, its size on every open). The next shard is hashed or fetched in a thread while this one is
+        parsed (hashlib and sockets release the GIL), so on a machine with a spare core this costs the reader little.
+        Cost: bench/NOTES.md, 2026-12-05 and 2026-12-06."""
         src = self.sources[sid]
         pending: dict[int, Future] = {}
 
         def start(k: int) -> None:
-            # remote bytes are fetched anew on every open, so they are checked every time
-            verify = self.verify_shards and (src.location.remote or (sid, k) not in self.verified)
+            verify = self.verify_shards and (sid, k) not in self.verified  # later fetches of a remote one: size only
             if (verify or src.location.remote) and k not in pending:
                 if self._hasher is None or self._hasher_pid != os.getpid():  # a forked worker inherits no threads
                     self._hasher = ReadAhead()
