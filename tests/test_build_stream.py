@@ -85,6 +85,10 @@ def test_a_wds_url_that_fails_names_it(tmp_path: Path, tiny_zoo_path: Path) -> N
     with serve(tmp_path) as server, pytest.raises(BuildError, match=r"cannot read http://.*/gone-000.tar: HTTP 404"):
         run_build(BuildCacheArgs(output=str(tmp_path / "out"), wds=[server.url + "gone-000.tar"],
                                  **_common(tiny_zoo_path)))  # fmt: skip
+    with pytest.raises(BuildError, match=r"--wds pipe:cat /nowhere/x.tar: reading stopped \(the command exited with "
+                                         r"status 1\). Re-run the same command"):  # fmt: skip
+        run_build(BuildCacheArgs(output=str(tmp_path / "out2"), wds=["pipe:cat /nowhere/x.tar"],
+                                 **_common(tiny_zoo_path)))  # fmt: skip
 
 
 def test_an_img2dataset_folder_is_read_as_it_is(tmp_path: Path, tiny_zoo_path: Path) -> None:

@@ -5,6 +5,7 @@ source is retried with backoff, and one that never answers is named in bounded t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import time
@@ -19,6 +20,7 @@ from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.cache_source import CacheLocation, Retry, SourceError, read_url
 from tinyflux.trainer.data import make_stream_loader
+from tinyflux.trainer.run import main as train_main
 from tinyflux.trainer.run import run_training
 
 FAST = Retry(attempts=3, first_delay=0.05, max_delay=0.2, timeout=2.0)
@@ -146,3 +148,11 @@ def test_training_from_an_http_cache_gives_the_weights_of_the_local_run(syntheti
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(local.last_checkpoint / name), load_file(remote.last_checkpoint / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_training_script_names_a_cache_url_it_cannot_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    argv = ["--model", "tiny", "--num_workers", "0", "--log_with", "none", "--checkpoint_dir", str(tmp_path / "c")]
+    with serve(tmp_path) as server, caplog.at_level(logging.ERROR):
+        assert train_main(["--cache", server.url + "caches/x/", *argv]) == 1  # no such cache there: HTTP 404
+    assert f"cannot read {server.url}caches/x/manifest.json: HTTP 404" in caplog.text and "Traceback" not in caplog.text
+    assert train_main(["--cache", server.url, "--in_memory", *argv]) == 2  # a usage error, before any read

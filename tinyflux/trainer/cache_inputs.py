@@ -11,6 +11,7 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import count, islice
@@ -239,13 +240,19 @@ def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, st
         for raw in tar_samples(url, stream):
             found.add(sample_key(raw["__key__"]))
             yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
+        stream.close()  # a pipe: command's exit status is checked here
     except (tarfile.TarError, *RETRIED) as e:
+        why = f"{type(e).__name__}: {e.args[0] if e.args else e}"  # webdataset appends the stream's repr to args
+        try:
+            stream.close()
+        except RETRIED as failed:  # a pipe: command that failed: its exit status is the cause, the tar error follows
+            why = str(failed)
         raise BuildError(
-            f"--wds {url}: reading stopped ({type(e).__name__}: {e}). Re-run the same command: the complete shards "
-            "are kept"
+            f"--wds {url}: reading stopped ({why}). Re-run the same command: the complete shards are kept"
         ) from e
     finally:
-        stream.close()
+        with suppress(Exception):  # left early: the status of a command cut off says nothing
+            stream.close()
     yield from _img2dataset_failures(url, found)
 
 

@@ -173,7 +173,7 @@ def open_url(url: str, retry: Retry = DEFAULT_RETRY) -> IO[bytes]:
     """A binary stream of `url`, read as it arrives (build inputs: tars too large to hold). Opening is retried;
     an error in the middle of the stream is raised to the reader, which names the URL."""
     if url.startswith(PIPE):
-        return wds.gopen(url)  # webdataset's pipe reader: it raises on a non-zero exit status at close
+        return _CommandOutput(url[len(PIPE) :])
     if url.startswith(("http://", "https://")):
 
         def attempt() -> IO[bytes]:
@@ -195,6 +195,22 @@ def open_url(url: str, retry: Retry = DEFAULT_RETRY) -> IO[bytes]:
 
         return retry.call(url, open_fsspec)
     return open(url, "rb")
+
+
+class _CommandOutput:
+    """The stdout of a shell command, read as it comes; close() raises OSError when the command failed (its own
+    stderr, passed through, says why)."""
+
+    def __init__(self, command: str):
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.process.stdout.read(size)
+
+    def close(self) -> None:
+        self.process.stdout.close()
+        if self.process.wait():
+            raise OSError(f"the command exited with status {self.process.returncode}")
 
 
 def tar_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
