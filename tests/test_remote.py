@@ -129,6 +129,8 @@ def test_a_missing_file_fails_at_once_without_retries(tmp_path: Path) -> None:
         read_url("pipe:false", Retry(attempts=2, first_delay=0.01))
     with pytest.raises(CacheFormatError, match=r"needs \{name\}"):
         CacheLocation.of("pipe:cat /somewhere/manifest.json")
+    with pytest.raises(SourceError, match=r"cannot read s3://bucket/x/manifest.json: .*s3fs.*pip install s3fs"):
+        read_url("s3://bucket/x/manifest.json", Retry(attempts=5, first_delay=2.0))  # at once: no package, no retry
 
 
 @pytest.mark.usefixtures("one_thread")
