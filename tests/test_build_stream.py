@@ -122,6 +122,14 @@ def test_an_img2dataset_folder_is_read_as_it_is(tmp_path: Path, tiny_zoo_path: P
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert keys == ["000000000", "000000002", "000010000", "000010002"]
 
+    # The inputs are listed from the parquets, so a re-run reads no tar of a complete shard: killed after shard 0
+    # (tar 0's two images), the build finishes with tar 0 unreadable, to the same bytes.
+    args = dict(output=str(tmp_path / "resumed"), wds=[str(out)], **_common(tiny_zoo_path))
+    assert run_build(BuildCacheArgs(**args, stop_after_shards=1)) is None
+    (out / "00000.tar").write_bytes(b"not a tar any more")
+    assert run_build(BuildCacheArgs(**args)).feature_hash == manifest.feature_hash
+    assert _shards(tmp_path / "resumed") == _shards(tmp_path / "cache")
+
 
 def _parquet_dataset(folder: Path, n: int) -> datasets.Dataset:
     """n rows of (image, text) in two parquet files, as a Hub dataset has several; returns them as one Dataset."""

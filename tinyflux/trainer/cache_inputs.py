@@ -9,6 +9,8 @@ build itself: tinyflux.trainer.cache_build.
 from __future__ import annotations
 
 import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
@@ -212,34 +214,36 @@ def _not_downloaded(status: str, error: str | None) -> tuple[Image.Image, str]:
     raise SkippedInput(MISSING_IMAGE, f"img2dataset: {status} ({error or 'no error message'})")
 
 
-def _img2dataset_failures(tar: str, found: set[str]) -> Iterator[InputItem]:
-    """The rows of img2dataset's parquet beside a local tar (NNNNN.parquet: one row per URL, with its status) that
-    did not make it into the tar: inputs the report lists as missing_image with img2dataset's reason."""
+def _img2dataset_index(tar: str) -> list[dict[str, Any]] | None:
+    """The rows of img2dataset's parquet beside a local tar (NNNNN.parquet: one row per URL, with its `status`), as
+    {"key", "status", "error_message"}; None when there is none (or it is another tool's)."""
     parquet = Path(tar).with_suffix(".parquet")
     if is_remote(tar) or not parquet.is_file():
-        return
+        return None
     import pyarrow.parquet as pq
 
     table = pq.read_table(parquet)
     if not {"key", "status"} <= set(table.column_names):
-        return  # another tool's parquet: nothing to report from it
-    rows = table.select([c for c in ("key", "status", "error_message") if c in table.column_names]).to_pylist()
+        return None
+    return table.select([c for c in ("key", "status", "error_message") if c in table.column_names]).to_pylist()
+
+
+def _img2dataset_failures(tar: str, rows: list[dict[str, Any]], found: set[str]) -> Iterator[InputItem]:
+    """The parquet rows of inputs that did not make it into the tar: inputs the report lists as missing_image with
+    img2dataset's reason."""
     for row in rows:
         key = sample_key(str(row["key"]))
         if row["status"] != "success" and key not in found:
             load = partial(_not_downloaded, str(row["status"]), row.get("error_message"))
-            yield InputItem(key, f"{parquet}:{row['key']}", load)
+            yield InputItem(key, f"{Path(tar).with_suffix('.parquet')}:{row['key']}", load)
 
 
-def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]) -> Iterator[InputItem]:
-    """The samples of one input tar, streamed (opening retried; see tinyflux.trainer.cache_source), then the inputs
-    img2dataset could not download, from its parquet beside the tar."""
+def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one input tar, streamed (opening retried; see tinyflux.trainer.cache_source); a tar that
+    cannot be read is a BuildError naming it."""
     stream = open_url(url)
-    found = set()
     try:
-        for raw in tar_samples(url, stream):
-            found.add(sample_key(raw["__key__"]))
-            yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
+        yield from tar_samples(url, stream)
         stream.close()  # a pipe: command's exit status is checked here
     except (tarfile.TarError, *RETRIED) as e:
         why = f"{type(e).__name__}: {e.args[0] if e.args else e}"  # webdataset appends the stream's repr to args
@@ -253,17 +257,67 @@ def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, st
     finally:
         with suppress(Exception):  # left early: the status of a command cut off says nothing
             stream.close()
-    yield from _img2dataset_failures(url, found)
+
+
+def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]) -> Iterator[InputItem]:
+    """The samples of one input tar in tar order, then (beside a local tar) the inputs img2dataset could not
+    download, from its parquet."""
+    found = set()
+    for raw in _tar_samples(url):
+        found.add(sample_key(raw["__key__"]))
+        yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
+    yield from _img2dataset_failures(url, _img2dataset_index(url) or [], found)
+
+
+class _TarCache:
+    """Whole input tars by URL, the last two read (a shard's inputs span at most two when shards are smaller than
+    tars): an input listed from img2dataset's parquet is loaded from its tar, which is read once, when first needed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tars: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
+
+    def sample(self, url: str, key: str) -> dict[str, Any]:
+        with self.lock:  # the loader threads of one batch wait for the one that reads the tar
+            if url not in self.tars:
+                self.tars[url] = {sample_key(raw["__key__"]): raw for raw in _tar_samples(url)}
+                while len(self.tars) > 2:
+                    self.tars.popitem(last=False)
+            samples = self.tars[url]
+        if key not in samples:
+            raise SkippedInput(MISSING_IMAGE, f"not in {url}, although img2dataset's parquet says it downloaded it")
+        return samples[key]
+
+
+def _load_indexed(
+    tars: _TarCache, url: str, key: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]
+) -> tuple[Image.Image, str]:
+    return load(tars.sample(url, key))
 
 
 def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
     """Samples of webdataset tars (local, http(s)://, pipe:, s3:// / gs:// through fsspec) in tar order, streamed:
-    each process reads them all and decodes only its own shards' images."""
+    each process reads them all and decodes only its own shards' images.
+
+    When every tar is local with img2dataset's parquet beside it, the inputs are listed from the parquets instead (the
+    successes in the parquet's order, which is img2dataset's tar order, then the failures): a process then reads only
+    the tars that hold inputs of the shards it builds, and a re-run none of a complete shard's."""
     image_exts = (args.image_column or "jpg;jpeg;png;webp").split(";")
     caption_ext = args.caption_column or "txt"
     load = partial(_load_tar_sample, image_exts=image_exts, caption_ext=caption_ext)
-    for url in wds_urls(args.wds or ()):
-        yield from _tar_inputs(url, load)
+    urls = wds_urls(args.wds or ())
+    indexes = [_img2dataset_index(url) for url in urls]
+    if not urls or any(rows is None for rows in indexes):
+        for url in urls:
+            yield from _tar_inputs(url, load)
+        return
+    tars = _TarCache()
+    for url, rows in zip(urls, indexes, strict=True):
+        for row in rows:
+            if row["status"] == "success":
+                key = sample_key(str(row["key"]))
+                yield InputItem(key, f"{url}:{row['key']}", partial(_load_indexed, tars, url, key, load))
+        yield from _img2dataset_failures(url, rows, set())
 
 
 def list_inputs(args: BuildCacheArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
