@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures_remote import serve
+from tests.fixtures_remote import self_signed_cert, serve
 from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.cache_source import CacheLocation, Retry, SourceError, read_url
@@ -48,6 +48,20 @@ def test_an_http_cache_streams_the_same_batches_as_the_local_one(synthetic_shard
     # each pass fetches every shard once (no local copy is kept), and the manifest is read once
     assert server.requests["/manifest.json"] == 1
     assert server.requests["/shards/shard-000000.tar"] == 2
+
+
+def test_an_https_cache_streams_the_same_batches(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = self_signed_cert(tmp_path)
+    if tls is None:
+        pytest.skip("no openssl command to make a certificate")
+    with serve(synthetic_shards, tls) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        with pytest.raises(CacheFormatError, match="TLS certificate is not trusted .*self-signed"):  # at once
+            _batches(CacheLocation(server.url, Retry(attempts=5, first_delay=2.0)))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))  # trust it: urllib's default context reads this
+        _assert_same(_batches(server.url), _batches(synthetic_shards))
 
 
 def test_pipe_and_fsspec_caches_stream_the_same_batches(synthetic_shards: Path) -> None:

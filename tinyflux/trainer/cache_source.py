@@ -21,6 +21,7 @@ import json
 import logging
 import queue
 import select
+import ssl
 import subprocess
 import threading
 import time
@@ -105,14 +106,22 @@ def is_remote(spec: str | Path) -> bool:
     return isinstance(spec, str) and (spec.startswith(PIPE) or "://" in spec)
 
 
-def _http_read(url: str, timeout: float) -> bytes:
+def _http_open(url: str, timeout: float) -> IO[bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()  # http.client raises IncompleteRead when fewer bytes than Content-Length arrive
+        return urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code not in _RETRY_STATUS:
             raise _Permanent(f"HTTP {e.code} {e.reason}") from e
         raise OSError(f"HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLCertVerificationError):  # the same certificate next time
+            raise _Permanent(f"the server's TLS certificate is not trusted ({e.reason.verify_message})") from e
+        raise
+
+
+def _http_read(url: str, timeout: float) -> bytes:
+    with _http_open(url, timeout) as response:
+        return response.read()  # http.client raises IncompleteRead when fewer bytes than Content-Length arrive
 
 
 def _pipe_read(command: str, timeout: float) -> bytes:
@@ -175,16 +184,7 @@ def open_url(url: str, retry: Retry = DEFAULT_RETRY) -> IO[bytes]:
     if url.startswith(PIPE):
         return _CommandOutput(url[len(PIPE) :])
     if url.startswith(("http://", "https://")):
-
-        def attempt() -> IO[bytes]:
-            try:
-                return urllib.request.urlopen(url, timeout=retry.timeout)
-            except urllib.error.HTTPError as e:
-                if e.code not in _RETRY_STATUS:
-                    raise _Permanent(f"HTTP {e.code} {e.reason}") from e
-                raise OSError(f"HTTP {e.code} {e.reason}") from e
-
-        return retry.call(url, attempt)
+        return retry.call(url, lambda: _http_open(url, retry.timeout))
     if "://" in url:
 
         def open_fsspec() -> IO[bytes]:
