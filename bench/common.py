@@ -353,7 +353,8 @@ def synthetic_cache(cfg: TinyFluxConfig, n: int, latent: int, text_len: int, see
     spatial = torch.rand(n, t, cfg.sol_spatial_size, cfg.sol_spatial_size, generator=g)
     lune = LuneFeatureCache(torch.randn(n, t, cfg.lune_expert_dim, generator=g), T_BUCKETS)
     sol = SolFeatureCache(torch.rand(n, t, 4, generator=g), spatial / spatial.sum((-1, -2), keepdim=True), T_BUCKETS)
-    settings = {"t5_layers": list(cfg.t5_layers), "resolution": latent * 8}
+    settings = {"t5_layers": list(cfg.t5_layers), "resolution": latent * 8, "text_regime": cfg.text_regime}
+    settings["latent_shift"] = cfg.latent_shift  # the deep preset's: padded text, no VAE shift (released v4.2)
     return DatasetCache(encodings, lune, sol, "bench", settings=settings)
 
 

@@ -82,6 +82,11 @@ def test_dataset_cache_round_trips_through_shards(tmp_path: Path) -> None:
     assert manifest.fields["latents"].dtype == "float16" and manifest.t5_layers == list(TINY.t5_layers)
     assert load_manifest(tmp_path).feature_hash == manifest.feature_hash
     _assert_same_cache(cache, DatasetCache.from_shards(tmp_path))
+    assert manifest.text_regime == "masked" and manifest.latent_shift  # the defaults, unless its settings say
+
+    cache.settings.update(text_regime="padded", latent_shift=False)  # what the deep preset reads (bench caches)
+    released = cache.to_shards(tmp_path / "released", shard_size=4)
+    assert released.text_regime == "padded" and not released.latent_shift
 
 
 def test_sample_keys_with_dots_are_refused() -> None:

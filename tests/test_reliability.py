@@ -54,12 +54,12 @@ def test_each_case_is_one_line_and_an_exit_code(synthetic_shards, tmp_path, caps
 
 
 def test_every_tinyflux_error_derives_from_one_root() -> None:
-    from tinyflux.trainer import args, batch, cache_format, cache_inputs, config, engines, optim, verdict
+    from tinyflux.trainer import args, batch, cache_format, cache_inputs, cache_source, config, engines, optim, verdict
 
     classes = [
         args.ArgsError, batch.BatchMismatchError, cache_format.CacheFormatError, cache_format.CacheMismatchError,
         cache_inputs.BuildError, ckpt.CheckpointError, config.TrainerConfigError, engines.EngineError,
-        optim.OptimizerUnavailableError, verdict.NonFiniteLossError,
+        optim.OptimizerUnavailableError, verdict.NonFiniteLossError, cache_source.SourceError,
     ]  # fmt: skip
     assert all(issubclass(c, TinyFluxError) for c in classes)
     assert issubclass(config.TrainerConfigError, ValueError)  # old `except ValueError` callers still catch it

@@ -37,7 +37,7 @@ class ScriptArgs:
 
     config: Optional[str] = None  # YAML file whose keys are any of these flags' names; command-line flags win over it
     model: str = "default"  # architecture preset (default, deep, tiny), a config .json, or a checkpoint to start from
-    cache: list[str] = field(default_factory=list)  # cache shard-set directories (build_cache.py outputs) to train on
+    cache: list[str] = field(default_factory=list)  # build_cache.py outputs to train on: directories or URL prefixes
     cache_weights: list[float] = field(default_factory=list)  # mixing weight of each --cache set; default all equal
     in_memory: bool = (
         False  # load the --cache sets into RAM: global shuffle, batches sharded by accelerate (no weights)

@@ -2,8 +2,9 @@
 
 Deterministic sharding: inputs are listed in a fixed order (sorted keys for folders, row order for datasets, tar order
 for webdataset inputs); shard j covers inputs [j * shard_size, (j + 1) * shard_size) and process r of R builds the
-shards with j % R == r. A shard's bytes depend only on its inputs and the feature settings, so a re-run (with any
-number of processes) skips complete shards and rebuilds an interrupted one identically. Rank 0 writes the manifest and
+shards with j % R == r (with --dataset --streaming, process r's own chunk c is shard c * R + r). A shard's bytes
+depend only on its inputs and the feature settings, so a re-run (with any number of processes; a streamed build with
+the same number) skips complete shards and rebuilds an interrupted one identically. Rank 0 writes the manifest and
 the report once every process is done. Formats: docs/CACHE_FORMAT.md.
 """
 
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from tinyflux.errors import os_error_message
@@ -47,12 +47,23 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
-from tinyflux.trainer.cache_inputs import BuildError, InputItem, list_inputs, load_ahead, prepare_input, shard_chunks
+from tinyflux.trainer.cache_inputs import (
+    BuildError,
+    InputItem,
+    StreamedRows,
+    list_inputs,
+    load_ahead,
+    prepare_input,
+    shard_chunks,
+    wds_urls,
+)
+from tinyflux.trainer.cache_source import is_remote
 from tinyflux.util.dtypes import dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
 
 BUILD_LOCK = "build.json"  # the feature settings of the shards in an output directory, written before the first shard
+STREAM_LOCK = "stream.json"  # --streaming: the number of processes, on which the shard layout depends
 # The closing barrier waits for the slowest process; a resumed build can leave one rank hours of work ahead of another.
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -72,6 +83,10 @@ class BuildCacheArgs:
     )
     dataset_config: Optional[str] = field(default=None, metadata={"help": "--dataset configuration name"})
     split: str = field(default="train", metadata={"help": "--dataset split"})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "--dataset: stream it (nothing downloaded whole), each process reading its own part"},
+    )
     wds: Optional[list[str]] = field(
         default=None, metadata={"help": "webdataset tars of images + captions (paths or brace patterns)"}
     )
@@ -127,13 +142,17 @@ class BuildCacheArgs:
         problems = []
         if len(given) != 1:
             problems.append(f"give exactly one input: --images, --dataset or --wds (got {given or 'none'})")
+        if self.streaming and not self.dataset:
+            problems.append("--streaming streams a --dataset; --images and --wds inputs are read as they go already")
         if self.images and not Path(self.images).is_dir():
             problems.append(f"--images {self.images} is not a directory")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             problems.append(f"--output {self.output} exists and is not a directory")
-        for url in (u for spec in self.wds or () for u in wds.shardlists.expand_urls(spec)):
-            if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+        for url in wds_urls(self.wds or ()):
+            if not is_remote(url) and not Path(url).is_file():
                 problems.append(f"--wds: {url} does not exist")
+        if self.wds and not wds_urls(self.wds):
+            problems.append(f"--wds {' '.join(self.wds)}: no .tar files there")
         if self.resolution <= 0 or self.resolution % VAE_DOWNSAMPLE:
             problems.append(
                 f"--resolution {self.resolution} must be a positive multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)"
@@ -170,6 +189,7 @@ class _Shard:
     index: int
     items: list[InputItem]
     duplicates: set[int]  # id() of the items in this chunk whose key an earlier input already has
+    stream_state: dict[str, Any] | None = None  # --streaming: datasets' position after this chunk (StreamedRows)
 
 
 class CacheBuilder:
@@ -241,6 +261,8 @@ class CacheBuilder:
             "t5_length_sum": sum(lengths),
             "t5_length_max": max(lengths, default=0),
         }
+        if shard.stream_state is not None:
+            sidecar["stream_state"] = shard.stream_state
         return write_shard(shard_path(args.output, shard.index), samples, sidecar)
 
 
@@ -310,11 +332,15 @@ def _owned_inputs(total: int | None, shard_size: int, rank: int, world: int) -> 
 def _build_shards(
     args: BuildCacheArgs, builder: CacheBuilder, items: Iterable[InputItem], rank: int, world: int
 ) -> int:
-    """Build this process's incomplete shards; returns the number of shards of the whole input."""
+    """Build this process's incomplete shards. Returns the number of shards of the whole input, or with --streaming
+    the number of chunks of this process's part (its chunk c is shard c * world + rank)."""
     seen: set[str] = set()
-    num_shards, written, reused = 0, 0, 0
-    for j, chunk in shard_chunks(items, args.shard_size):
-        num_shards = j + 1
+    streamed = items if isinstance(items, StreamedRows) else None
+    first = _resume_stream(args, streamed, builder.feature_hash) if streamed else 0
+    num_shards, written, reused = first, 0, first
+    for c, chunk in shard_chunks(items, args.shard_size, first):
+        num_shards = c + 1
+        j = c * world + rank if streamed else c
         duplicates = set()  # every process tracks every key, so all agree on which input is the duplicate
         for item in chunk:
             if item.key in seen:
@@ -328,19 +354,67 @@ def _build_shards(
             continue
         if args.stop_after_shards is not None and written >= args.stop_after_shards:
             continue
-        builder.build(_Shard(j, chunk, duplicates))
+        builder.build(_Shard(j, chunk, duplicates, streamed.state_dict() if streamed else None))
         written += 1
     logger.info("rank %d: %d shards written, %d complete from an earlier run", rank, written, reused)
     return num_shards
 
 
-def _start_output(output: Path, settings: dict[str, Any], accelerator: Any) -> None:
+def _resume_stream(args: BuildCacheArgs, rows: StreamedRows, feature_hash_: str) -> int:
+    """The number of leading chunks of this process's part that are complete shards with a saved stream position;
+    the stream then starts after them, reading none of their rows again."""
+    size, first, state = args.shard_size, 0, None
+    while True:
+        path = shard_path(args.output, first * rows.world + rows.rank)
+        keys = [rows.key(i) for i in range(first * size, (first + 1) * size)]
+        side = read_sidecar(path)
+        if side is None or "stream_state" not in side or not shard_is_complete(path, keys, feature_hash_):
+            break
+        first, state = first + 1, side["stream_state"]
+    if state is not None:
+        rows.resume(state, first * size)
+        logger.info("rank %d: %d complete shards; its stream resumes at row %d", rows.rank, first, first * size)
+    return first
+
+
+def _check_stream_layout(output: Path, args: BuildCacheArgs, world: int) -> None:
+    """A streamed build's shards depend on the number of processes (each reads its own part of the dataset), so it is
+    finished on as many as started it: recorded in STREAM_LOCK, refused otherwise."""
+    lock = output / STREAM_LOCK
+    if args.streaming and lock.is_file():
+        started = json.loads(lock.read_text())["world_size"]
+        if started != world:
+            raise BuildError(
+                f"{output} is a --streaming build started on {started} process(es): finish it on {started} "
+                f"(this run has {world}), or use a new --output"
+            )
+
+
+def _fill_stream_gaps(output: Path, chunks: list[int], feature_hash_: str, write: bool) -> int:
+    """The number of shards of a --streaming build whose process r wrote chunks[r] chunks; with `write` (rank 0, once
+    every rank is done) an empty shard goes where a process's part ended before another's (shard c * world + r for c
+    past rank r's chunks), so that shards 0 .. N-1 all exist."""
+    world = len(chunks)
+    num_shards = max(((n - 1) * world + r + 1 for r, n in enumerate(chunks) if n), default=0)
+    for j in range(num_shards) if write else ():
+        c, r = divmod(j, world)
+        path = shard_path(output, j)
+        if c >= chunks[r] and not shard_is_complete(path, [], feature_hash_):
+            write_shard(path, [], {"input_keys": [], "skipped": [], "feature_hash": feature_hash_, "fields": {},
+                                   "t5_length_sum": 0, "t5_length_max": 0})  # fmt: skip
+    return num_shards
+
+
+def _start_output(output: Path, settings: dict[str, Any], accelerator: Any, args: BuildCacheArgs) -> None:
     """Refuse an output built with other settings (on every rank), then record ours and drop the old manifest."""
     check_build_lock(output, settings)
+    _check_stream_layout(output, args, accelerator.num_processes)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (output / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         write_json_atomic(output / BUILD_LOCK, settings)
+        if args.streaming:
+            write_json_atomic(output / STREAM_LOCK, {"world_size": accelerator.num_processes})
         for stale in (MANIFEST_NAME, REPORT_NAME, REPORT_TEXT_NAME):  # rewritten at the end; absent = not finished
             (output / stale).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -366,8 +440,8 @@ def run_build(args: BuildCacheArgs) -> Manifest | None:
 
 def _build(args: BuildCacheArgs, accelerator: Any, zoo: Any, settings: dict[str, Any], output: Path) -> Manifest | None:
     rank, world = accelerator.process_index, accelerator.num_processes
-    _start_output(output, settings, accelerator)
-    items, total = list_inputs(args)
+    _start_output(output, settings, accelerator, args)
+    items, total = list_inputs(args, rank, world)
     bar = tqdm(
         total=_owned_inputs(total, args.shard_size, rank, world),
         unit="sample",
@@ -377,6 +451,11 @@ def _build(args: BuildCacheArgs, accelerator: Any, zoo: Any, settings: dict[str,
     with CacheBuilder(args, zoo, settings, bar) as builder:
         num_shards = _build_shards(args, builder, items, rank, world)
     bar.close()
+    if args.streaming:
+        from accelerate.utils import gather_object
+
+        chunks = gather_object([num_shards])  # every process's chunk count, in rank order
+        num_shards = _fill_stream_gaps(output, chunks, feature_hash(settings), accelerator.is_main_process)
     if num_shards == 0:
         raise BuildError(f"no inputs found in {args.images or args.dataset or args.wds}")
     accelerator.wait_for_everyone()

@@ -395,6 +395,8 @@ class DatasetCache:
             lune=self.lune is not None,
             sol=self.sol is not None,
             t_buckets=self.t_buckets if self.t_buckets is not None else T_BUCKETS,
+            text_regime=self.settings.get("text_regime", "masked"),
+            latent_shift=self.settings.get("latent_shift", True),
         )
 
     def to_shards(self, cache_dir: str | Path, shard_size: int = 1000) -> Manifest:

@@ -1,14 +1,19 @@
 """The inputs of a cache build: listing them in shard order, loading and preparing them ahead of the models.
 
-Folders (sorted keys), `datasets` datasets (row order) and webdataset tars (tar order) become InputItems, whose load()
-gives (image, caption) or raises SkippedInput with the reason the report lists. Loading runs in threads, a batch ahead
-of the models (load_ahead). The build itself: tinyflux.trainer.cache_build.
+Folders (sorted keys), `datasets` datasets (row order; with --streaming streamed and split by process) and webdataset
+tars (tar order; local, URLs, pipe: commands) become InputItems, whose load() gives (image, caption) or raises
+SkippedInput with the reason the report lists. Loading runs in threads, a batch ahead of the models (load_ahead). The
+build itself: tinyflux.trainer.cache_build.
 """
 
 from __future__ import annotations
 
+import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import count, islice
@@ -28,6 +33,7 @@ from tinyflux.trainer.cache_encode import (
     load_image,
     prepare_image,
 )
+from tinyflux.trainer.cache_source import RETRIED, is_remote, open_url, tar_samples
 
 if TYPE_CHECKING:
     from tinyflux.trainer.cache_build import BuildCacheArgs
@@ -156,6 +162,57 @@ def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
     return [InputItem(f"{i:0{width}d}", f"{args.dataset}[{i}]", partial(load, i=i)) for i in range(len(ds))]
 
 
+class StreamedRows:
+    """--dataset --streaming: the rows of process `rank` of `world`, streamed in order (nothing downloaded whole).
+
+    datasets.distributed.split_dataset_by_node gives each process its part: whole data files when their number is a
+    multiple of `world`, else every world-th row. Keys are `RRRRR_NNNNNNNNN` (rank, row in that part), so a process's
+    chunk c is shard c * world + rank. state_dict() is datasets' own resumable position in the part; a re-run that
+    loads the one saved after its last complete shard continues there (docs/CACHE_FORMAT.md, "Streamed inputs")."""
+
+    def __init__(self, args: BuildCacheArgs, rank: int, world: int):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        self.name, self.rank, self.world = args.dataset, rank, world
+        self.image_column, self.caption_column = args.image_column or "image", args.caption_column or "text"
+        try:
+            ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split, streaming=True)
+        except Exception as e:  # as in dataset_items: datasets raises many types
+            raise BuildError(
+                f"--dataset {args.dataset} --streaming: could not open it ({type(e).__name__}: {e}). Pass a Hub "
+                "dataset name or a data folder (parquet, json, image folders); for a gated or private Hub dataset "
+                "set HF_TOKEN"
+            ) from e
+        columns = list(ds.features or {})
+        missing = [c for c in (self.image_column, self.caption_column) if columns and c not in columns]
+        if missing:
+            raise BuildError(
+                f"--dataset {args.dataset} has no column(s) {missing}; its columns are {columns}: "
+                "pick them with --image_column / --caption_column"
+            )
+        if ds.features and isinstance(ds.features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))  # corrupt files are skipped, not fatal
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        self.start = 0  # the part's row the iteration starts at
+
+    def key(self, row: int) -> str:
+        return f"{self.rank:05d}_{row:09d}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ds.state_dict()
+
+    def resume(self, state: dict[str, Any], row: int) -> None:
+        """Start the next iteration at `row`, from datasets' state saved there (it skips whole files unread)."""
+        self.ds.load_state_dict(state)
+        self.start = row
+
+    def __iter__(self) -> Iterator[InputItem]:
+        for i, row in enumerate(self.ds, start=self.start):
+            load = partial(_load_row, [row], 0, image_column=self.image_column, caption_column=self.caption_column)
+            yield InputItem(self.key(i), f"{self.name}[rank {self.rank} of {self.world}, row {i}]", load)
+
+
 def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: str) -> tuple[Image.Image, str]:
     caption = check_caption(raw.get(caption_ext))
     data = next((raw[ext] for ext in image_exts if ext in raw), None)
@@ -164,31 +221,148 @@ def _load_tar_sample(raw: dict[str, Any], image_exts: list[str], caption_ext: st
     return load_image(data), caption
 
 
+def wds_urls(specs: Iterable[str]) -> list[str]:
+    """The tars of --wds, in order: each spec brace-expanded (`data/{000..099}.tar`, `https://host/{0..9}.tar`), and
+    a local folder (img2dataset's output: NNNNN.tar beside NNNNN.parquet and NNNNN_stats.json) as its sorted .tar
+    files."""
+    urls = []
+    for spec in specs:
+        if not is_remote(spec) and Path(spec).is_dir():
+            urls += sorted(str(p) for p in Path(spec).glob("*.tar"))
+        else:
+            urls += wds.shardlists.expand_urls(spec)
+    return urls
+
+
+def _not_downloaded(status: str, error: str | None) -> tuple[Image.Image, str]:
+    raise SkippedInput(MISSING_IMAGE, f"img2dataset: {status} ({error or 'no error message'})")
+
+
+def _img2dataset_index(tar: str) -> list[dict[str, Any]] | None:
+    """The rows of img2dataset's parquet beside a local tar (NNNNN.parquet: one row per URL, with its `status`), as
+    {"key", "status", "error_message"}; None when there is none (or it is another tool's)."""
+    parquet = Path(tar).with_suffix(".parquet")
+    if is_remote(tar) or not parquet.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    if not {"key", "status"} <= set(table.column_names):
+        return None
+    return table.select([c for c in ("key", "status", "error_message") if c in table.column_names]).to_pylist()
+
+
+def _img2dataset_failures(tar: str, rows: list[dict[str, Any]], found: set[str]) -> Iterator[InputItem]:
+    """The parquet rows of inputs that did not make it into the tar: inputs the report lists as missing_image with
+    img2dataset's reason."""
+    for row in rows:
+        key = sample_key(str(row["key"]))
+        if row["status"] != "success" and key not in found:
+            load = partial(_not_downloaded, str(row["status"]), row.get("error_message"))
+            yield InputItem(key, f"{Path(tar).with_suffix('.parquet')}:{row['key']}", load)
+
+
+def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one input tar, streamed (opening retried; see tinyflux.trainer.cache_source); a tar that
+    cannot be read is a BuildError naming it."""
+    stream = open_url(url)
+    try:
+        yield from tar_samples(url, stream)
+        stream.close()  # a pipe: command's exit status is checked here
+    except (tarfile.TarError, *RETRIED) as e:
+        why = f"{type(e).__name__}: {e.args[0] if e.args else e}"  # webdataset appends the stream's repr to args
+        try:
+            stream.close()
+        except RETRIED as failed:  # a pipe: command that failed: its exit status is the cause, the tar error follows
+            why = str(failed)
+        raise BuildError(
+            f"--wds {url}: reading stopped ({why}). Re-run the same command: the complete shards are kept"
+        ) from e
+    finally:
+        with suppress(Exception):  # left early: the status of a command cut off says nothing
+            stream.close()
+
+
+def _tar_inputs(url: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]) -> Iterator[InputItem]:
+    """The samples of one input tar in tar order, then (beside a local tar) the inputs img2dataset could not
+    download, from its parquet."""
+    found = set()
+    for raw in _tar_samples(url):
+        found.add(sample_key(raw["__key__"]))
+        yield InputItem(sample_key(raw["__key__"]), f"{url}:{raw['__key__']}", partial(load, raw))
+    yield from _img2dataset_failures(url, _img2dataset_index(url) or [], found)
+
+
+class _TarCache:
+    """Whole input tars by URL, the last two read (a shard's inputs span at most two when shards are smaller than
+    tars): an input listed from img2dataset's parquet is loaded from its tar, which is read once, when first needed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tars: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
+
+    def sample(self, url: str, key: str) -> dict[str, Any]:
+        with self.lock:  # the loader threads of one batch wait for the one that reads the tar
+            if url not in self.tars:
+                self.tars[url] = {sample_key(raw["__key__"]): raw for raw in _tar_samples(url)}
+                while len(self.tars) > 2:
+                    self.tars.popitem(last=False)
+            samples = self.tars[url]
+        if key not in samples:
+            raise SkippedInput(MISSING_IMAGE, f"not in {url}, although img2dataset's parquet says it downloaded it")
+        return samples[key]
+
+
+def _load_indexed(
+    tars: _TarCache, url: str, key: str, load: Callable[[dict[str, Any]], tuple[Image.Image, str]]
+) -> tuple[Image.Image, str]:
+    return load(tars.sample(url, key))
+
+
 def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
-    """Samples of webdataset tars in tar order, streamed (each process reads them all, decodes only its own)."""
-    urls = [url for spec in args.wds for url in wds.shardlists.expand_urls(spec)]
+    """Samples of webdataset tars (local, http(s)://, pipe:, s3:// / gs:// through fsspec) in tar order, streamed:
+    each process reads them all and decodes only its own shards' images.
+
+    When every tar is local with img2dataset's parquet beside it, the inputs are listed from the parquets instead (the
+    successes in the parquet's order, which is img2dataset's tar order, then the failures): a process then reads only
+    the tars that hold inputs of the shards it builds, and a re-run none of a complete shard's."""
     image_exts = (args.image_column or "jpg;jpeg;png;webp").split(";")
     caption_ext = args.caption_column or "txt"
     load = partial(_load_tar_sample, image_exts=image_exts, caption_ext=caption_ext)
-    for raw in wds.tarfile_samples([{"url": url} for url in urls]):
-        yield InputItem(sample_key(raw["__key__"]), f"{raw['__url__']}:{raw['__key__']}", partial(load, raw))
+    urls = wds_urls(args.wds or ())
+    indexes = [_img2dataset_index(url) for url in urls]
+    if not urls or any(rows is None for rows in indexes):
+        for url in urls:
+            yield from _tar_inputs(url, load)
+        return
+    tars = _TarCache()
+    for url, rows in zip(urls, indexes, strict=True):
+        for row in rows:
+            if row["status"] == "success":
+                key = sample_key(str(row["key"]))
+                yield InputItem(key, f"{url}:{row['key']}", partial(_load_indexed, tars, url, key, load))
+        yield from _img2dataset_failures(url, rows, set())
 
 
-def list_inputs(args: BuildCacheArgs) -> tuple[Iterable[InputItem], int | None]:
-    """The inputs in shard order, and how many there are when known without reading them all."""
+def list_inputs(args: BuildCacheArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
+    """The inputs in shard order, and how many there are when known without reading them all. With --streaming,
+    process `rank` of `world`'s own part of the dataset (StreamedRows)."""
     if args.images:
         items = folder_items(args.images, follow_symlinks=args.follow_symlinks)
         return items, len(items)
+    if args.dataset and args.streaming:
+        return StreamedRows(args, rank, world), None
     if args.dataset:
         items = dataset_items(args)
         return items, len(items)
     return wds_items(args), None
 
 
-def shard_chunks(items: Iterable[InputItem], size: int) -> Iterator[tuple[int, list[InputItem]]]:
-    """(j, the inputs of shard j) in order, reading a streamed input list one shard at a time."""
+def shard_chunks(items: Iterable[InputItem], size: int, first: int = 0) -> Iterator[tuple[int, list[InputItem]]]:
+    """(j, the inputs of shard j) in order from j = first (`items` starting at that chunk), reading a streamed input
+    list one shard at a time."""
     it = iter(items)
-    for j in count():
+    for j in count(first):
         chunk = list(islice(it, size))
         if not chunk:
             return

@@ -22,7 +22,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -41,10 +41,8 @@ from tinyflux.trainer.cache_format import (
     Manifest,
     check_compatible,
     decode_sample,
-    load_manifest,
-    repair_hint,
-    verify_shard,
 )
+from tinyflux.trainer.cache_source import CacheLocation, ReadAhead
 from tinyflux.trainer.runtime import WorkerInit, stop_signals_blocked
 from tinyflux.util.dtypes import parse_dtype
 
@@ -115,26 +113,24 @@ def _rng(*words: int) -> np.random.Generator:
 
 @dataclass
 class _Source:
-    """One cache directory as the stream sees it."""
+    """One cache (a directory, a URL prefix or a pipe: template) as the stream sees it."""
 
     cache_dir: str
     manifest: Manifest
     paths: list[str]
     counts: list[int]
     offsets: list[int]  # index of each shard's first sample in manifest order (the sample's "index")
+    location: CacheLocation
 
     @classmethod
-    def open(cls, cache_dir: str | Path) -> _Source:
-        manifest = load_manifest(cache_dir)
-        paths = [str(Path(cache_dir) / s["name"]) for s in manifest.shards]
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise CacheFormatError(f"{cache_dir}: {len(missing)} shard(s) in the manifest are missing: {missing[:3]}")
-        for path, entry in zip(paths, manifest.shards, strict=True):  # sizes now (a stat each); hashes as read
-            verify_shard(path, entry, cache_dir, hash_bytes=False)
+    def open(cls, cache_dir: str | Path | CacheLocation) -> _Source:
+        location = CacheLocation.of(cache_dir)
+        manifest = location.manifest()
+        location.check_shards(manifest)  # local: existence and sizes now (a stat each); hashes as read
+        paths = [location.url(s["name"]) for s in manifest.shards]
         counts = [int(s["count"]) for s in manifest.shards]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-        return cls(str(cache_dir), manifest, paths, counts, offsets)
+        return cls(location.root, manifest, paths, counts, offsets, location)
 
     @property
     def fingerprint(self) -> str:
@@ -212,7 +208,7 @@ class StreamingCacheDataset(IterableDataset):
 
     def __init__(
         self,
-        sources: str | Path | Sequence[str | Path],
+        sources: str | Path | CacheLocation | Sequence[str | Path | CacheLocation],
         weights: Sequence[float] | None = None,
         batch_size: int = 8,
         shuffle_buffer: int = 1000,
@@ -228,7 +224,7 @@ class StreamingCacheDataset(IterableDataset):
         verify_shards: bool = True,
         held_out: Sequence[Sequence[int]] | None = None,
     ):
-        dirs = [sources] if isinstance(sources, (str, Path)) else list(sources)
+        dirs = [sources] if isinstance(sources, (str, Path, CacheLocation)) else list(sources)
         if not dirs:
             raise ValueError("no cache directories given")
         weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
@@ -253,7 +249,7 @@ class StreamingCacheDataset(IterableDataset):
         # pass's workers, so each shard is hashed once per run, not once per epoch (workers restart every pass)
         self.verified: set[tuple[int, int]] = set()
         self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
-        self._hasher: ThreadPoolExecutor | None = None  # hashes the next shard while this one is read
+        self._hasher: ReadAhead | None = None  # fetches / hashes the next shard while this one is read
         self._hasher_pid = 0  # the process whose thread that is
         # Indices (manifest order) a validation split holds out of each cache: the layout below never streams them.
         self.held_out = [sorted(set(h)) for h in held_out] if held_out else [[] for _ in self.sources]
@@ -317,8 +313,8 @@ class StreamingCacheDataset(IterableDataset):
                 break
 
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
-            for k, lo, hi in self._verified_ahead(sid, spans):
-                samples = wds.tarfile_samples([{"url": src.paths[k]}])
+            for (k, lo, hi), data in self._verified_ahead(sid, spans):
+                samples = src.location.shard_samples(src.manifest.shards[k], data)
                 wanted = kept[k][lo:hi]  # positions inside the shard
                 members = wanted if isinstance(wanted, range) else set(wanted)
                 try:
@@ -327,39 +323,46 @@ class StreamingCacheDataset(IterableDataset):
                             yield src.offsets[k] + i, raw
                 except (tarfile.TarError, OSError) as e:  # unverified (verify_shards=False) and damaged
                     raise CacheFormatError(
-                        f"shard {src.paths[k]} cannot be read ({type(e).__name__}: {e}); {repair_hint(src.cache_dir)}"
+                        f"shard {src.paths[k]} cannot be read ({type(e).__name__}: {e}); {src.location.repair()}"
                     ) from e
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
 
-    def _verified_ahead(self, sid: int, spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
-        """The spans, each once its shard matches its manifest sha256 (first open in the run only). The next shard is
-        hashed in a thread while this one is parsed (hashlib releases the GIL), so on a machine with a spare core the
-        hash costs the reader little. Cost: bench/NOTES.md, 2026-12-05."""
+    def _verified_ahead(
+        self, sid: int, spans: list[tuple[int, int, int]]
+    ) -> Iterator[tuple[tuple[int, int, int], bytes | None]]:
+        """The spans, each with its shard readied by CacheLocation.fetch_shard: a local shard once it matches its
+        manifest sha256 (first open in the run only), a remote one fetched and checked (its sha256 on the first open
+        in the run too, its size on every open). The next shard is hashed or fetched in a thread while this one is
+        parsed (hashlib and sockets release the GIL), so on a machine with a spare core this costs the reader little.
+        Cost: bench/NOTES.md, 2026-12-05 and 2026-12-06."""
         src = self.sources[sid]
         pending: dict[int, Future] = {}
 
         def start(k: int) -> None:
-            if self.verify_shards and (sid, k) not in self.verified and k not in pending:
+            verify = self.verify_shards and (sid, k) not in self.verified  # later fetches of a remote one: size only
+            if (verify or src.location.remote) and k not in pending:
                 if self._hasher is None or self._hasher_pid != os.getpid():  # a forked worker inherits no threads
-                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tinyflux-shard-hash")
+                    self._hasher = ReadAhead()
                     self._hasher_pid = os.getpid()
-                pending[k] = self._hasher.submit(verify_shard, src.paths[k], src.manifest.shards[k], src.cache_dir)
+                pending[k] = self._hasher.submit(src.location.fetch_shard, src.manifest.shards[k], verify)
 
         for i, span in enumerate(spans):
             k = span[0]
             start(k)
             if i + 1 < len(spans):
                 start(spans[i + 1][0])
+            data = None
             if k in pending:
-                pending.pop(k).result()  # raises the shard's CacheFormatError here, before any of its samples
-                self.verified.add((sid, k))
-                self._newly_verified.append((sid, k))
-            yield span
+                data = pending.pop(k).result()  # raises the shard's CacheFormatError here, before any of its samples
+                if self.verify_shards and (sid, k) not in self.verified:
+                    self.verified.add((sid, k))
+                    self._newly_verified.append((sid, k))
+            yield span, data
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_hasher": None}  # a thread pool does not pickle into DataLoader workers
+        return {**self.__dict__, "_hasher": None}  # a thread does not pickle into DataLoader workers
 
     def _decode(self, sid: int, index: int, raw: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -367,7 +370,7 @@ class StreamingCacheDataset(IterableDataset):
         except Exception as e:  # missing members, safetensors, JSON or UTF-8 errors of a damaged, unverified shard
             why = str(e) if isinstance(e, CacheFormatError) else f"{type(e).__name__}: {e}"
             raise CacheFormatError(
-                f"shard {raw.get('__url__')} cannot be decoded ({why}); {repair_hint(self.sources[sid].cache_dir)}"
+                f"shard {raw.get('__url__')} cannot be decoded ({why}); {self.sources[sid].location.repair()}"
             ) from e
         sample.pop("meta")
         sample.update(index=index, dataset_id=sid, t_buckets=torch.tensor(self.sources[sid].manifest.t_buckets))
@@ -519,7 +522,7 @@ class StreamingLoader:
 
 
 def make_stream_loader(
-    cache_dirs: str | Path | Sequence[str | Path],
+    cache_dirs: str | Path | CacheLocation | Sequence[str | Path | CacheLocation],
     weights: Sequence[float] | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
@@ -571,7 +574,7 @@ def build_loader(
     script, trainer = args.script, args.trainer
     # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
     # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
-    stored = {load_manifest(d).storage_dtype for d in script.cache}
+    stored = {CacheLocation.of(d).manifest().storage_dtype for d in script.cache}
     return make_stream_loader(
         script.cache,
         script.cache_weights or None,

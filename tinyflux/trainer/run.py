@@ -27,6 +27,7 @@ from tinyflux.trainer import data
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
+from tinyflux.trainer.cache_source import is_remote
 from tinyflux.trainer.config import TrainerConfigError
 from tinyflux.trainer.folder import prepare_folder_cache
 from tinyflux.trainer.lora import ADAPTER_NAME
@@ -103,8 +104,14 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
     if not caches:
         raise ArgsError("no training data: pass --cache DIR [DIR ...] (directories written by build_cache.py)")
     for cache_dir in caches:
-        if not Path(cache_dir).is_dir():
-            raise ArgsError(f"--cache {cache_dir}: not a directory; pass a cache directory written by build_cache.py")
+        if is_remote(cache_dir):
+            if args.script.in_memory:
+                raise ArgsError(f"--cache {cache_dir}: --in_memory loads local caches; stream a remote one (drop it)")
+        elif not Path(cache_dir).is_dir():
+            raise ArgsError(
+                f"--cache {cache_dir}: not a directory; pass a cache directory written by build_cache.py, or its URL "
+                "(https://host/cache/, s3://bucket/cache/, 'pipe:COMMAND {name}')"
+            )
     if not args.script.in_memory:
         return data.build_loader(args, config, held_out)
     for cache_dir in caches:
