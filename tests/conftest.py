@@ -18,12 +18,17 @@ def one_thread():
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No process the suite started outlives it: a child still alive here (a launcher a failed test left, a loader
     worker that ignores SIGTERM) could keep the run from ending, so it is named and killed."""
+    import signal
+
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for each loader worker killed here
+    me = psutil.Process()
+    children = me.children(recursive=True)
     for child in children:
         try:
-            print(f"\nconftest: killing {child.pid} left running by the suite: {' '.join(child.cmdline())[:200]}")
+            if child.cmdline() != me.cmdline():  # forked loader workers of a not yet collected iterator go quietly
+                print(f"\nconftest: killing {child.pid} left running by the suite: {' '.join(child.cmdline())[:200]}")
             child.kill()
         except psutil.Error:
             pass
