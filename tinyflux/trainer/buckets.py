@@ -17,7 +17,9 @@ from typing import Any
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 
-PATCH = 2  # TinyFlux's patch size: a bucket's latent sides must be even
+# Sides in multiples of VAE 8 x a 2x2 patch (Flux's packing): every bucket fits any patch size up to 2 (the presets
+# use 1) and a latent grid of even sides, as diffusers' and kohya's buckets are.
+PATCH = 2
 BUCKET_MULTIPLE = VAE_DOWNSAMPLE * PATCH  # 16 px
 MAX_ASPECT = 2.0  # auto buckets range from 1:2 to 2:1
 
@@ -105,6 +107,34 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket
     """The bucket whose aspect ratio is nearest the image's in log ratio (the first of equals in list order)."""
     target = math.log(width / height)
     return min(buckets, key=lambda b: abs(b.log_aspect - target))
+
+
+def aspect_size(aspect: str, height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(height, width) in pixels of the aspect "W:H" (e.g. "3:2" landscape, "9:16" portrait) at about the area of
+    height x width, each side rounded to `multiple` (at least one); BucketError for a malformed aspect."""
+    try:
+        w_part, h_part = (float(v) for v in aspect.split(":"))
+        if w_part <= 0 or h_part <= 0:
+            raise ValueError
+    except ValueError:
+        raise BucketError(f"--aspect {aspect!r} is not W:H with two positive numbers (e.g. 3:2 or 9:16)") from None
+    ratio, area = w_part / h_part, height * width
+    return (
+        max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple),
+        max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple),
+    )
+
+
+def sample_shapes(shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The shapes a training grid shows of a run on buckets: the most square one, then the landscape and the portrait
+    ones nearest 3:2 and 2:3 (those there are), each (height, width) as given."""
+    square = min(shapes, key=lambda s: (abs(math.log(s[1] / s[0])), s))
+    out = [square]
+    for target, side in ((1.5, 1), (1 / 1.5, -1)):
+        candidates = [s for s in shapes if side * math.log(s[1] / s[0]) > 0]
+        if candidates:
+            out.append(min(candidates, key=lambda s: (abs(math.log(s[1] / s[0] / target)), s)))
+    return out
 
 
 def manifest_buckets(manifest: Any) -> list[dict[str, int]]:
