@@ -3,6 +3,7 @@ exact resume, and the streaming loader's refusal."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.bucket_loader import BucketLoader
+from tinyflux.trainer.cache_experts import DatasetCache
+from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.data import collate_fn
 from tinyflux.trainer.run import build_dataloader, main, run_training
 from tinyflux.util.predictions import flow_velocity, flow_x_t
@@ -121,7 +124,7 @@ def test_the_streaming_loader_refuses_buckets_with_one_line(mixed_cache: Path, t
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
-def test_collate_refuses_nothing_of_one_shape(mixed_cache: Path, tmp_path: Path) -> None:
+def test_samples_of_several_buckets_do_not_collate_into_one_batch(mixed_cache: Path, tmp_path: Path) -> None:
     args = parse_args(run_argv(mixed_cache, tmp_path, "--in_memory"))
     loader = build_dataloader(args, args.model_config)
     samples = [loader.dataset[i] for i in range(15)]
@@ -155,3 +158,20 @@ def test_the_training_grid_shows_square_landscape_and_portrait_and_sample_py_tak
     assert Image.open(sorted(out.glob("000_*.png"))[0]).size == (80, 56)  # 3:2 at about 64 x 64 pixels
     assert sample.cli([*argv[:-4], "--aspect", "wide", "--output", str(out)]) == 2
     assert "--aspect 'wide' is not W:H" in capsys.readouterr().err
+
+
+def test_a_held_out_split_of_a_bucket_cache_validates_bucket_by_bucket(mixed_cache: Path, tmp_path: Path) -> None:
+    argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--total_steps", "2", "--validation_fraction", "0.4")
+    trainer = run_training(parse_args([*argv, "--validation_every", "2"]))
+    assert trainer.progress.best_val_step == 2 and math.isfinite(trainer.progress.best_val_loss)
+    shapes = {tuple(s["latents"].shape[1:]) for s in trainer.validator.samples}
+    assert len(shapes) > 1 and len(trainer.validator.samples) == 6  # the held-out samples span buckets
+    trained = [trainer.dataloader.dataset[i]["index"] for i in range(len(trainer.dataloader.dataset))]
+    held = [s["index"] for s in trainer.validator.samples]
+    assert sorted(trained + held) == list(range(15))  # none of them is trained on
+
+
+def test_the_stacking_in_memory_cache_refuses_buckets_with_one_line(mixed_cache: Path) -> None:
+    with pytest.raises(CacheFormatError, match="aspect buckets") as e:
+        DatasetCache.from_shards(mixed_cache)
+    assert "\n" not in str(e.value)
