@@ -210,3 +210,24 @@ def test_old_caches_read_as_one_square_bucket_and_the_stream_refuses_buckets(
     with pytest.raises(BucketError, match="--in_memory") as e:
         make_stream_loader(bucket_cache, batch_size=2)
     assert "\n" not in str(e.value) and "336x192" in str(e.value)
+
+
+def test_every_auto_bucket_goes_through_the_teachers(tiny_zoo) -> None:
+    """The tiny UNets have SD1.5's block structure (3 stride-2 downsamplers, skip-connected up blocks): each auto
+    bucket's teacher grid at 256 and 512 px, odd sides included, goes through both with Sol's map at 8 x 8."""
+    from tinyflux.model.zoo_teachers import lune_from_context, sol_from_context
+
+    lune, sol = tiny_zoo.load_lune(), tiny_zoo.load_sol()
+    side = sol.config.sample_size
+    context = tiny_zoo.encode_clip_context(["a cat"])
+    grids = {b.teacher_grid(r, side) for r in (256, 512) for b in auto_buckets(r)}
+    assert any(h % 2 for h, _ in grids) and len(grids) > 10
+    t = torch.tensor([0.5])
+    for grid in sorted(grids):
+        stats, spatial = sol_from_context(sol, context, t, [0], torch.float32, 1, 8, grid)
+        assert stats.shape == (1, 4) and spatial.shape == (1, 8, 8) and torch.isfinite(stats).all(), grid
+        assert spatial.sum().item() == pytest.approx(1.0, abs=1e-4)
+        assert lune_from_context(lune, context, t, [0], torch.float32, 1, grid).shape == (
+            1,
+            lune.config.block_out_channels[-1],
+        )
