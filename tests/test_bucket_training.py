@@ -4,6 +4,8 @@ exact resume, and the streaming loader's refusal."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,11 @@ import torch
 from PIL import Image
 
 from build_cache import main as build_cache_main
-from tests.test_train_script import assert_same_weights, run_argv
+from tests.test_train_script import CPU_2PROC, ROOT, SUBPROCESS_ENV, assert_same_weights, run_argv
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.bucket_loader import BucketLoader
+from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.data import collate_fn
@@ -175,3 +177,29 @@ def test_the_stacking_in_memory_cache_refuses_buckets_with_one_line(mixed_cache:
     with pytest.raises(CacheFormatError, match="aspect buckets") as e:
         DatasetCache.from_shards(mixed_cache)
     assert "\n" not in str(e.value)
+
+
+def test_ranks_split_an_epochs_batches_and_together_see_every_sample() -> None:
+    shapes = [(8, 8)] * 7 + [(6, 10)] * 5 + [(10, 6)] * 2
+    sizes = {(8, 8): 3, (6, 10): 2, (10, 6): 2}
+    ranks = [BucketBatchSampler(shapes, sizes, seed=1, rank=r, world_size=2) for r in range(2)]
+    mine = [r.batches(4) for r in ranks]
+    assert len(mine[0]) == len(mine[1]) == len(ranks[0]) == 4  # 3 + 3 + 1 batches: 7, padded to 8
+    seen = {i for part in mine for b in part for i in b}
+    assert seen == set(range(14)) and all(len({shapes[i] for i in b}) == 1 for part in mine for b in part)
+    assert mine == [r.batches(4) for r in ranks] and mine != [r.batches(5) for r in ranks]
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> None:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--bucket_batch", "tokens", "--total_steps", "4")
+    result = subprocess.run(
+        [*launch, str(ROOT / "train_tinyflux.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").is_file()

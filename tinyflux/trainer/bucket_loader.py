@@ -20,7 +20,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from tinyflux.trainer.buckets import BucketError
-from tinyflux.trainer.cache_format import decode_sample, load_manifest, shard_paths
+from tinyflux.trainer.cache_format import CacheFormatError, decode_sample, load_manifest, shard_paths
 from tinyflux.trainer.runtime import WorkerInit
 
 BUCKET_BATCH = ("samples", "tokens")  # --bucket_batch: every bucket batch_size samples, or about equal image tokens
@@ -34,12 +34,18 @@ class BucketSamples(Dataset):
     def __init__(self, cache_dir: str | Path, dataset_id: int = 0):
         manifest = load_manifest(cache_dir)
         t_buckets = torch.tensor(manifest.t_buckets)
-        urls = [str(p) for p in shard_paths(cache_dir, manifest)]
+        # every process reads every shard (the sampler splits the batches): the plain tar reader, not WebDataset's
+        # pipeline, which splits shards by node
+        urls = [{"url": str(p)} for p in shard_paths(cache_dir, manifest)]
         self.samples = []
-        for index, raw in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
+        for index, raw in enumerate(wds.tarfile_samples(urls)):
             sample = decode_sample(raw)
             del sample["meta"]
             self.samples.append({**sample, "index": index, "dataset_id": dataset_id, "t_buckets": t_buckets})
+        if len(self.samples) != manifest.num_samples:
+            raise CacheFormatError(
+                f"{cache_dir}: the shards hold {len(self.samples)} samples, the manifest {manifest.num_samples}"
+            )
         self.shapes = [tuple(s["latents"].shape[1:]) for s in self.samples]
         self.resolution = manifest.resolution
 
