@@ -3,6 +3,9 @@
     python sample.py --model checkpoints/final --prompt "a cat on a sofa" "a red car" --num_steps 28 \
         --guidance_scale 5.0 --seed 0 --height 512 --width 512 --output samples/
 
+`--aspect W:H` asks for that shape at about the area of --height x --width: `--aspect 3:2` at the default 512 x 512 gives
+416 x 624 (height x width), `--aspect 9:16` 680 x 384, sides rounded to 8 x the patch size.
+
 --model takes anything tinyflux.model.loader.load_model takes (a .safetensors file, a directory with config.json, a Hub
 id "user/repo[:subfolder]"); `--lora DIR [DIR ...] --lora_scale S [S ...]` adds LoRA adapters (peft's format) on top
 of it (docs/LORA.md). Only the text encoders and the VAE are loaded, never the teachers. Prints the paths it writes.
@@ -26,6 +29,7 @@ from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.zoo import ModelZoo, ZooError
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer import sampling
+from tinyflux.trainer.buckets import BucketError, aspect_size
 from tinyflux.trainer.checkpoint import TRAINER_CONFIG
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.lora import parse_adapters
@@ -61,6 +65,13 @@ class SampleArgs:
     )
     width: int = field(
         default=sampling.DEFAULT_LATENT_SIZE * VAE_DOWNSAMPLE, metadata={"help": "image width in PIXELS"}
+    )
+    aspect: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "W:H shape (3:2 landscape, 9:16 portrait) at about the area of --height x --width, sides "
+            "rounded to a multiple of 8 x the patch size"
+        },
     )
     output: str = field(default="samples", metadata={"help": "directory for the grid and the single images"})
     batch_size: int | None = field(default=None, metadata={"help": "prompts per forward pass (default: all)"})
@@ -144,8 +155,14 @@ def main(args: SampleArgs) -> list[str]:
     device, dtype = resolve_device(args)
     config = load_config(args.config) if args.config else None
     model = load_model(args.model, config=config, device=device, dtype=dtype)
-    height = latent_size(args.height, "height", model.config.patch_size)
-    width = latent_size(args.width, "width", model.config.patch_size)
+    pixels = (args.height, args.width)
+    if args.aspect is not None:
+        try:
+            pixels = aspect_size(args.aspect, *pixels, VAE_DOWNSAMPLE * model.config.patch_size)
+        except BucketError as e:
+            raise UsageError(str(e)) from None
+    height = latent_size(pixels[0], "height", model.config.patch_size)
+    width = latent_size(pixels[1], "width", model.config.patch_size)
     ema = None
     if args.ema:
         if not Path(args.ema).is_file():

@@ -1,8 +1,8 @@
 """What the Sol teacher measures: four statistics and a spatial map of one self-attention layer.
 
-Pure functions of head-averaged self-attention probabilities `probs` (B, N, N) over a square grid of side s (N = s*s,
-queries and keys flattened row-major, index = y * s + x, as diffusers flattens (B, C, H, W) feature maps). Rows are
-probability distributions. The exact formulas and their known answers are in docs/EXPERT_CACHE.md; the tests check them.
+Pure functions of head-averaged self-attention probabilities `probs` (B, N, N) over a grid of side s, an int for a
+square grid (N = s*s) or (h, w) for an aspect bucket's (N = h*w), queries and keys flattened row-major (index =
+y * w + x, as diffusers flattens (B, C, H, W) feature maps). Rows are probability distributions. The exact formulas and their known answers are in docs/EXPERT_CACHE.md; the tests check them.
 
 The four statistics (order of `SOL_STAT_NAMES`), each in [0, 1]:
 - locality:   1 - E[grid distance query -> key] / max grid distance
@@ -21,64 +21,75 @@ import torch.nn.functional as F
 from einops import rearrange
 
 SOL_STAT_NAMES: tuple[str, ...] = ("locality", "entropy", "clustering", "sparsity")
+Grid = int | tuple[int, int]  # a square grid's side, or (height, width)
 
 
-def check_attention(probs: torch.Tensor, side: int) -> None:
-    """Raise ValueError unless probs is (B, N, N) self-attention over a side x side grid with side >= 2."""
+def grid_hw(side: Grid) -> tuple[int, int]:
+    """(height, width) of a grid given by its side (square) or as (height, width)."""
+    return (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+
+
+def check_attention(probs: torch.Tensor, side: Grid) -> None:
+    """Raise ValueError unless probs is (B, N, N) self-attention over an h x w grid with both sides >= 2."""
     if probs.ndim != 3 or probs.shape[1] != probs.shape[2]:
         raise ValueError(f"self-attention probabilities must be (B, N, N), got shape {tuple(probs.shape)}")
-    if side < 2 or probs.shape[-1] != side * side:
+    h, w = grid_hw(side)
+    if min(h, w) < 2 or probs.shape[-1] != h * w:
         raise ValueError(
-            f"attention over N={probs.shape[-1]} tokens does not fit a {side}x{side} grid; the statistics need a square "
-            "grid of side >= 2"
+            f"attention over N={probs.shape[-1]} tokens does not fit a {h}x{w} grid; the statistics need a grid "
+            "with side >= 2 (both sides of an h x w grid)"
         )
 
 
-def grid_distances(side: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Euclidean distances between the cells of a side x side grid, (N, N), row-major flattening (shared: read only)."""
-    return _grid_distances(side, str(torch.device(device or "cpu")))
+def grid_distances(side: Grid, device: torch.device | str | None = None) -> torch.Tensor:
+    """Euclidean distances between the cells of a grid, (N, N), row-major flattening (shared: read only)."""
+    return _grid_distances(grid_hw(side), str(torch.device(device or "cpu")))
 
 
 @lru_cache(maxsize=16)
-def _grid_distances(side: int, device: str) -> torch.Tensor:
+def _grid_distances(hw: tuple[int, int], device: str) -> torch.Tensor:
     # Cached: the Sol recorder asks for the same few grids in every layer of every batch (64 MB at SD1.5's 64x64).
-    ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(hw[0], device=device), torch.arange(hw[1], device=device), indexing="ij")
     coords = rearrange(torch.stack([ys, xs], dim=-1), "y x c -> (y x) c").float()  # (N, 2)
     # The matmul path of cdist loses precision (non-zero self-distances); the direct path is exact on integer grids.
     return torch.cdist(coords, coords, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def attention_locality(probs: torch.Tensor, side: int) -> torch.Tensor:
-    """1 - mean over queries of the expected query-key grid distance / the grid diagonal (s-1)*sqrt(2); (B,)."""
+def attention_locality(probs: torch.Tensor, side: Grid) -> torch.Tensor:
+    """1 - mean over queries of the expected query-key grid distance / the grid diagonal, (s-1)*sqrt(2) on a square
+    and sqrt((h-1)^2 + (w-1)^2) on an h x w grid; (B,)."""
     check_attention(probs, side)
     dist = grid_distances(side, probs.device)  # (N, N)
     expected = torch.einsum("bqk,qk->bq", probs, dist)  # (B, N)
-    return (1.0 - expected.mean(dim=1) / ((side - 1) * math.sqrt(2.0))).clamp(0.0, 1.0)
+    h, w = grid_hw(side)
+    diagonal = (h - 1) * math.sqrt(2.0) if h == w else math.hypot(h - 1, w - 1)
+    return (1.0 - expected.mean(dim=1) / diagonal).clamp(0.0, 1.0)
 
 
-def attention_entropy(probs: torch.Tensor, side: int) -> torch.Tensor:
+def attention_entropy(probs: torch.Tensor, side: Grid) -> torch.Tensor:
     """Mean over queries of the row's Shannon entropy, divided by its maximum log N; (B,)."""
     check_attention(probs, side)
     row_entropy = torch.special.entr(probs).sum(dim=-1)  # (B, N); entr(0) = 0
     return (row_entropy.mean(dim=1) / math.log(probs.shape[-1])).clamp(0.0, 1.0)
 
 
-def attention_clustering(probs: torch.Tensor, side: int) -> torch.Tensor:
-    """Mean over the 2*s*(s-1) pairs of 4-neighbouring queries of sum_k min(p_q[k], p_q'[k]); (B,).
+def attention_clustering(probs: torch.Tensor, side: Grid) -> torch.Tensor:
+    """Mean over the 2*s*(s-1) (h*(w-1) + w*(h-1)) pairs of 4-neighbouring queries of sum_k min(p_q[k], p_q'[k]); (B,).
 
     1 when neighbouring queries attend alike (the image falls into regions that look at the same keys), 0 when their
     attention is disjoint. Unlike entropy it separates one shared focus (all queries on one key: 1) from each query
     looking at itself (0), although both rows are equally peaked.
     """
     check_attention(probs, side)
-    grid = rearrange(probs, "b (y x) k -> b y x k", y=side)  # (B, s, s, N)
+    h, w = grid_hw(side)
+    grid = rearrange(probs, "b (y x) k -> b y x k", y=h)  # (B, h, w, N)
     horizontal = torch.minimum(grid[:, :, :-1], grid[:, :, 1:]).sum(dim=-1)  # (B, s, s-1)
     vertical = torch.minimum(grid[:, :-1], grid[:, 1:]).sum(dim=-1)  # (B, s-1, s)
     overlap = horizontal.sum(dim=(1, 2)) + vertical.sum(dim=(1, 2))
-    return (overlap / (2 * side * (side - 1))).clamp(0.0, 1.0)
+    return (overlap / (h * (w - 1) + w * (h - 1))).clamp(0.0, 1.0)
 
 
-def attention_sparsity(probs: torch.Tensor, side: int) -> torch.Tensor:
+def attention_sparsity(probs: torch.Tensor, side: Grid) -> torch.Tensor:
     """Mean over queries of the Hoyer sparsity (sqrt(N) - |p|_1 / |p|_2) / (sqrt(N) - 1) of the row; (B,).
 
     0 for a uniform row, 1 for a one-hot row. It weighs the largest entries (an L2 measure), where entropy weighs all.
@@ -89,22 +100,25 @@ def attention_sparsity(probs: torch.Tensor, side: int) -> torch.Tensor:
     return ((root_n - ratio) / (root_n - 1.0)).mean(dim=1).clamp(0.0, 1.0)
 
 
-def attention_stats(probs: torch.Tensor, side: int) -> torch.Tensor:
+def attention_stats(probs: torch.Tensor, side: Grid) -> torch.Tensor:
     """The four statistics of one layer in `SOL_STAT_NAMES` order, (B, 4), computed in float32."""
     probs = probs.float()
     stats = (attention_locality, attention_entropy, attention_clustering, attention_sparsity)
     return torch.stack([stat(probs, side) for stat in stats], dim=-1)  # (B, 4)
 
 
-def attention_spatial_map(probs: torch.Tensor, side: int, size: int) -> torch.Tensor:
+def attention_spatial_map(probs: torch.Tensor, side: Grid, size: int) -> torch.Tensor:
     """Attention received per key, on a size x size grid summing to 1; (B, size, size).
 
     The column mean of probs (how much the average query looks at each key) is laid out on the layer's grid, then
-    area-averaged down to size x size, or bilinearly upsampled for grids smaller than that, and renormalised.
+    area-averaged down to size x size, or bilinearly resized when a side of the grid is smaller than that, and
+    renormalised. An h x w grid of an aspect bucket is squeezed to the square: cell (i, j) covers rows i*h/size ..
+    (i+1)*h/size and columns j*w/size .. (j+1)*w/size of the picture, whatever its aspect.
     """
     check_attention(probs, side)
-    received = rearrange(probs.float().mean(dim=1), "b (y x) -> b 1 y x", y=side)  # (B, 1, s, s)
-    if side >= size:
+    h, w = grid_hw(side)
+    received = rearrange(probs.float().mean(dim=1), "b (y x) -> b 1 y x", y=h)  # (B, 1, h, w)
+    if min(h, w) >= size:
         resized = F.adaptive_avg_pool2d(received, size)
     else:
         resized = F.interpolate(received, size=(size, size), mode="bilinear", align_corners=False)

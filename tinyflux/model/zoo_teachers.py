@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange
 
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.sol_stats import attention_spatial_map, attention_stats, combine_layers
+from tinyflux.model.sol_stats import attention_spatial_map, attention_stats, combine_layers, grid_hw
 from tinyflux.model.zoo_sources import ZooError
 
 
@@ -92,8 +92,9 @@ class SolAttentionRecorder:
         self.max_chunk_bytes = max_chunk_bytes  # attention probabilities held at once per layer (1 GiB; >= 1 sample)
         self.reset(spatial_size)
 
-    def reset(self, spatial_size: int) -> None:
-        self.spatial_size = spatial_size
+    def reset(self, spatial_size: int, grid: tuple[int, int] | None = None) -> None:
+        """Drop what was recorded; `grid`: the (height, width) of the noise about to go through (None: square)."""
+        self.spatial_size, self.grid = spatial_size, grid
         self.stats: list[torch.Tensor] = []
         self.maps: list[torch.Tensor] = []
 
@@ -137,7 +138,7 @@ class SolAttentionRecorder:
             probs = attn.get_attention_scores(query[rows], key[rows], mask)  # (c*heads, N, N)
             out[rows] = torch.bmm(probs, value[rows])
             head_mean = rearrange(probs, "(c h) q k -> c h q k", h=attn.heads).mean(dim=1, dtype=torch.float32)
-            measured = self._measure(head_mean)  # (c, N, N) -> (c, 4), (c, S, S)
+            measured = self._measure(head_mean, self._layer_grid(tokens))  # (c, N, N) -> (c, 4), (c, S, S)
             if measured is not None:
                 stats.append(measured[0])
                 maps.append(measured[1])
@@ -153,14 +154,28 @@ class SolAttentionRecorder:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _measure(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(stats (B, 4), spatial (B, S, S)) of head-averaged probabilities (B, N, N); None for a 1x1 grid."""
-        side = math.isqrt(probs.shape[-1])
-        if side * side != probs.shape[-1]:
-            raise ZooError(f"Sol self-attention over {probs.shape[-1]} tokens is not a square grid")
-        if side < 2:
+    def _layer_grid(self, tokens: int) -> int | tuple[int, int]:
+        """The grid of a layer attending over `tokens`: a square side, or with reset(grid=(h, w)) the level of the
+        UNet's pyramid that has that many cells (each down block halves a side, rounding up as its stride-2 conv
+        does; levels only shrink, so the level is unique)."""
+        if self.grid is None:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ZooError(f"Sol self-attention over {tokens} tokens is not a square grid")
+            return side
+        h, w = self.grid
+        while h * w > tokens and (h, w) != (1, 1):
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w != tokens:
+            raise ZooError(f"Sol self-attention over {tokens} tokens is no level of the {self.grid} noise grid")
+        return h, w
+
+    def _measure(self, probs: torch.Tensor, grid: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(stats (B, 4), spatial (B, S, S)) of head-averaged probabilities (B, N, N) over `grid`; None when a side
+        of the grid is 1 (no spatial information)."""
+        if min(grid_hw(grid)) < 2:
             return None
-        return attention_stats(probs, side), attention_spatial_map(probs, side, self.spatial_size)
+        return attention_stats(probs, grid), attention_spatial_map(probs, grid, self.spatial_size)
 
 
 def install_sol_recorder(unet: UNet2DConditionModel) -> SolAttentionRecorder:
@@ -185,17 +200,24 @@ def sol_recorder(unet: UNet2DConditionModel) -> SolAttentionRecorder:
 
 
 def teacher_inputs(
-    unet: UNet2DConditionModel, context: torch.Tensor, t: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype
+    unet: UNet2DConditionModel,
+    context: torch.Tensor,
+    t: torch.Tensor,
+    seeds: Sequence[int],
+    dtype: torch.dtype,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise (B, C, S, S), noise level (B,), context (B, 77, D)) on the teacher's device for CLIP context (B, 77, D)
-    already computed, TinyFlux timesteps t (B,) and one seed per row: the teacher's whole input (docs/EXPERT_CACHE.md)."""
+    already computed, TinyFlux timesteps t (B,) and one seed per row: the teacher's whole input (docs/EXPERT_CACHE.md).
+    `grid` (h, w): noise of that size (an aspect bucket's, Bucket.teacher_grid) instead of the UNet's square."""
     if context.shape[-1] != unet.config.cross_attention_dim:
         raise ZooError(
             f"the CLIP context is {context.shape[-1]} wide but the teachers cross-attend over "
             f"{unet.config.cross_attention_dim}: load CLIP and teachers from the same zoo"
         )
     side, device = unet.config.sample_size, next(unet.parameters()).device
-    noise = seeded_noise(seeds, (unet.config.in_channels, side, side)).to(device, dtype)
+    h, w = grid or (side, side)
+    noise = seeded_noise(seeds, (unet.config.in_channels, h, w)).to(device, dtype)
     return noise, teacher_noise_level(t).to(device), context.to(device, dtype)
 
 
@@ -207,13 +229,15 @@ def lune_from_context(
     seeds: Sequence[int],
     dtype: torch.dtype,
     batch_size: int,
+    grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Lune features (B, C_mid) float32 on the CPU of rows given by their CLIP context (B, 77, D), t (B,) and seeds,
     `batch_size` rows per UNet call: ModelZoo.extract_lune without its CLIP pass."""
     out = []
     for start in range(0, len(seeds), batch_size):
         rows = slice(start, start + batch_size)
-        out.append(mid_block_features(unet, *teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype)).cpu())
+        inputs = teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype, grid)
+        out.append(mid_block_features(unet, *inputs).cpu())
     return torch.cat(out)
 
 
@@ -226,6 +250,7 @@ def sol_from_context(
     dtype: torch.dtype,
     batch_size: int,
     spatial_size: int,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sol stats (B, 4) and spatial maps (B, S, S), float32 on the CPU, of rows given as for lune_from_context:
     ModelZoo.extract_sol without its CLIP pass. The UNet must carry its recorder (ModelZoo.load_sol installs it)."""
@@ -233,8 +258,8 @@ def sol_from_context(
     stats, spatial = [], []
     for start in range(0, len(seeds), batch_size):
         rows = slice(start, start + batch_size)
-        recorder.reset(spatial_size)
-        unet(*teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype))
+        recorder.reset(spatial_size, grid)
+        unet(*teacher_inputs(unet, context[rows], t[rows], seeds[rows], dtype, grid))
         layer_stats, layer_maps = combine_layers(recorder.stats, recorder.maps)
         stats.append(layer_stats.cpu())
         spatial.append(layer_maps.cpu())

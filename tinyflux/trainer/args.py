@@ -42,6 +42,7 @@ class ScriptArgs:
     in_memory: bool = (
         False  # load the --cache sets into RAM: global shuffle, batches sharded by accelerate (no weights)
     )
+    bucket_batch: str = "samples"  # --in_memory on aspect buckets: batch_size per bucket, or "tokens" (equal tokens)
     zoo: Optional[str] = None  # encoders for sample grids: a zoo directory (make-tiny), or "hub" for the real models
     epochs: Optional[int] = None  # stop after this many epochs of the whole run; None = train until total_steps
     images: Optional[str] = None  # train from an image folder (same-stem .txt captions or a prompts.txt): cached first
@@ -322,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
     if any(w <= 0 for w in script.cache_weights):
         raise ArgsError(f"--cache_weights {script.cache_weights}: every weight must be > 0")
     _check_folder_and_validation(script)
+    if script.bucket_batch not in ("samples", "tokens"):
+        raise ArgsError(f"--bucket_batch {script.bucket_batch!r}: choose samples or tokens")
     if script.in_memory and script.cache_weights:
         raise ArgsError("--cache_weights mixes streamed caches; with --in_memory every sample is drawn once per epoch")
     return RunArgs(script=script, trainer=trainer, model_config=model_config, model_overrides=overrides)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tinyflux.errors import os_error_message
 from tinyflux.model.config import PRESETS, TEXT_REGIMES, TinyFluxConfig
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
+from tinyflux.trainer.buckets import Bucket, BucketError, parse_buckets
 from tinyflux.trainer.cache_encode import DUPLICATE_KEY, SkippedInput, encode_batch
 from tinyflux.trainer.cache_format import (
     MANIFEST_NAME,
@@ -97,6 +98,13 @@ class BuildCacheArgs:
         default=None, metadata={"help": "caption column (--dataset, default 'text') or extension (--wds, 'txt')"}
     )
     resolution: int = field(default=512, metadata={"help": "square side in pixels (multiple of 8)"})
+    buckets: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "aspect buckets: 'auto' (about resolution^2 pixels, sides multiples of 16, 1:2 to 2:1) or "
+            "'h,w;h,w;...' in pixels; each image goes to the bucket of nearest aspect (default: square crops)"
+        },
+    )
     min_size: Optional[int] = field(
         default=None, metadata={"help": "skip images whose shorter side is below this (default resolution / 2)"}
     )
@@ -157,6 +165,11 @@ class BuildCacheArgs:
             problems.append(
                 f"--resolution {self.resolution} must be a positive multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)"
             )
+        if self.buckets is not None and not problems:
+            try:
+                parse_buckets(self.buckets, self.resolution)
+            except BucketError as e:
+                problems.append(str(e))
         for name in ("batch_size", "shard_size", "num_loaders"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 1")
@@ -172,6 +185,11 @@ class BuildCacheArgs:
             problems.append(f"--device {self.device!r}: choose auto, cuda or cpu")
         if problems:
             raise BuildError("build_cache.py arguments:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def bucket_list(self) -> list[Bucket]:
+        """The --buckets buckets; empty without --buckets (square crops at --resolution)."""
+        return parse_buckets(self.buckets, self.resolution) if self.buckets is not None else []
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -200,6 +218,7 @@ class CacheBuilder:
         self.feature_hash = feature_hash(settings)
         self.storage_dtype = parse_dtype(settings["storage_dtype"])
         self.pool = ThreadPoolExecutor(args.num_loaders)
+        self.buckets = args.bucket_list
 
     def __enter__(self) -> CacheBuilder:
         return self
@@ -220,8 +239,8 @@ class CacheBuilder:
         """Encode a shard's usable inputs in batches and write it; returns its sidecar."""
         args = self.args
         positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
-        load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size)
-        samples, skipped, lengths, fields = [], [], [], {}
+        load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size, buckets=self.buckets)
+        samples, skipped, lengths, fields, bucket_counts = [], [], [], {}, {}
         for batch, results in load_ahead(self.pool, shard.items, args.batch_size, load):
             good = []
             for item, result in zip(batch, results, strict=True):
@@ -231,27 +250,28 @@ class CacheBuilder:
                     skipped.append(self._skip(item, result.reason, result.detail))
                 else:
                     good.append((item, *result))
-            if good:
-                out = encode_batch(
-                    self.zoo,
-                    [image for _, image, _ in good],
-                    [caption for _, _, caption in good],
-                    lune=self.settings["lune"],
-                    sol=self.settings["sol"],
-                    seed=self.settings["seed"],
-                    t_buckets=torch.tensor(self.settings["t_buckets"]),
-                    text_regime=self.settings.get("text_regime", "masked"),
-                    latent_shift=self.settings.get("latent_shift", True),
-                )
-                for b, (item, _, caption) in enumerate(good):
+            encoded = {}
+            # one model batch per image size: a batch of the square build is one group, as before buckets
+            for size in dict.fromkeys(image.size for _, image, _ in good):
+                group = [g for g in good if g[1].size == size]
+                out = self._encode([image for _, image, _ in group], [caption for _, _, caption in group], size)
+                for b, (item, _, caption) in enumerate(group):
                     n = int(out["t5_lengths"][b])
                     tensors = {k: v[b] for k, v in out.items() if k != "t5_lengths"}
                     tensors["t5_embeds"] = tensors["t5_embeds"][:n]  # (n, K, D): no padding on disk
                     tensors = {k: v.to(self.storage_dtype) for k, v in tensors.items()}
                     meta = {"input_index": positions[id(item)], "t5_length": n}
-                    samples.append(encode_sample(item.key, caption, tensors, meta))
+                    if self.buckets:
+                        meta |= {
+                            "latent_height": tensors["latents"].shape[1],
+                            "latent_width": tensors["latents"].shape[2],
+                        }
+                        name = f"{size[1]}x{size[0]}"
+                        bucket_counts[name] = bucket_counts.get(name, 0) + 1
+                    encoded[id(item)] = encode_sample(item.key, caption, tensors, meta)
                     lengths.append(n)
-                fields = fields_of(tensors)
+                fields = fields_of(tensors, bucketed=bool(self.buckets))
+            samples += [encoded[id(item)] for item, _, _ in good]  # input order, whatever the buckets
             self.bar.update(len(batch))
         sidecar = {
             "input_keys": [item.key for item in shard.items],
@@ -261,9 +281,30 @@ class CacheBuilder:
             "t5_length_sum": sum(lengths),
             "t5_length_max": max(lengths, default=0),
         }
+        if self.buckets:
+            sidecar["bucket_counts"] = bucket_counts
         if shard.stream_state is not None:
             sidecar["stream_state"] = shard.stream_state
         return write_shard(shard_path(args.output, shard.index), samples, sidecar)
+
+    def _encode(self, images: list[Any], captions: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """encode_batch of images of one `size` (w, h); an aspect bucket's teachers see noise of its teacher grid."""
+        grid = None
+        if self.buckets and (self.settings["lune"] or self.settings["sol"]):
+            unet = self.zoo.load_lune() if self.settings["lune"] else self.zoo.load_sol()
+            grid = Bucket(size[1], size[0]).teacher_grid(self.args.resolution, unet.config.sample_size)
+        return encode_batch(
+            self.zoo,
+            images,
+            captions,
+            lune=self.settings["lune"],
+            sol=self.settings["sol"],
+            seed=self.settings["seed"],
+            t_buckets=torch.tensor(self.settings["t_buckets"]),
+            text_regime=self.settings.get("text_regime", "masked"),
+            latent_shift=self.settings.get("latent_shift", True),
+            teacher_grid=grid,
+        )
 
 
 def _make_accelerator(args: BuildCacheArgs) -> Any:
@@ -300,6 +341,7 @@ def build_settings(args: BuildCacheArgs, zoo: Any, compute_dtype: torch.dtype) -
         sol=not args.no_sol,
         text_regime=args.regime,
         latent_shift=args.latent_shift if args.latent_shift is not None else preset.latent_shift,
+        buckets=[[b.height, b.width] for b in args.bucket_list],
     )
 
 
@@ -461,13 +503,16 @@ def _build(args: BuildCacheArgs, accelerator: Any, zoo: Any, settings: dict[str,
     accelerator.wait_for_everyone()
     manifest = None
     if accelerator.is_main_process:
-        manifest = _finish(output, num_shards, args.name or output.resolve().name, settings)
+        manifest = _finish(output, num_shards, args.name or output.resolve().name, settings, args.buckets)
     accelerator.wait_for_everyone()
     return manifest
 
 
-def _finish(output: Path, num_shards: int, name: str, settings: dict[str, Any]) -> Manifest | None:
-    """Rank 0, after every rank: manifest + report when all shards are complete, else say how to finish."""
+def _finish(
+    output: Path, num_shards: int, name: str, settings: dict[str, Any], buckets: str | None = None
+) -> Manifest | None:
+    """Rank 0, after every rank: manifest + report when all shards are complete, else say how to finish. A bucket
+    given by hand (`buckets`, not auto) that no image went to stops it before the manifest."""
     shards = [shard_path(output, j) for j in range(num_shards)]
     try:
         manifest = assemble_manifest(output, num_shards, name, settings)
@@ -482,6 +527,13 @@ def _finish(output: Path, num_shards: int, name: str, settings: dict[str, Any]) 
         if int(extra.stem.split("-")[1]) >= num_shards:
             extra.unlink()
             extra.with_suffix(".json").unlink(missing_ok=True)
+    empty = [f"{b['height']}x{b['width']}" for b in manifest.buckets if b["count"] == 0]
+    if empty and buckets != "auto":
+        write_report(output, shards)
+        raise BuildError(
+            f"--buckets {buckets}: no image went to bucket(s) {', '.join(empty)} (height x width); give only buckets "
+            "near your images' aspect ratios, or 'auto', with a new --output"
+        )
     write_manifest(output, manifest)
     write_report(output, shards)
     logger.info(

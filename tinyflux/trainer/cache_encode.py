@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
+from tinyflux.trainer.buckets import Bucket, nearest_bucket
 from tinyflux.trainer.cache_format import T_BUCKETS
 
 if TYPE_CHECKING:
@@ -117,6 +118,25 @@ def prepare_image(image: Image.Image, resolution: int, min_side: int | None = No
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def prepare_bucket_image(
+    image: Image.Image, buckets: Sequence[Bucket], resolution: int, min_side: int | None = None
+) -> tuple[Image.Image, Bucket]:
+    """(image, its bucket): as prepare_image, but resized (Lanczos) to cover the bucket of nearest aspect ratio
+    (tinyflux.trainer.buckets) and centre-cropped by what the rounding leaves over. TOO_SMALL as prepare_image."""
+    min_side = resolution // 2 if min_side is None else min_side
+    w, h = image.size
+    if min(w, h) < min_side:
+        raise SkippedInput(TOO_SMALL, f"{w}x{h}: shorter side < {min_side} (resolution {resolution} / 2)")
+    image = to_rgb8(ImageOps.exif_transpose(image))
+    w, h = image.size
+    bucket = nearest_bucket(w, h, buckets)
+    scale = max(bucket.width / w, bucket.height / h)
+    size = (max(bucket.width, round(w * scale)), max(bucket.height, round(h * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - bucket.width) // 2, (size[1] - bucket.height) // 2
+    return image.crop((left, top, left + bucket.width, top + bucket.height)), bucket
+
+
 def text_features(
     zoo: ModelZoo, prompts: Sequence[str], batch_size: int = 128, text_regime: str = "masked"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +171,11 @@ def lune_features(
     batch_timesteps: bool = False,
     *,
     context: torch.Tensor | None = None,
+    teacher_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Lune teacher features of every prompt at every bucket: (N, T, lune_dim) float32, as ModelZoo.extract_lune
-    defines them. `context` (N, 77, D): the prompts' teacher_context when the caller has it already.
+    defines them. `context` (N, 77, D): the prompts' teacher_context when the caller has it already; `teacher_grid`
+    (h, w): the noise grid of an aspect bucket (Bucket.teacher_grid), else the teacher's square.
 
     batch_timesteps=True runs all T buckets of a prompt batch in one teacher call (T times the activations).
     """
@@ -164,9 +186,12 @@ def lune_features(
     unet = zoo.load_lune()
     if batch_timesteps:
         rows, t = _every_bucket(context, t_buckets)
-        out = lune_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t)  # (T * N, D)
+        out = lune_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, teacher_grid)
         return rearrange(out, "(t n) d -> n t d", t=num_t)
-    per_t = [lune_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size) for t in t_buckets]
+    per_t = [
+        lune_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, teacher_grid)
+        for t in t_buckets
+    ]
     return torch.stack(per_t, dim=1)  # (N, T, D)
 
 
@@ -180,9 +205,10 @@ def sol_features(
     spatial_size: int = 8,
     *,
     context: torch.Tensor | None = None,
+    teacher_grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sol teacher features at every bucket, as ModelZoo.extract_sol defines them: stats (N, T, 4) and spatial
-    (N, T, S, S), float32. `context` as for lune_features."""
+    (N, T, S, S), float32, S x S for every teacher_grid. `context` and `teacher_grid` as for lune_features."""
     from tinyflux.model.zoo_teachers import sol_from_context
 
     context = teacher_context(zoo, prompts) if context is None else context
@@ -190,11 +216,14 @@ def sol_features(
     unet = zoo.load_sol()
     if batch_timesteps:
         rows, t = _every_bucket(context, t_buckets)
-        stats, spatial = sol_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, spatial_size)
+        stats, spatial = sol_from_context(
+            unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, spatial_size, teacher_grid
+        )
         stats = rearrange(stats, "(t n) c -> n t c", t=num_t)
         return stats, rearrange(spatial, "(t n) h w -> n t h w", t=num_t)
     per_t = [
-        sol_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, spatial_size) for t in t_buckets
+        sol_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, spatial_size, teacher_grid)
+        for t in t_buckets
     ]
     return torch.stack([s for s, _ in per_t], dim=1), torch.stack([m for _, m in per_t], dim=1)
 
@@ -211,21 +240,25 @@ def encode_batch(
     spatial_size: int = 8,
     text_regime: str = "masked",
     latent_shift: bool = True,
+    teacher_grid: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything a cache stores for a batch of prepared images and captions, float32 on the CPU, one batch per model:
     latents (B, C, H, W), t5_embeds (B, L, K, D), t5_lengths (B,), clip_pooled (B, P), and when asked
     lune (B, T, lune_dim), sol_stats (B, T, 4), sol_spatial (B, T, S, S).
 
     The teachers' CLIP context is computed once and serves all T buckets of both; each teacher runs its T buckets as
-    one call of T * B rows."""
+    one call of T * B rows. Images of an aspect bucket come with the bucket's `teacher_grid` (Bucket.teacher_grid)."""
     n = len(images)
     out = {"latents": zoo.encode_images_batched(list(images), batch_size=n, shift=latent_shift)}
     out["t5_embeds"], out["t5_lengths"], out["clip_pooled"] = text_features(zoo, captions, n, text_regime)
     context = teacher_context(zoo, captions) if lune or sol else None
     if lune:
-        out["lune"] = lune_features(zoo, captions, t_buckets, seed, n, batch_timesteps=True, context=context)
+        out["lune"] = lune_features(
+            zoo, captions, t_buckets, seed, n, batch_timesteps=True, context=context, teacher_grid=teacher_grid
+        )
     if sol:
         out["sol_stats"], out["sol_spatial"] = sol_features(
-            zoo, captions, t_buckets, seed, n, batch_timesteps=True, spatial_size=spatial_size, context=context
-        )
+            zoo, captions, t_buckets, seed, n, batch_timesteps=True, spatial_size=spatial_size, context=context,
+            teacher_grid=teacher_grid,
+        )  # fmt: skip
     return out

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
+from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.trainer.cache_encode import lune_features, prepare_image, sol_features, text_features
 from tinyflux.trainer.cache_format import (
     T_BUCKETS,
@@ -431,6 +432,11 @@ class DatasetCache:
     def from_shards(cls, cache_dir: str | Path) -> DatasetCache:
         """Read a shard set back into memory; sample i is the i-th sample in manifest shard order (its stream index)."""
         manifest = load_manifest(cache_dir)
+        if len(manifest_buckets(manifest)) > 1:
+            raise CacheFormatError(
+                f"{cache_dir} holds aspect buckets, whose latents do not stack into one tensor: read it with "
+                "tinyflux.trainer.bucket_loader.BucketSamples (train_tinyflux.py --in_memory does)"
+            )
         urls = [{"url": str(p)} for p in shard_paths(cache_dir, manifest)]
         samples = [decode_sample(raw) for raw in wds.tarfile_samples(urls)]
         if len(samples) != manifest.num_samples:

@@ -23,6 +23,7 @@ from webdataset import TarWriter
 
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, SOL_STATS, TinyFluxConfig
+from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.util.dtypes import dtype_name
 
 FORMAT_NAME = "tinyflux-cache"
@@ -181,14 +182,18 @@ def shard_is_complete(tar_path: str | Path, input_keys: list[str], feature_hash:
     )
 
 
-def fields_of(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """FieldSpec dicts of one sample's tensors; the T5 length (first axis of t5_embeds) is recorded as None."""
+def fields_of(tensors: dict[str, torch.Tensor], bucketed: bool = False) -> dict[str, dict[str, Any]]:
+    """FieldSpec dicts of one sample's tensors; the T5 length (first axis of t5_embeds) is recorded as None, and in a
+    cache of aspect buckets (`bucketed`) the latents' height and width too (each sample's meta and the manifest's
+    buckets give them)."""
     out = {}
     for name in SAMPLE_TENSORS:
         if name in tensors:
             shape: list[int | None] = list(tensors[name].shape)
             if name == "t5_embeds":
                 shape[0] = None
+            if name == "latents" and bucketed:
+                shape[1:] = [None, None]
             out[name] = {"shape": shape, "dtype": dtype_name(tensors[name].dtype)}
     return out
 
@@ -212,8 +217,11 @@ def feature_settings(
     t_buckets: torch.Tensor = T_BUCKETS,
     text_regime: str = "masked",
     latent_shift: bool = True,
+    buckets: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Every setting that changes the cached features; the manifest stores it and feature_hash hashes it.
+
+    `buckets` ([height, width] each, from --buckets) enters only when given, so a square build hashes as before.
 
     text_regime "padded" (all 128 T5 states kept, pads included: what the released v4.2 weights read) enters the
     settings only when chosen, so the hash of a masked cache is what it was before the regime existed.
@@ -221,6 +229,10 @@ def feature_settings(
     regime = {"text_regime": text_regime} if text_regime != "masked" else {}
     if not latent_shift:  # likewise: only the released convention (no VAE shift) enters the settings
         regime["latent_shift"] = False
+    if buckets:
+        regime["buckets"] = [[int(h), int(w)] for h, w in buckets]
+        regime["bucket_resize"] = "nearest log aspect ratio; cover the bucket (Lanczos), centre crop"
+        regime["teacher_grid"] = "bucket latent grid x teacher sample_size / (resolution / 8), rounded"
     return {
         **regime,
         "format_version": FORMAT_VERSION,
@@ -273,6 +285,9 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     tinyflux_version: str = ""
+    # --buckets: {"height", "width", "count"} per bucket (pixels) in the build's order; empty for a square cache,
+    # which reads as one square bucket (tinyflux.trainer.buckets.manifest_buckets)
+    buckets: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def has_lune(self) -> bool:
@@ -291,11 +306,17 @@ class Manifest:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every sample's latents; in a cache of several buckets, those of its first bucket."""
         c, h, w = self.fields["latents"].shape
+        if h is None:
+            h, w = (self.buckets[0][k] // 8 for k in ("height", "width"))
         return int(c), int(h), int(w)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.buckets:  # a square cache's manifest is what it was before buckets existed
+            del d["buckets"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
@@ -369,6 +390,11 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
             f"no input in {cache_dir} produced a sample; {REPORT_TEXT_NAME} lists why each was skipped"
         )
     fields = filled[0]["fields"]
+    counts: dict[str, int] = {}
+    for s in sidecars:
+        for name, n in s.get("bucket_counts", {}).items():
+            counts[name] = counts.get(name, 0) + n
+    buckets = [{"height": h, "width": w, "count": counts.get(f"{h}x{w}", 0)} for h, w in settings.get("buckets", [])]
     for s in filled:
         if s["fields"] != fields:
             raise CacheFormatError(f"{s['name']} holds fields {s['fields']}, other shards {fields}: rebuild that shard")
@@ -394,6 +420,7 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
         text_regime=settings.get("text_regime", "masked"),
         sol_stats_names=list(settings.get("sol_stats_names", SOL_STATS)),
         tinyflux_version=tinyflux_version(),
+        buckets=buckets,
     )
 
 
@@ -434,14 +461,14 @@ def write_report(cache_dir: str | Path, shards: list[Path]) -> None:
 
 def _cache_expectations(manifest: Manifest) -> dict[str, Any]:
     """The model-config fields a cache pins down, by TinyFluxConfig field name."""
-    c, h, w = manifest.latent_shape
+    c = manifest.latent_shape[0]
     _, k, d = manifest.fields["t5_embeds"].shape
     want: dict[str, Any] = {
         "in_channels": c,
         "t5_layers": tuple(manifest.t5_layers),
         "t5_hidden_size": d,
         "pooled_projection_dim": manifest.fields["clip_pooled"].shape[0],
-        "_latent_hw": (h, w),
+        "_latent_hw": [(b["height"] // 8, b["width"] // 8) for b in manifest_buckets(manifest)],
     }
     assert k == len(manifest.t5_layers), "manifest t5 K disagrees with its t5_layers"
     if manifest.has_lune:
@@ -456,9 +483,9 @@ def _mismatches(manifest: Manifest, config: TinyFluxConfig) -> list[tuple[str, A
     out = []
     for name, cache_value in want.items():
         if name == "_latent_hw":
-            h, w = cache_value
-            if h % config.patch_size or w % config.patch_size:
-                out.append(("patch_size", f"latents {h}x{w}", f"patch_size {config.patch_size} dividing them"))
+            for h, w in cache_value:
+                if h % config.patch_size or w % config.patch_size:
+                    out.append(("patch_size", f"latents {h}x{w}", f"patch_size {config.patch_size} dividing them"))
             continue
         if name == "lune_expert_dim" and not config.use_lune_expert:
             continue

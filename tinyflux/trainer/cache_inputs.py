@@ -11,7 +11,7 @@ from __future__ import annotations
 import tarfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from tinyflux.errors import TinyFluxError
+from tinyflux.trainer.buckets import Bucket
 from tinyflux.trainer.cache_encode import (
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -31,6 +32,7 @@ from tinyflux.trainer.cache_encode import (
     SkippedInput,
     check_caption,
     load_image,
+    prepare_bucket_image,
     prepare_image,
 )
 from tinyflux.trainer.cache_source import RETRIED, is_remote, open_url, tar_samples
@@ -369,10 +371,15 @@ def shard_chunks(items: Iterable[InputItem], size: int, first: int = 0) -> Itera
         yield j, chunk
 
 
-def prepare_input(item: InputItem, resolution: int, min_size: int | None) -> tuple[Image.Image, str] | SkippedInput:
-    """(prepared image, caption), or the SkippedInput saying why not: returned, not raised, from the loader threads."""
+def prepare_input(
+    item: InputItem, resolution: int, min_size: int | None, buckets: Sequence[Bucket] | None = None
+) -> tuple[Image.Image, str] | SkippedInput:
+    """(prepared image, caption), or the SkippedInput saying why not: returned, not raised, from the loader threads.
+    With `buckets`, the image is cropped to the bucket of its aspect (its size says which)."""
     try:
         image, caption = item.load()
+        if buckets:
+            return prepare_bucket_image(image, buckets, resolution, min_size)[0], caption
         return prepare_image(image, resolution, min_size), caption
     except SkippedInput as skip:
         return skip

@@ -34,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tinyflux.model.config import TinyFluxConfig
+from tinyflux.trainer.buckets import refuse_streaming_buckets
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import (
     CacheFormatError,
@@ -234,6 +235,8 @@ class StreamingCacheDataset(IterableDataset):
             env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
             rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
         self.sources = [_Source.open(d) for d in dirs]
+        for src in self.sources:
+            refuse_streaming_buckets(src.manifest, src.cache_dir)
         _check_sources_agree(self.sources)
         if model_config is not None:
             for src in self.sources:

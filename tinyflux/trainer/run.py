@@ -21,10 +21,12 @@ from tinyflux.errors import TinyFluxError, message
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.model.zoo_sources import ZooError
+from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE, ZooError
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import data
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
+from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader, BucketSamples, bucket_batch_sizes
+from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import check_compatible, load_manifest
 from tinyflux.trainer.cache_source import is_remote
@@ -114,8 +116,11 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
             )
     if not args.script.in_memory:
         return data.build_loader(args, config, held_out)
-    for cache_dir in caches:
-        check_compatible(load_manifest(cache_dir), config, where=f"cache {cache_dir}")
+    manifests = [load_manifest(d) for d in caches]
+    for cache_dir, manifest in zip(caches, manifests, strict=True):
+        check_compatible(manifest, config, where=f"cache {cache_dir}")
+    if any(len(manifest_buckets(m)) > 1 for m in manifests):
+        return build_bucket_loader(args, config, held_out)
     datasets: list[Any] = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
     if held_out is not None:
         datasets = [Subset(ds, sorted(set(range(len(ds))) - set(h))) for ds, h in zip(datasets, held_out, strict=True)]
@@ -127,6 +132,28 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
         collate_fn=data.collate_fn,
         pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
         worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
+    )
+
+
+def build_bucket_loader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None = None) -> Any:
+    """--in_memory on caches of aspect buckets: every batch one bucket (BucketLoader), `--bucket_batch` samples or
+    tokens per batch, this process's share of each epoch's batches."""
+    parts = [BucketSamples(d, dataset_id=i) for i, d in enumerate(args.script.cache)]
+    kept = [sorted(set(range(len(p))) - set(held_out[i] if held_out else ())) for i, p in enumerate(parts)]
+    dataset = ConcatDataset([Subset(p, k) for p, k in zip(parts, kept, strict=True)])
+    shapes = [p.shapes[i] for p, k in zip(parts, kept, strict=True) for i in k]
+    square = parts[0].resolution // VAE_DOWNSAMPLE
+    sizes = bucket_batch_sizes(shapes, args.trainer.batch_size, args.script.bucket_batch, square, config.patch_size)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    logger.info(
+        "aspect buckets (latent h x w: batch size): %s", ", ".join(f"{h}x{w}: {n}" for (h, w), n in sizes.items())
+    )
+    return BucketLoader(
+        dataset,
+        BucketBatchSampler(shapes, sizes, seed=args.trainer.seed, rank=rank, world_size=world),
+        data.collate_fn,
+        num_workers=args.trainer.num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
 

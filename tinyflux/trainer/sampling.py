@@ -284,6 +284,17 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(pixels.cpu().numpy())
 
 
+def letterbox(images: Sequence[Tensor]) -> Tensor:
+    """Images (3, H_i, W_i) of several shapes -> (B, 3, H, W) at the largest height and width, each centred on white:
+    one grid shows the square, landscape and portrait samples of a run on aspect buckets."""
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    out = torch.ones(len(images), 3, height, width)
+    for b, image in enumerate(images):
+        top, left = (height - image.shape[1]) // 2, (width - image.shape[2]) // 2
+        out[b, :, top : top + image.shape[1], left : left + image.shape[2]] = image
+    return out
+
+
 def captioned_grid(tiles: Sequence[Image.Image], captions: Sequence[str], max_lines: int = 4) -> Image.Image:
     """Tiles in a near-square grid, each caption wrapped under its tile (PIL's default font), on white."""
     font = ImageFont.load_default()

@@ -46,6 +46,7 @@ from tinyflux.trainer.batch import (
     teacher_features,
     to_device,
 )
+from tinyflux.trainer.buckets import sample_shapes
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
@@ -63,7 +64,7 @@ from tinyflux.trainer.runtime import (
     stop_signals,
     workers_ignore_stop_signals,
 )
-from tinyflux.trainer.sampling import drop_text
+from tinyflux.trainer.sampling import drop_text, letterbox
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
 from tinyflux.trainer.validation import Validator
@@ -166,7 +167,11 @@ class Trainer(CheckpointingMixin):
         if resume is not None:  # before prepare, while every parameter is whole on every process
             resume = self._resume_falling_back(resume, self._load_ema, self._load_ema)
         workers_ignore_stop_signals(dataloader)  # before prepare, which copies it (the streaming loader has its own)
-        self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset)
+        # A loader that splits the data by rank and keeps its own position (the streaming and the bucket loaders)
+        # is used as it is; a plain DataLoader goes through accelerate, which shards and resumes it.
+        self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset) and not callable(
+            getattr(dataloader, "state_dict", None)
+        )
         if self._prepared_loader:
             self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
                 self.model, self.optimizer, self.scheduler, dataloader
@@ -544,17 +549,28 @@ class Trainer(CheckpointingMixin):
         cfg, step = self.config, self.progress.step
         prompts = cfg.sample_prompts or ["a photo of a cat", "a red car on a street"]
         size = cfg.sample_size or self._latent_side or 64
+        # On aspect buckets (and no --sample_size): each prompt square, landscape and portrait, at the buckets' shapes
+        buckets = getattr(self.dataloader, "bucket_shapes", [])
+        shapes = sample_shapes(buckets) if len(buckets) > 1 and cfg.sample_size is None else [(size, size)]
         try:
-            images = self.sampler.generate(
-                prompts,
-                num_steps=cfg.sample_steps,
-                guidance_scale=cfg.sample_guidance_scale,
-                height=size,
-                width=size,
-                seed=cfg.seed,
-                use_ema=True,
-            )
-            grid = self.sampler.save_samples(images, prompts, cfg.sample_dir, step=step)
+            generated = [
+                self.sampler.generate(
+                    prompts,
+                    num_steps=cfg.sample_steps,
+                    guidance_scale=cfg.sample_guidance_scale,
+                    height=h,
+                    width=w,
+                    seed=cfg.seed,
+                    use_ema=True,
+                )
+                for h, w in shapes
+            ]
+            if len(shapes) > 1:
+                images = letterbox([image for batch in generated for image in batch])
+                tiles = [f"{p} ({h * 8}x{w * 8})" for h, w in shapes for p in prompts]
+            else:
+                images, tiles = generated[0], prompts
+            grid = self.sampler.save_samples(images, tiles, cfg.sample_dir, step=step)
         except Exception:
             logger.exception("sample grid at step %d failed (training goes on)", step)
             return

@@ -97,7 +97,13 @@ class Validator:
     def loader(self, accelerator: Any) -> Any:
         """The samples in fixed order, split across processes by accelerate (prepared once)."""
         if self._loader is None:
-            plain = DataLoader(self.samples, batch_size=self.batch_size, shuffle=False, collate_fn=collate_fn)
+            shapes = [tuple(s["latents"].shape[1:]) for s in self.samples]
+            if len(set(shapes)) > 1:  # aspect buckets: batches of one shape each, in order of first appearance
+                members = [[i for i, s in enumerate(shapes) if s == shape] for shape in dict.fromkeys(shapes)]
+                batches = [m[i : i + self.batch_size] for m in members for i in range(0, len(m), self.batch_size)]
+                plain = DataLoader(self.samples, batch_sampler=batches, collate_fn=collate_fn)
+            else:
+                plain = DataLoader(self.samples, batch_size=self.batch_size, shuffle=False, collate_fn=collate_fn)
             self._loader = accelerator.prepare_data_loader(plain)
         return self._loader
 
