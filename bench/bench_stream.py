@@ -16,7 +16,9 @@ once, as a long run over a large cache does per sample.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from dataclasses import replace
 from itertools import islice
 
 import torch
@@ -94,6 +96,38 @@ def first_pass_rate(
     return count / (time.perf_counter() - start)
 
 
+def pass_start_waits(
+    cache_dir: str,
+    cfg: TinyFluxConfig,
+    batch: int,
+    workers: int,
+    dtype: torch.dtype,
+    pin: bool,
+    step_s: float,
+    passes: int,
+) -> tuple[float, float]:
+    """(seconds the step waits for the first batch of a pass, median wait for any other batch), best over passes
+    2.. of one loader whose consumer spends `step_s` per batch (a sleep, as a step on another device would): what the
+    training loop sees between epochs, start-up of the first pass excluded."""
+    loader = make_stream_loader(
+        cache_dir, batch_size=batch, num_workers=workers, seed=0, rank=0, world_size=1, model_config=cfg,
+        pin_memory=pin, dtype=dtype,
+    )  # fmt: skip
+    first, others = [], []
+    for p in range(passes):
+        waits = []
+        start = time.perf_counter()
+        for _ in loader:
+            waits.append(time.perf_counter() - start)
+            time.sleep(step_s)
+            start = time.perf_counter()
+        if p:
+            first.append(waits[0])
+            others += waits[1:]
+    loader.close()
+    return min(first), statistics.median(others)
+
+
 def step_rate(
     args: argparse.Namespace, cfg: TinyFluxConfig, latent: int, device: torch.device, dtype: torch.dtype
 ) -> float:
@@ -136,13 +170,20 @@ def main() -> None:
         "so time it with --rounds 1",
     )  # fmt: skip
     ap.add_argument("--first_pass", action="store_true", help="time whole first passes (fresh loaders) instead")
+    ap.add_argument(
+        "--pass_start", action="store_true",
+        help="the wait for a pass's first batch (passes 2..--rounds+1) against the median wait for any other batch, "
+        "the consumer spending batch / (step's samples/s) per batch",
+    )  # fmt: skip
     ap.add_argument("--workdir", default=None, help="keep the synthetic caches here (default: a temp dir)")
     add_device_args(ap)
     args = ap.parse_args()
     device, dtype = setup_device(args)
     if args.workers is None:
         args.workers = [0, 2, 4, 8] if device.type == "cuda" else [0, 1, 2]
-    cfg = make_config(args.preset)
+    # The synthetic shards are written unpadded, with the VAE shift (the masked regime): the reader's work is the same
+    # at a fixed text_len, so the stream is checked against the preset's shapes in that regime.
+    cfg = replace(make_config(args.preset), text_regime="masked", latent_shift=True)
     pin = device.type == "cuda"
     # A round of one whole pass holds one shuffle-buffer fill per sample read, as a long run over a large cache does.
     args.batches = args.batches or -(-args.samples // args.batch)
@@ -154,6 +195,14 @@ def main() -> None:
             consumes = step_rate(args, cfg, latent, device, dtype)
             for batch_dtype in args.batch_dtype:
                 for w in args.workers:
+                    if args.pass_start:
+                        first, other = pass_start_waits(
+                            str(cache), cfg, args.batch, w, parse_dtype(batch_dtype), pin, args.batch / consumes,
+                            args.rounds + 1,
+                        )  # fmt: skip
+                        name = f"{latent * 8}px, {w} workers, {batch_dtype}: wait for a pass's first batch"
+                        rows.append(Row(name, 1e3 * first, 1e3 * other, "ms (peer: any other batch)"))
+                        continue
                     for verify in args.verify_shards:
                         if args.first_pass:
                             rate = max(

@@ -297,25 +297,30 @@ class Trainer(CheckpointingMixin):
         stop = p.step >= self._stop_at
         self._signal, self.pending_signal = self.pending_signal, None
         self._stop_requested = False
-        with stop_signals(self._on_signal):
-            while not stop and (epochs is None or p.epoch < epochs):
-                if self._stream_finished_epoch():
-                    self._end_epoch()
-                    continue
-                seen = 0
-                # closing: a step that raises shuts the workers down now, not when the traceback is collected
-                with closing(self._epoch_batches()) as batches:
-                    for batch in batches:
-                        seen += 1
-                        stop = self._micro_step(batch, bar)
-                        if stop:
-                            break
-                    else:
-                        if seen == 0 and p.batches_in_epoch == 0:
-                            raise RuntimeError(
-                                "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
-                            )
+        try:
+            with stop_signals(self._on_signal):
+                while not stop and (epochs is None or p.epoch < epochs):
+                    if self._stream_finished_epoch():
                         self._end_epoch()
+                        continue
+                    seen = 0
+                    # closing: a step that raises shuts a per-epoch loader's workers down now, not when the traceback is
+                    # collected (the streaming loader's live for the run: closed below)
+                    with closing(self._epoch_batches()) as batches:
+                        for batch in batches:
+                            seen += 1
+                            stop = self._micro_step(batch, bar)
+                            if stop:
+                                break
+                        else:
+                            if seen == 0 and p.batches_in_epoch == 0:
+                                raise RuntimeError(
+                                    "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
+                                )
+                            self._end_epoch()
+        finally:
+            if callable(getattr(self.dataloader, "close", None)):  # the streaming loader's run-long workers
+                self.dataloader.close()
         bar.close()
         self._settle()
         if self._saved_step != p.step:
