@@ -8,6 +8,7 @@ rows that have it; "index" / "dataset_id" (B,) for lookups in a MultiSourceCache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,20 @@ def to_device(x: Tensor, device: torch.device, dtype: torch.dtype | None = None)
     stored dtype (float16 moves half the bytes of float32), then cast there."""
     x = x.to(device, non_blocking=True)
     return x if dtype is None else x.to(dtype)
+
+
+def pad_text(t5: Tensor, mask: Tensor, buckets: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """T5 states (B, L, ...) and their mask (B, L) zero-padded, mask False, to the smallest bucket >= L (past the
+    largest: its next multiple), so compiled blocks meet one text length per bucket instead of one per batch. Masked
+    keys change no output. No buckets: unchanged."""
+    length = t5.shape[1]
+    if not buckets:
+        return t5, mask
+    width = next((n for n in buckets if n >= length), -(-length // buckets[-1]) * buckets[-1])
+    if width == length:
+        return t5, mask
+    t5 = torch.cat([t5, t5.new_zeros(t5.shape[0], width - length, *t5.shape[2:])], 1)  # (B, width, ...)
+    return t5, torch.cat([mask, mask.new_zeros(mask.shape[0], width - length)], 1)  # (B, width)
 
 
 def teacher_features(

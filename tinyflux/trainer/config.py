@@ -98,6 +98,9 @@ class TrainerConfig:
 
     # Text
     text_dropout: float = 0.1  # per-sample probability of the null text (zero T5 states and CLIP pooled), for CFG
+    text_buckets: list[int] = field(
+        default_factory=lambda: [32, 64, 128]
+    )  # masked regime: pad T5 to the first that fits (few compiled shapes); [] = longest
 
     # EMA
     ema_decay: float = 0.9999  # EMA of the weights, updated every ema_every optimizer steps
@@ -148,6 +151,7 @@ class TrainerConfig:
         self.dtype = parse_dtype(self.dtype)
         self.betas = tuple(float(b) for b in self.betas)
         self.sample_prompts = list(self.sample_prompts)
+        self.text_buckets = [int(n) for n in self.text_buckets]
         self.validate()
 
     @property
@@ -198,6 +202,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 errors.append(f"{name}={value} must be > 0, or None")
+        if any(n < 1 for n in self.text_buckets) or self.text_buckets != sorted(set(self.text_buckets)):
+            errors.append(f"text_buckets={self.text_buckets} must be increasing positive lengths (or [] for none)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             errors.append(f"betas={self.betas} must be two numbers in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:

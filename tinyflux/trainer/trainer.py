@@ -41,6 +41,7 @@ from tinyflux.trainer.batch import (
     check_batch,
     kept,
     masked_mean,
+    pad_text,
     spatial_weights,
     step_draws,
     teacher_features,
@@ -204,11 +205,11 @@ class Trainer(CheckpointingMixin):
         grid = (height // model_cfg.patch_size, width // model_cfg.patch_size)
         x_t = pack_latents(flow_x_t(latents, noise, t), model_cfg.patch_size)  # (B, N, C*p*p)
         v_target = pack_latents(flow_velocity(latents, noise), model_cfg.patch_size)  # (B, N, C*p*p)
-        t5, t5_mask, pooled = drop_text(  # (B, L, K, D), (B, L), (B, P)
-            to_device(batch["t5_embeds"], device, torch.float32),
-            to_device(batch["t5_mask"], device),
-            to_device(batch["clip_pooled"], device, torch.float32),
-            ~keep["text"],
+        t5, t5_mask = to_device(batch["t5_embeds"], device, torch.float32), to_device(batch["t5_mask"], device)
+        if model_cfg.text_regime == "masked":  # the padded regime's text is max_text_tokens long already, unmasked
+            t5, t5_mask = pad_text(t5, t5_mask, cfg.text_buckets)  # (B, L', K, D), (B, L')
+        t5, t5_mask, pooled = drop_text(  # (B, L', K, D), (B, L'), (B, P)
+            t5, t5_mask, to_device(batch["clip_pooled"], device, torch.float32), ~keep["text"]
         )
         teacher = self._teacher(batch, t)
         # The run's autocast: accelerate wraps the prepared forward in it for one process and DDP, not under FSDP2
