@@ -88,6 +88,18 @@ def pad_text(t5: Tensor, mask: Tensor, buckets: Sequence[int]) -> tuple[Tensor, 
     return t5, torch.cat([mask, mask.new_zeros(mask.shape[0], width - length)], 1)  # (B, width)
 
 
+def _interpolated(batch: dict[str, Any], keys: list[str], buckets: Tensor, t: Tensor) -> dict[str, Tensor]:
+    """batch[key] (B, T, ...) of each key at t (B,): one interpolate_buckets over the features laid side by side (the
+    same arithmetic per element, a third of the ops of one call per tensor)."""
+    if not keys:
+        return {}
+    device = t.device
+    flat = [to_device(batch[k], device, torch.float32).flatten(2) for k in keys]  # (B, T, F_k)
+    joined = interpolate_buckets(flat[0] if len(flat) == 1 else torch.cat(flat, -1), buckets, t)  # (B, sum F_k)
+    parts = joined.split([f.shape[-1] for f in flat], -1)
+    return {k: p.reshape(batch[k].shape[:1] + batch[k].shape[2:]) for k, p in zip(keys, parts, strict=True)}
+
+
 def teacher_features(
     batch: dict[str, Any], t: Tensor, cache: Any = None, lune: bool = True, sol: bool = True
 ) -> Teacher:
@@ -96,17 +108,15 @@ def teacher_features(
     device = t.device
     out = Teacher()
     if "t_buckets" in batch:
-        buckets = to_device(batch["t_buckets"], device, torch.float32)
-
-        def at_t(key: str) -> Tensor:
-            return interpolate_buckets(to_device(batch[key], device, torch.float32), buckets, t)
-
+        keys = ["lune"] if lune and "lune" in batch else []
+        keys += ["sol_stats", "sol_spatial"] if sol and "sol_stats" in batch and "sol_spatial" in batch else []
+        at_t = _interpolated(batch, keys, to_device(batch["t_buckets"], device, torch.float32), t)
         # A batch mixing caches with and without a teacher marks the real rows in "lune_mask" / "sol_mask".
-        if lune and "lune" in batch:
-            out.lune = at_t("lune")
+        if "lune" in at_t:
+            out.lune = at_t["lune"]
             out.lune_valid = to_device(batch["lune_mask"], device) if "lune_mask" in batch else None
-        if sol and "sol_stats" in batch and "sol_spatial" in batch:
-            out.sol_stats, out.sol_spatial = at_t("sol_stats"), at_t("sol_spatial")
+        if "sol_stats" in at_t:
+            out.sol_stats, out.sol_spatial = at_t["sol_stats"], at_t["sol_spatial"]
             out.sol_valid = to_device(batch["sol_mask"], device) if "sol_mask" in batch else None
     if cache is None or not (lune and out.lune is None or sol and out.sol_stats is None):
         return out
