@@ -115,6 +115,9 @@ class _OneBatch(IterableDataset):
 
 
 class _Loader:
+    """A loader whose .dataset is iterable: Trainer.setup takes it as self-sharding and uses it as it is, as it does
+    the streaming loader (a DataLoader would be re-wrapped by accelerate)."""
+
     def __init__(self, dataset: _OneBatch):
         self.dataset = dataset
 
