@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -122,6 +123,38 @@ def first_pass_rate(
     start = time.perf_counter()
     count = sum(b["latents"].shape[0] for b in loader)
     return count / (time.perf_counter() - start)
+
+
+def pass_start_waits(
+    cache_dir: str,
+    cfg: TinyFluxConfig,
+    batch: int,
+    workers: int,
+    dtype: torch.dtype,
+    pin: bool,
+    step_s: float,
+    passes: int,
+) -> tuple[float, float]:
+    """(seconds the step waits for the first batch of a pass, median wait for any other batch), best over passes
+    2.. of one loader whose consumer spends `step_s` per batch (a sleep, as a step on another device would): what the
+    training loop sees between epochs, start-up of the first pass excluded."""
+    loader = make_stream_loader(
+        cache_dir, batch_size=batch, num_workers=workers, seed=0, rank=0, world_size=1, model_config=cfg,
+        pin_memory=pin, dtype=dtype,
+    )  # fmt: skip
+    first, others = [], []
+    for p in range(passes):
+        waits = []
+        start = time.perf_counter()
+        for _ in loader:
+            waits.append(time.perf_counter() - start)
+            time.sleep(step_s)
+            start = time.perf_counter()
+        if p:
+            first.append(waits[0])
+            others += waits[1:]
+    loader.close()
+    return min(first), statistics.median(others)
 
 
 def step_rate(
@@ -273,6 +306,11 @@ def main() -> None:
         "so time it with --rounds 1",
     )  # fmt: skip
     ap.add_argument("--first_pass", action="store_true", help="time whole first passes (fresh loaders) instead")
+    ap.add_argument(
+        "--pass_start", action="store_true",
+        help="the wait for a pass's first batch (passes 2..--rounds+1) against the median wait for any other batch, "
+        "the consumer spending batch / (step's samples/s) per batch",
+    )  # fmt: skip
     ap.add_argument("--workdir", default=None, help="keep the synthetic caches here (default: a temp dir)")
     ap.add_argument(
         "--sources", nargs="+", default=["disk"], choices=["disk", "http"],
@@ -300,6 +338,14 @@ def main() -> None:
             consumes = step_rate(args, cfg, latent, device, dtype)
             for batch_dtype in args.batch_dtype:
                 for w in args.workers:
+                    if args.pass_start:
+                        first, other = pass_start_waits(
+                            str(cache), cfg, args.batch, w, parse_dtype(batch_dtype), pin, args.batch / consumes,
+                            args.rounds + 1,
+                        )  # fmt: skip
+                        name = f"{latent * 8}px, {w} workers, {batch_dtype}: wait for a pass's first batch"
+                        rows.append(Row(name, 1e3 * first, 1e3 * other, "ms (peer: any other batch)"))
+                        continue
                     for verify in args.verify_shards:
                         for source_name in args.sources:
                             with served(cache) if source_name == "http" else _local(cache) as source:

@@ -25,6 +25,7 @@ import io
 import math
 import pstats
 import shutil
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def trainer_config(
         # One directory per run: the Trainer refuses a directory that holds another run's checkpoints.
         checkpoint_dir=tempfile.mkdtemp(prefix="checkpoints_", dir=workdir),
         num_workers=args.workers,
+        # every synthetic caption is text_len long: padding to a larger bucket would add tokens the peer lacks
+        text_buckets=[args.text_len],
     )
 
 
@@ -230,6 +233,15 @@ def run_peer(
     return RunResult(b / step_s, step_s, first + rest, first, peak_gib(device), _unique_graphs() if compile else 0)
 
 
+def _median_run(runs: list[RunResult]) -> RunResult:
+    """Each field's median over the runs (the samples/s and step time of the same run)."""
+    mid = sorted(runs, key=lambda r: r.samples_per_s)[len(runs) // 2]
+    return RunResult(
+        mid.samples_per_s, mid.step_s, *(statistics.median(getattr(r, f) for r in runs)
+                                         for f in ("warmup_s", "first_step_s", "peak_gib", "graphs")),
+    )  # fmt: skip
+
+
 def compile_seconds(r: RunResult, warmup: int) -> float:
     """Warm-up time beyond `warmup` warm steps: compilation, autotuning, DataLoader start."""
     return max(r.warmup_s - warmup * r.step_s, 0.0)
@@ -249,11 +261,18 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         cache = write_synthetic_shards(cfg, work / "cache", args.cache_samples, args.latent, args.text_len)
         for compiled in modes:
             label = "compiled" if compiled else "eager"
-            ours = run_trainer(
-                cfg, cache, args, device, dtype, work, batch=args.batch, compile=compiled, steps=args.steps,
-                warmup=args.warmup, rounds=args.rounds,
-            )  # fmt: skip
-            peer = run_peer(cfg, args, device, dtype, compile=compiled)
+            pairs = []
+            for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits both sides
+                ours = run_trainer(
+                    cfg, cache, args, device, dtype, work, batch=args.batch, compile=compiled, steps=args.steps,
+                    warmup=args.warmup, rounds=args.rounds,
+                )  # fmt: skip
+                pairs.append((ours, run_peer(cfg, args, device, dtype, compile=compiled)))
+            if args.repeats > 1:
+                print(
+                    f"{label}: ratio per pair " + " ".join(f"{o.samples_per_s / q.samples_per_s:.3f}" for o, q in pairs)
+                )
+            ours, peer = (_median_run([pair[i] for pair in pairs]) for i in (0, 1))
             rows.append(
                 Row(f"train step, {label}", ours.samples_per_s, peer.samples_per_s, "samples/s", flops, peer_flops)
             )
@@ -266,7 +285,8 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     title = (
         f"Trainer step vs diffusers: preset={args.preset} batch={args.batch} latent={args.latent}x{args.latent} "
         f"({n_img} image + {args.text_len} text tokens) dtype={str(dtype).removeprefix('torch.')} "
-        f"workers={args.workers} grad_ckpt={args.grad_ckpt}, best of {args.rounds} x {args.steps} steps; "
+        f"workers={args.workers} grad_ckpt={args.grad_ckpt}, best of {args.rounds} x {args.steps} steps, median of "
+        f"{args.repeats} interleaved run(s); "
         f"{flops / 1e12:.4g} TFLOP per TinyFlux sample (peer {peer_flops / 1e12:.4g})"
     )
     ceiling = max(ceiling, matmul_ceiling_tflops(device, dtype))  # again at the end: a busy moment only lowers it
@@ -457,6 +477,9 @@ def main() -> None:
     ap.add_argument("--text_len", type=int, default=128, help="T5 tokens of every cached caption")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds; the fastest counts (shared machines)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="TinyFlux / peer run pairs, interleaved; the table shows medians"
+    )
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
     ap.add_argument(
         "--workers", type=int, default=None, help="streaming DataLoader workers (default 4 on cuda, 0 on cpu)"

@@ -11,6 +11,7 @@ the work (1.7x at the `deep` preset).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import platform
@@ -205,15 +206,42 @@ def interleaved_best(fns: dict[str, Callable[[], Any]], rounds: int, device: tor
     return best
 
 
+_rss_base_kib = 0.0  # resident memory when reset_peak was last called on a CPU
+
+
+def _proc_status_kib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return math.nan
+
+
 def reset_peak(device: torch.device) -> None:
+    global _rss_base_kib
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        # Linux + glibc: hand freed heap pages back first (else the next run reuses them unseen), then "5" resets the
+        # process's peak resident set size (VmHWM) to what is resident now
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        _rss_base_kib = _proc_status_kib("VmRSS")
+    except OSError:
+        _rss_base_kib = math.nan
 
 
 def peak_gib(device: torch.device) -> float:
-    """Peak allocated device memory since reset_peak; NaN on a CPU (no allocator statistics)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    """Peak allocated device memory since reset_peak; on a CPU (Linux) the process's peak resident memory since then,
+    above what was resident at the reset (what the measured run added: its model, optimizer, activations); NaN where
+    neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        return (_proc_status_kib("VmHWM") - _rss_base_kib) / 2**20
+    except OSError:
+        return math.nan
 
 
 def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:

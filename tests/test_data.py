@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from itertools import islice
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def test_dataloader_workers_take_strict_turns(synthetic_shards: Path) -> None:
     by_worker = [[b["key"] for b in ds.worker_batches(w, 0)] for w in range(2)]
     assert streamed == [batch for pair in zip(*by_worker, strict=True) for batch in pair]
     assert len(loader) == len(streamed) == 10
+
+
+def test_the_workers_live_for_the_whole_run_and_each_pass_ends_on_its_short_batch(synthetic_shards: Path) -> None:
+    loader = make_stream_loader(synthetic_shards, batch_size=4, num_workers=2, seed=3, rank=0, world_size=1)
+    before = {p.pid for p in multiprocessing.active_children()}
+    first = [b["key"] for b in loader]
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    second = [b["key"] for b in loader]
+    assert len(workers) == 2 and workers <= {p.pid for p in multiprocessing.active_children()}  # no new ones
+    ds = loader.dataset
+    for epoch, streamed in enumerate([first, second]):
+        by_worker = [[b["key"] for b in ds.worker_batches(w, epoch * ds.pass_length)] for w in range(2)]
+        assert streamed == [batch for pair in zip(*by_worker, strict=True) for batch in pair]
+    assert [len(k) for k in second] == [4] * 8 + [2, 2]  # 18 draws per worker and pass: 4 + 4 + 4 + 4 + 2
+    assert loader.epoch == 2
+    loader.close()
+    assert not workers & {p.pid for p in multiprocessing.active_children()}
 
 
 def test_mixing_follows_the_weights_and_indices_point_into_each_cache(

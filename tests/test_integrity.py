@@ -12,7 +12,7 @@ import pytest
 from tests.fixtures_cache import BuiltCache
 from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
 from tinyflux.trainer.cache_format import CacheFormatError, load_manifest
-from tinyflux.trainer.data import make_stream_loader
+from tinyflux.trainer.data import StreamingLoader, make_stream_loader
 
 
 def _flip_byte(path: Path, offset: int = 700) -> None:
@@ -99,14 +99,21 @@ def test_a_full_disk_during_a_build_is_one_message_and_leaves_no_tmp(
         load_manifest(output)
 
 
-def test_each_shard_is_hashed_once_per_run_not_once_per_pass(synthetic_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_shard_is_hashed_once_per_run_not_once_per_pass(
+    synthetic_shards: Path, tmp_path: Path, workers: int
+) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(synthetic_shards, cache)
-    loader = make_stream_loader(cache, batch_size=4, num_workers=1, rank=0, world_size=1)
-    assert sum(len(b["key"]) for b in loader) == 37
-    assert loader.dataset.verified == {(0, k) for k in range(8)}  # reported back by the worker process
-    _flip_byte(cache / "shards/shard-000003.tar")  # after the check: the next pass's new workers do not hash again
-    assert sum(len(b["key"]) for b in loader) == 37
+    loader = make_stream_loader(cache, batch_size=4, num_workers=workers, rank=0, world_size=1)
+    assert sum(len(b["key"]) for b in loader) == 37 - 37 % workers
+    assert loader.dataset.verified == {(0, k) for k in range(8)}  # seen from the worker processes
+    # after the check: neither the worker that hashed a shard nor the others (which read other shards in the next
+    # pass's new order) hash it again, nor do the new workers after a close
+    _flip_byte(cache / "shards/shard-000003.tar")
+    assert sum(len(b["key"]) for b in loader) == 37 - 37 % workers
+    loader.close()
+    assert sum(len(b["key"]) for b in loader) == 37 - 37 % workers
 
 
 def test_a_loader_read_in_process_then_with_workers_still_hashes(synthetic_shards: Path, tmp_path: Path) -> None:
@@ -118,4 +125,4 @@ def test_a_loader_read_in_process_then_with_workers_still_hashes(synthetic_shard
     loader.dataset.verified.clear()
     _flip_byte(cache / "shards/shard-000005.tar")
     with pytest.raises(CacheFormatError, match="shard-000005.tar is damaged"):  # and does not hang
-        sum(1 for _ in loader)
+        sum(1 for _ in StreamingLoader(loader.dataset))

@@ -8,6 +8,7 @@ rows that have it; "index" / "dataset_id" (B,) for lookups in a MultiSourceCache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,32 @@ def to_device(x: Tensor, device: torch.device, dtype: torch.dtype | None = None)
     return x if dtype is None else x.to(dtype)
 
 
+def pad_text(t5: Tensor, mask: Tensor, buckets: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """T5 states (B, L, ...) and their mask (B, L) zero-padded, mask False, to the smallest bucket >= L (past the
+    largest: its next multiple), so compiled blocks meet one text length per bucket instead of one per batch. Masked
+    keys change no output. No buckets: unchanged."""
+    length = t5.shape[1]
+    if not buckets:
+        return t5, mask
+    width = next((n for n in buckets if n >= length), -(-length // buckets[-1]) * buckets[-1])
+    if width == length:
+        return t5, mask
+    t5 = torch.cat([t5, t5.new_zeros(t5.shape[0], width - length, *t5.shape[2:])], 1)  # (B, width, ...)
+    return t5, torch.cat([mask, mask.new_zeros(mask.shape[0], width - length)], 1)  # (B, width)
+
+
+def _interpolated(batch: dict[str, Any], keys: list[str], buckets: Tensor, t: Tensor) -> dict[str, Tensor]:
+    """batch[key] (B, T, ...) of each key at t (B,): one interpolate_buckets over the features laid side by side (the
+    same arithmetic per element, a third of the ops of one call per tensor)."""
+    if not keys:
+        return {}
+    device = t.device
+    flat = [to_device(batch[k], device, torch.float32).flatten(2) for k in keys]  # (B, T, F_k)
+    joined = interpolate_buckets(flat[0] if len(flat) == 1 else torch.cat(flat, -1), buckets, t)  # (B, sum F_k)
+    parts = joined.split([f.shape[-1] for f in flat], -1)
+    return {k: p.reshape(batch[k].shape[:1] + batch[k].shape[2:]) for k, p in zip(keys, parts, strict=True)}
+
+
 def teacher_features(
     batch: dict[str, Any], t: Tensor, cache: Any = None, lune: bool = True, sol: bool = True
 ) -> Teacher:
@@ -81,17 +108,15 @@ def teacher_features(
     device = t.device
     out = Teacher()
     if "t_buckets" in batch:
-        buckets = to_device(batch["t_buckets"], device, torch.float32)
-
-        def at_t(key: str) -> Tensor:
-            return interpolate_buckets(to_device(batch[key], device, torch.float32), buckets, t)
-
+        keys = ["lune"] if lune and "lune" in batch else []
+        keys += ["sol_stats", "sol_spatial"] if sol and "sol_stats" in batch and "sol_spatial" in batch else []
+        at_t = _interpolated(batch, keys, to_device(batch["t_buckets"], device, torch.float32), t)
         # A batch mixing caches with and without a teacher marks the real rows in "lune_mask" / "sol_mask".
-        if lune and "lune" in batch:
-            out.lune = at_t("lune")
+        if "lune" in at_t:
+            out.lune = at_t["lune"]
             out.lune_valid = to_device(batch["lune_mask"], device) if "lune_mask" in batch else None
-        if sol and "sol_stats" in batch and "sol_spatial" in batch:
-            out.sol_stats, out.sol_spatial = at_t("sol_stats"), at_t("sol_spatial")
+        if "sol_stats" in at_t:
+            out.sol_stats, out.sol_spatial = at_t["sol_stats"], at_t["sol_spatial"]
             out.sol_valid = to_device(batch["sol_mask"], device) if "sol_mask" in batch else None
     if cache is None or not (lune and out.lune is None or sol and out.sol_stats is None):
         return out

@@ -98,6 +98,9 @@ class TrainerConfig:
 
     # Text
     text_dropout: float = 0.1  # per-sample probability of the null text (zero T5 states and CLIP pooled), for CFG
+    text_buckets: list[int] = field(
+        default_factory=lambda: [32, 64, 128]
+    )  # compiled: pad masked text to the first that holds it
 
     # EMA
     ema_decay: float = 0.9999  # EMA of the weights, updated every ema_every optimizer steps
@@ -157,6 +160,7 @@ class TrainerConfig:
         self.dtype = parse_dtype(self.dtype)
         self.betas = tuple(float(b) for b in self.betas)
         self.sample_prompts = list(self.sample_prompts)
+        self.text_buckets = [int(n) for n in self.text_buckets]
         self.validate()
 
     @property
@@ -223,6 +227,8 @@ class TrainerConfig:
         given = [n for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
         if given and self.lora_rank is None and self.lora_config is None:
             errors.append(f"{', '.join(given)} set without lora_rank or lora_config: set --lora_rank R to train LoRA")
+        if any(n < 1 for n in self.text_buckets) or self.text_buckets != sorted(set(self.text_buckets)):
+            errors.append(f"text_buckets={self.text_buckets} must be increasing positive lengths (or [] for none)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             errors.append(f"betas={self.betas} must be two numbers in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -12,6 +12,8 @@ Streaming (StreamingCacheDataset, driven by StreamingLoader / make_stream_loader
 every rank and DataLoader worker reads its own contiguous slice of each cache's samples per epoch, shuffles it through
 a buffer, and mixes caches by weight. Everything is a pure function of (seed, layout, position), so the loader's state
 is a few integers per worker and a restored stream yields exactly the samples the interrupted one would have.
+StreamingLoader runs one DataLoader for the whole run, its workers streaming pass after pass, so a pass starts without
+new worker processes.
 """
 
 from __future__ import annotations
@@ -179,6 +181,34 @@ def _meaning(m: Manifest, first: Manifest) -> list[tuple[str, Any, Any]]:
     return out + [(k, m.settings.get(k, v), first.settings.get(k, v)) for k, v in ours.items()]
 
 
+class _VerifiedShards:
+    """The (cache, shard) pairs whose sha256 matched, one byte each in shared memory: DataLoader workers live for the
+    whole run and see each other's hashes, so each shard is hashed once per run, not once per worker. Set-like."""
+
+    def __init__(self, shard_counts: Sequence[int]):
+        self._first = np.concatenate([[0], np.cumsum(shard_counts)]).astype(int).tolist()  # each cache's first flag
+        self._flags = torch.zeros(self._first[-1], dtype=torch.uint8).share_memory_()  # pickles as shared memory
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return bool(self._flags[self._first[key[0]] + key[1]])
+
+    def add(self, key: tuple[int, int]) -> None:
+        self._flags[self._first[key[0]] + key[1]] = 1
+
+    def clear(self) -> None:
+        self._flags.zero_()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for flag in self._flags.nonzero().flatten().tolist():
+            sid = int(np.searchsorted(self._first, flag, side="right")) - 1
+            yield sid, flag - self._first[sid]
+
+    def __eq__(self, other: object) -> bool:
+        return set(self) == set(other) if isinstance(other, (set, frozenset, _VerifiedShards)) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Shuffle-buffer order: fill `size` items, then emit a random one per item read; drain in random order."""
     buffer: list[Any] = []
@@ -248,10 +278,7 @@ class StreamingCacheDataset(IterableDataset):
         self.layout_workers = max(1, num_workers)
         self.infinite, self.pad_to, self.dtype = infinite, pad_to, dtype
         self.verify_shards = verify_shards
-        # (cache, shard) pairs already hashed: StreamingLoader hands the ones its workers reported to the next
-        # pass's workers, so each shard is hashed once per run, not once per epoch (workers restart every pass)
-        self.verified: set[tuple[int, int]] = set()
-        self._newly_verified: list[tuple[int, int]] = []  # hashed by this worker since its last batch
+        self.verified = _VerifiedShards([len(src.paths) for src in self.sources])
         self._hasher: ReadAhead | None = None  # fetches / hashes the next shard while this one is read
         self._hasher_pid = 0  # the process whose thread that is
         # Indices (manifest order) a validation split holds out of each cache: the layout below never streams them.
@@ -359,9 +386,8 @@ class StreamingCacheDataset(IterableDataset):
             data = None
             if k in pending:
                 data = pending.pop(k).result()  # raises the shard's CacheFormatError here, before any of its samples
-                if self.verify_shards and (sid, k) not in self.verified:
+                if self.verify_shards:
                     self.verified.add((sid, k))
-                    self._newly_verified.append((sid, k))
             yield span, data
 
     def __getstate__(self) -> dict[str, Any]:
@@ -379,10 +405,14 @@ class StreamingCacheDataset(IterableDataset):
         sample.update(index=index, dataset_id=sid, t_buckets=torch.tensor(self.sources[sid].manifest.t_buckets))
         return sample
 
-    def worker_batches(self, worker: int, position: int) -> Iterator[dict[str, Any]]:
-        """Batches of one logical worker from draw `position` on; each carries "stream_position" = (worker, draws
-        consumed after it) for StreamingLoader."""
-        end = None if self.infinite else (position // self.pass_length + 1) * self.pass_length
+    def _pass_end(self, position: int) -> int | None:
+        return None if self.infinite else (position // self.pass_length + 1) * self.pass_length
+
+    def worker_batches(self, worker: int, position: int, back_to_back: bool = False) -> Iterator[dict[str, Any]]:
+        """Batches of one logical worker from draw `position` to the end of its pass (back_to_back: then pass after
+        pass, each still ending on its own short batch); each carries "stream_position" = (worker, draws consumed
+        after it) for StreamingLoader."""
+        end = self._pass_end(position)
         streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
         epochs: dict[int, int] = {}
         for sid, count in enumerate(self._source_counts(worker, position)):
@@ -408,11 +438,15 @@ class StreamingCacheDataset(IterableDataset):
             position += size
             batch = collate_fn(samples, self.pad_to, self.dtype)
             batch["stream_position"] = torch.tensor([worker, position])
-            batch["verified_shards"] = torch.tensor(self._newly_verified, dtype=torch.long).view(-1, 2)
-            self._newly_verified.clear()
             yield batch
+            if back_to_back and position == end:
+                end = self._pass_end(position)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.worker_stream(back_to_back=False)
+
+    def worker_stream(self, back_to_back: bool) -> Iterator[dict[str, Any]]:
+        """What this DataLoader worker (or the main process) yields: its logical worker's batches from start_positions."""
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.layout_workers:
@@ -422,7 +456,17 @@ class StreamingCacheDataset(IterableDataset):
             )
         # DataLoader worker 0 always yields the first batch; it plays the logical worker whose turn is next
         logical = (physical + self.start_worker) % workers
-        yield from self.worker_batches(logical, self.start_positions[logical])
+        yield from self.worker_batches(logical, self.start_positions[logical], back_to_back)
+
+
+class _BackToBack(IterableDataset):
+    """The dataset as StreamingLoader's one DataLoader sees it: every worker streams pass after pass, never ending."""
+
+    def __init__(self, dataset: StreamingCacheDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.dataset.worker_stream(back_to_back=True)
 
 
 class StreamingLoader:
@@ -431,6 +475,12 @@ class StreamingLoader:
     Iterate it like a DataLoader (one pass per iteration unless infinite). state_dict() holds, per logical worker,
     the draws consumed; DataLoader workers yield batches in strict turn, so after a restore the same batches follow.
     The state is identical on every rank: rank 0's is enough to resume all ranks.
+
+    One DataLoader serves the whole run: its workers stream pass after pass (their batches carry their position, so
+    the pass they belong to), and an iteration stops when every logical worker has reached the end of the pass. The
+    workers keep reading ahead across the pass boundary, so the next pass's first batch is waiting, not a worker
+    start-up away. The DataLoader is built on the first batch and again after set_epoch jumps or load_state_dict
+    (its workers hold their start positions); close() shuts its workers down.
     """
 
     def __init__(self, dataset: StreamingCacheDataset, pin_memory: bool = False, prefetch_factor: int | None = None):
@@ -438,6 +488,7 @@ class StreamingLoader:
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.positions = list(dataset.start_positions)
         self.next_worker = dataset.start_worker
+        self._batches: Iterator[dict[str, Any]] | None = None  # the run's DataLoader iterator, at self.positions
 
     @property
     def epoch(self) -> int:
@@ -451,9 +502,22 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
+        end = ds._pass_end(min(self.positions))
+        while end is None or min(self.positions) < end:
+            try:
+                batch = next(self._start() if self._batches is None else self._batches)
+            except BaseException:  # a worker's error leaves the DataLoader out of turn: the next pass starts afresh
+                self.close()
+                raise
+            worker, position = batch.pop("stream_position").tolist()
+            self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
+            yield batch
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
         ds.start_positions, ds.start_worker = list(self.positions), self.next_worker
         loader = DataLoader(
-            ds,
+            _BackToBack(ds),
             batch_size=None,
             num_workers=ds.num_workers,
             pin_memory=self.pin_memory,
@@ -461,16 +525,20 @@ class StreamingLoader:
             worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
         )
         with stop_signals_blocked():  # the workers start here
-            batches = iter(loader)
-        for batch in batches:
-            worker, position = batch.pop("stream_position").tolist()
-            ds.verified.update((int(s), int(k)) for s, k in batch.pop("verified_shards").tolist())
-            self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
-            yield batch
+            self._batches = iter(loader)
+        return self._batches
+
+    def close(self) -> None:
+        """Shut the DataLoader's workers down now (the next iteration starts new ones where the stream stands)."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator; in-process has none
+        if shutdown is not None:
+            shutdown()
 
     def set_epoch(self, epoch: int) -> None:
         """Jump to the start of pass `epoch` if the stream is behind it; a no-op otherwise (the state decides)."""
         if epoch > self.epoch:
+            self.close()
             self.positions = [epoch * self.dataset.pass_length] * self.dataset.layout_workers
             self.next_worker = 0
 
@@ -506,6 +574,7 @@ class StreamingLoader:
                 f"the saved data state is for caches {layout['sources']}, this loader reads {now['sources']} "
                 "(feature_hash:num_samples): resume with the same --cache directories, or start a new run"
             )
+        self.close()
         if layout == now:
             self.positions, self.next_worker = list(state["positions"]), int(state["next_worker"])
             return

@@ -154,23 +154,30 @@ def check_compile_mode(mode: str | None, engine: Engine) -> None:
             f"'max-autotune-no-cudagraphs'"
         )
     logger.warning(
-        "compile_mode=%r records CUDA graphs per block and per text length (a batch is padded to its longest "
-        "caption): each new length records new graphs and holds their memory. 'default' is the mode the benchmarks "
+        "compile_mode=%r records CUDA graphs per block and per text length (one per text_buckets length in the "
+        "masked text regime; text_buckets=[] pads each batch to its longest caption, a new length almost every "
+        "batch): each new length records new graphs and holds their memory. 'default' is the mode the benchmarks "
         "measure",
         mode,
     )
 
 
-def compile_blocks(model: nn.Module, mode: str) -> int:
+def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any] = "inductor") -> int:
     """torch.compile each block of the model's repeated block lists in place (regional compilation): the blocks of a
-    list share their code, so compile time is about that of one block, and state-dict names do not change."""
+    list share their code, so compile time is about that of one block, and state-dict names do not change. `backend`
+    is torch.compile's (another than inductor takes mode "default")."""
     count = 0
     for child in model.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                block.compile(mode=None if mode == "default" else mode)
+                block.compile(mode=None if mode == "default" else mode, backend=backend)
                 count += 1
     return count
+
+
+def has_compiled_blocks(model: nn.Module) -> bool:
+    """Whether any submodule was compiled in place (nn.Module.compile, as compile_blocks does)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 @contextmanager

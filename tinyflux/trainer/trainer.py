@@ -41,6 +41,7 @@ from tinyflux.trainer.batch import (
     check_batch,
     kept,
     masked_mean,
+    pad_text,
     spatial_weights,
     step_draws,
     teacher_features,
@@ -57,6 +58,7 @@ from tinyflux.trainer.optim import build_optimizer, build_scheduler
 from tinyflux.trainer.runtime import (
     check_compile_mode,
     compile_blocks,
+    has_compiled_blocks,
     hparams,
     log_sample_grid,
     make_accelerator,
@@ -196,6 +198,7 @@ class Trainer(CheckpointingMixin):
             )
             sampler = None
         self._stateful_loader = not self._prepared_loader and callable(getattr(self.dataloader, "state_dict", None))
+        self._pad_text = has_compiled_blocks(self.model)  # config.compile_mode, or blocks compiled by the caller
         self.cache, self.sampler = cache, sampler
         if cfg.log_with != "none":
             acc.init_trackers(cfg.run_name, config=hparams(cfg, self.model.config))
@@ -224,11 +227,13 @@ class Trainer(CheckpointingMixin):
         grid = (height // model_cfg.patch_size, width // model_cfg.patch_size)
         x_t = pack_latents(flow_x_t(latents, noise, t), model_cfg.patch_size)  # (B, N, C*p*p)
         v_target = pack_latents(flow_velocity(latents, noise), model_cfg.patch_size)  # (B, N, C*p*p)
-        t5, t5_mask, pooled = drop_text(  # (B, L, K, D), (B, L), (B, P)
-            to_device(batch["t5_embeds"], device, torch.float32),
-            to_device(batch["t5_mask"], device),
-            to_device(batch["clip_pooled"], device, torch.float32),
-            ~keep["text"],
+        t5, t5_mask = to_device(batch["t5_embeds"], device, torch.float32), to_device(batch["t5_mask"], device)
+        # Compiled blocks meet a few text lengths, not one per batch; eager ones gain nothing from it, and padding costs
+        # them (bench/NOTES.md, 2026-12-06). The padded regime's text is max_text_tokens long already, unmasked.
+        if model_cfg.text_regime == "masked" and self._pad_text:
+            t5, t5_mask = pad_text(t5, t5_mask, cfg.text_buckets)  # (B, L', K, D), (B, L')
+        t5, t5_mask, pooled = drop_text(  # (B, L', K, D), (B, L'), (B, P)
+            t5, t5_mask, to_device(batch["clip_pooled"], device, torch.float32), ~keep["text"]
         )
         teacher = self._teacher(batch, t)
         # The run's autocast: accelerate wraps the prepared forward in it for one process and DDP, not under FSDP2
@@ -319,25 +324,30 @@ class Trainer(CheckpointingMixin):
             self.validator.log(self)
         self._signal, self.pending_signal = self.pending_signal, None
         self._stop_requested = False
-        with stop_signals(self._on_signal):
-            while not stop and (epochs is None or p.epoch < epochs):
-                if self._stream_finished_epoch():
-                    self._end_epoch()
-                    continue
-                seen = 0
-                # closing: a step that raises shuts the workers down now, not when the traceback is collected
-                with closing(self._epoch_batches()) as batches:
-                    for batch in batches:
-                        seen += 1
-                        stop = self._micro_step(batch, bar)
-                        if stop:
-                            break
-                    else:
-                        if seen == 0 and p.batches_in_epoch == 0:
-                            raise RuntimeError(
-                                "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
-                            )
+        try:
+            with stop_signals(self._on_signal):
+                while not stop and (epochs is None or p.epoch < epochs):
+                    if self._stream_finished_epoch():
                         self._end_epoch()
+                        continue
+                    seen = 0
+                    # closing: a step that raises shuts a per-epoch loader's workers down now, not when the traceback is
+                    # collected (the streaming loader's live for the run: closed below)
+                    with closing(self._epoch_batches()) as batches:
+                        for batch in batches:
+                            seen += 1
+                            stop = self._micro_step(batch, bar)
+                            if stop:
+                                break
+                        else:
+                            if seen == 0 and p.batches_in_epoch == 0:
+                                raise RuntimeError(
+                                    "the dataloader yielded no batch: is the cache empty, or batch_size too big?"
+                                )
+                            self._end_epoch()
+        finally:
+            if callable(getattr(self.dataloader, "close", None)):  # the streaming loader's run-long workers
+                self.dataloader.close()
         bar.close()
         self._settle()
         if self._saved_step != p.step:
