@@ -45,9 +45,10 @@ def test_an_http_cache_streams_the_same_batches_as_the_local_one(synthetic_shard
     with serve(synthetic_shards) as server:
         remote = _batches(server.url, passes=2, num_workers=num_workers)
     _assert_same(remote, local)
-    # each pass fetches every shard once (no local copy is kept), and the manifest is read once
+    # each pass fetches every shard once (no local copy is kept), and the manifest is read once; workers, which live
+    # for the whole run, may already have fetched the next pass's first shard when the test stops reading
     assert server.requests["/manifest.json"] == 1
-    assert server.requests["/shards/shard-000000.tar"] == 2
+    assert server.requests["/shards/shard-000000.tar"] in ((2,) if num_workers == 0 else (2, 3))
 
 
 def test_an_https_cache_streams_the_same_batches(

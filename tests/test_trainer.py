@@ -130,9 +130,9 @@ def test_text_dropout_gives_the_null_conditioning(tmp_path, p):
     seen = forward_kwargs(trainer, batch)
     t5, pooled = seen["args"][1], seen["args"][2]
     mask = seen["encoder_attention_mask"]
-    assert t5.shape[1] == mask.shape[1] == 32  # TEXT_LEN padded to the first of the default text_buckets
+    assert t5.shape[1] == mask.shape[1] == TEXT_LEN  # eager: unpadded (text_buckets pad compiled blocks' text only)
     if p == 1.0:
-        null = null_text(4, 32, (TINY.num_t5_layers, TINY.t5_hidden_size), TINY.pooled_projection_dim)
+        null = null_text(4, TEXT_LEN, (TINY.num_t5_layers, TINY.t5_hidden_size), TINY.pooled_projection_dim)
         assert torch.equal(t5, null.t5) and torch.equal(pooled, null.pooled) and torch.equal(mask, null.mask)
     else:
         assert torch.equal(t5[:, :TEXT_LEN], batch["t5_embeds"]) and torch.equal(mask[:, :TEXT_LEN], batch["t5_mask"])

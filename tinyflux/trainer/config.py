@@ -98,9 +98,7 @@ class TrainerConfig:
 
     # Text
     text_dropout: float = 0.1  # per-sample probability of the null text (zero T5 states and CLIP pooled), for CFG
-    text_buckets: list[int] = field(
-        default_factory=lambda: [32, 64, 128]
-    )  # compiled: pad masked text to the first that holds it
+    text_buckets: list[int] = field(default_factory=lambda: [32, 64, 128])  # compiled blocks: pad text to first fit
 
     # EMA
     ema_decay: float = 0.9999  # EMA of the weights, updated every ema_every optimizer steps
