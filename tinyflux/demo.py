@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     grid = sampler.save_samples(images, PROMPTS, str(out / "samples"))
 
     losses = read_scalars(log_dir, "loss/main")
-    curve = plot_curves({"velocity loss": losses}, out / "loss_curve.png", "TinyFlux demo: main (velocity) loss")
+    curve = plot_curves(  # a log every 10 steps: lighter smoothing than TensorBoard's per-step default
+        {"velocity loss": losses}, out / "loss_curve.png", "TinyFlux demo: main (velocity) loss", smoothing=0.6
+    )
     k = max(len(losses) // 10, 1)
     first = sum(v for _, v in losses[:k]) / k
     last = sum(v for _, v in losses[-k:]) / k
