@@ -59,6 +59,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             "CUDA_VISIBLE_DEVICES": "",
         }
     finally:
+        # A test that failed mid-job leaves its job running: cancel every job first, or its job steps (slurmstepd
+        # and the training processes under it) outlive the daemons.
+        conf = {**env, "SLURM_CONF": str(state / "slurm.conf")}
+        subprocess.run(["scancel", "--full", "--user", "root"], env=conf, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(
+                ["squeue", "--noheader"], env=conf, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        ):
+            time.sleep(1)
         subprocess.run([script, "down"], env=env, capture_output=True, timeout=60)
 
 
