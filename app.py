@@ -22,13 +22,13 @@ from transformers import HfArgumentParser
 
 import sample
 from tinyflux.errors import TinyFluxError, message
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
+from tinyflux.frozen.zoo import ModelZoo, ZooError
 from tinyflux.model.loader import LoadError, load_config, load_model
-from tinyflux.model.zoo import ModelZoo, ZooError
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
-from tinyflux.trainer import sampling
+from tinyflux.sampling import sampler as sampling
+from tinyflux.sampling.sampler import Sampler
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.lora import parse_adapters, set_scales
-from tinyflux.trainer.sampling import Sampler
 
 MAX_STEPS = 60
 MAX_SIDE = 1024  # pixels: a visitor cannot ask for an image that exhausts the Space's memory

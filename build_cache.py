@@ -14,9 +14,9 @@ import sys
 
 from transformers import HfArgumentParser
 
+from tinyflux.cache.build import BuildCacheArgs, run_build
 from tinyflux.errors import TinyFluxError, message
-from tinyflux.model.zoo import ZooError
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
+from tinyflux.frozen.zoo import ZooError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,17 +23,17 @@ from typing import Optional
 import torch
 from transformers import HfArgumentParser
 
+from tinyflux.cache.buckets import BucketError, aspect_size
 from tinyflux.errors import TinyFluxError, message, os_error_message
-from tinyflux.model import zoo as zoo_sources
+from tinyflux.frozen import zoo as zoo_sources
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
+from tinyflux.frozen.zoo import ModelZoo, ZooError
 from tinyflux.model.loader import LoadError, load_config, load_model
-from tinyflux.model.zoo import ModelZoo, ZooError
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
-from tinyflux.trainer import sampling
-from tinyflux.trainer.buckets import BucketError, aspect_size
+from tinyflux.sampling import sampler as sampling
+from tinyflux.sampling.sampler import Sampler
 from tinyflux.trainer.checkpoint import TRAINER_CONFIG
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.lora import parse_adapters
-from tinyflux.trainer.sampling import Sampler
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
 from tinyflux.util.dtypes import parse_dtype
 

@@ -8,7 +8,7 @@ Every TrainerConfig and TinyFluxConfig field is a flag (see --help) and a key of
 docs/TRAINING.md describes the run, its checkpoints and its logs.
 """
 
-from tinyflux.trainer.run import main
+from tinyflux.trainer.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

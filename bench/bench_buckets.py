@@ -21,10 +21,10 @@ import torch
 from common import Row, describe_device, matmul_ceiling_tflops, print_table, scratch_dir
 from PIL import Image
 
-from tinyflux.model.zoo import make_tiny_zoo
+from tinyflux.cache.build import BuildCacheArgs, run_build
+from tinyflux.tools.tiny_zoo import make_tiny_zoo
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
-from tinyflux.trainer.run import build_dataloader, run_training
+from tinyflux.trainer.main import build_dataloader, run_training
 
 SHAPES = [(1, 1), (3, 2), (2, 3), (2, 1), (1, 2)]  # width : height
 

@@ -41,11 +41,8 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinyflux.data.demo import write_demo_images
-from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.zoo import ModelZoo
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
-from tinyflux.trainer.cache_encode import (
+from tinyflux.cache.build import BuildCacheArgs, run_build
+from tinyflux.cache.encode import (
     encode_batch,
     lune_features,
     prepare_image,
@@ -53,7 +50,10 @@ from tinyflux.trainer.cache_encode import (
     teacher_context,
     text_features,
 )
-from tinyflux.trainer.cache_format import T_BUCKETS, encode_sample, shard_path, write_shard
+from tinyflux.cache.format import T_BUCKETS, encode_sample, shard_path, write_shard
+from tinyflux.frozen.zoo import ModelZoo
+from tinyflux.model.config import TinyFluxConfig
+from tinyflux.tools.demo_images import write_demo_images
 
 LUNE = "Lune, 10 buckets in one call"
 SOL = "Sol, 10 buckets in one call"
@@ -109,7 +109,7 @@ def stage_flops(fn: Callable[[], Any], device: torch.device) -> float:
 
 def t5_alone(zoo: ModelZoo, captions: list[str]) -> None:
     """The T5 encoder's forward as encode_prompts_batched runs it, without CLIP."""
-    from tinyflux.model.zoo_sources import T5_MAX_LENGTH
+    from tinyflux.frozen.sources import T5_MAX_LENGTH
 
     tokenizer, t5 = zoo.load_t5()
     tokens = tokenizer(captions, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt")

@@ -22,8 +22,8 @@ from common import PRESET_CHOICES, add_device_args, describe_device, make_config
 from common import synthetic_cache as make_cache
 from torch.utils.data import DataLoader
 
+from tinyflux.cache.loaders import CachedDataset, collate_fn
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.trainer.data import CachedDataset, collate_fn
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
 

@@ -29,9 +29,9 @@ from common import PRESET_CHOICES, Row, diffusers_twin, make_config, print_table
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import IterableDataset
 
+from tinyflux.cache.format import T_BUCKETS
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 

@@ -42,11 +42,12 @@ from common import (
     train_flops_per_sample,
 )
 
+from tinyflux.frozen.zoo import ModelZoo
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.model.zoo import CAPTION_CORPUS, ModelZoo
+from tinyflux.sampling.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_NUM_STEPS, Sampler
+from tinyflux.tools.tiny_zoo import CAPTION_CORPUS
 from tinyflux.trainer.runtime import compile_blocks
-from tinyflux.trainer.sampling import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_NUM_STEPS, Sampler
 from tinyflux.trainer.schedules import get_schedule
 
 TEXT_FIELDS = ("t5_layers", "t5_hidden_size", "pooled_projection_dim")

@@ -1,4 +1,4 @@
-"""Samples/s the streaming reader (tinyflux.trainer.data.make_stream_loader) delivers with N DataLoader workers, from
+"""Samples/s the streaming reader (tinyflux.cache.loaders.make_stream_loader) delivers with N DataLoader workers, from
 synthetic shards of the `deep` preset's sample shapes (fp16 on disk, as build_cache.py writes them), against what the
 training step consumes. Prints one table; the issue's target is a reader at least 5x the step.
 
@@ -16,7 +16,7 @@ once, as a long run over a large cache does per sample.
     python bench/bench_stream.py --scale 1000 10000                # build and reader cost as the cache grows
 
 `--sources http` serves the cache from a `python -m http.server` process on 127.0.0.1 (another process, as a store
-is another machine) and streams it by URL (tinyflux.trainer.cache_source): each worker fetches whole shards into
+is another machine) and streams it by URL (tinyflux.cache.source): each worker fetches whole shards into
 memory, checks size and sha256, and parses them from memory. `--scale N ...` prints, per cache size and source, the
 cache's bytes, the time to write it (shard writer + manifest, no encoders), to open it (manifest + per-shard checks),
 to the first batch (a fresh loader, 0 workers: one shuffle-buffer fill), and the reader's memory growth (RSS after
@@ -53,8 +53,7 @@ from common import (
     write_synthetic_shards,
 )
 
-from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.format import (
     SHARD_DIR,
     assemble_manifest,
     encode_sample,
@@ -65,7 +64,8 @@ from tinyflux.trainer.cache_format import (
     write_manifest,
     write_shard,
 )
-from tinyflux.trainer.data import make_stream_loader
+from tinyflux.cache.loaders import make_stream_loader
+from tinyflux.model.config import TinyFluxConfig
 from tinyflux.util.dtypes import parse_dtype
 
 T = TypeVar("T")

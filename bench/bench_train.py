@@ -55,10 +55,10 @@ from common import (
     write_synthetic_shards,
 )
 
+from tinyflux.cache.loaders import make_stream_loader
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.math import ATTENTION_BACKENDS
 from tinyflux.model.model import TinyFluxDeep, pack_latents
-from tinyflux.trainer.data import make_stream_loader
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.metrics import flops_per_sample
 from tinyflux.trainer.runtime import exclude_cudnn_attention
 
@@ -137,8 +137,8 @@ class ZooChoice:
 def resolve_zoo(name: str | None, random_dir: str | None, work: Path) -> ZooChoice:
     """--zoo NAME: write the tiny zoo into `work` (None), write or reuse a random zoo ('random-full' / '-small'), or
     take the Hub ('hub') or a directory as it is (its preset from a random zoo's marker, else the tiny zoo's)."""
-    from tinyflux.model.zoo_random import SPECS, ensure_random_zoo, read_marker
-    from tinyflux.model.zoo_tiny import make_tiny_zoo
+    from tinyflux.tools.random_zoo import SPECS, ensure_random_zoo, read_marker
+    from tinyflux.tools.tiny_zoo import make_tiny_zoo
 
     if name is None:
         return ZooChoice(str(make_tiny_zoo(work / "zoo")), "tiny", "tiny")

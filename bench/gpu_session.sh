@@ -91,7 +91,7 @@ case $stage in
   # Sampling runs eager here: stage 5 has the compiled transformer; this stage adds the real encoders and VAE.
   zoo_dir=${RANDOM_ZOO_DIR:-runs/random_zoo_$zoo_size}
   zoo="--zoo random-$zoo_size --random_zoo_dir $zoo_dir"
-  run random_zoo "$zoo_s" "$py" -m tinyflux.model.zoo make-random "$zoo_dir" --size "$zoo_size" --reuse
+  run random_zoo "$zoo_s" "$py" -m tinyflux.frozen.zoo make-random "$zoo_dir" --size "$zoo_size" --reuse
   run cache_$((lo * 8)) "$cache_lo_s" "$py" bench/bench_cache.py $zoo $cache --resolutions $((lo * 8))
   run cache_$((hi * 8)) "$cache_hi_s" "$py" bench/bench_cache.py $zoo $cache --resolutions $((hi * 8))
   run sample_zoo "$sample_s" "$py" bench/bench_sample.py $zoo $sample --latents $lo $hi $sample4

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyflux.data.demo import write_demo_images
+from tinyflux.cache.format import T_BUCKETS, Manifest
+from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
-from tinyflux.trainer.cache_format import T_BUCKETS, Manifest
+from tinyflux.tools.demo_images import write_demo_images
 
 TINY = TinyFluxConfig.preset("tiny")
 # Inputs the demo folder holds besides the good images, with the reason the build must give for each.
@@ -118,7 +118,7 @@ class BuiltCache:
 @pytest.fixture(scope="session")
 def built_cache(tmp_path_factory: pytest.TempPathFactory, tiny_zoo_path: Path) -> BuiltCache:
     """The demo folder (10 good images, 5 bad inputs, one of them a duplicate key) built at 64 px in shards of 4."""
-    from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
+    from tinyflux.cache.build import BuildCacheArgs, run_build
 
     images = tmp_path_factory.mktemp("demo_images")
     good, bad = write_demo_folder(images)

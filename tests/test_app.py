@@ -132,10 +132,10 @@ def test_a_lora_scale_slider_moves_between_the_base_and_the_adapted_model(tiny_z
     import app
     from tests.test_lora import base_model
     from tests.test_lora_sampling import trained_adapter
-    from tinyflux.model.zoo import ModelZoo
-    from tinyflux.trainer import sampling
+    from tinyflux.frozen.zoo import ModelZoo
+    from tinyflux.sampling import sampler as sampling
+    from tinyflux.sampling.sampler import Sampler
     from tinyflux.trainer.lora import Adapter
-    from tinyflux.trainer.sampling import Sampler
 
     save_model(base_model(), tmp_path / "base")
     trained_adapter(tmp_path / "adapter", seed=1)

@@ -14,14 +14,14 @@ from PIL import Image
 
 from build_cache import main as build_cache_main
 from tests.test_train_script import CPU_2PROC, ROOT, SUBPROCESS_ENV, assert_same_weights, run_argv
+from tinyflux.cache.bucket_loader import BucketBatchSampler, BucketLoader
+from tinyflux.cache.format import CacheFormatError
+from tinyflux.cache.loaders import collate_fn
+from tinyflux.cache.memory import DatasetCache
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader
-from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import CacheFormatError
-from tinyflux.trainer.data import collate_fn
-from tinyflux.trainer.run import build_dataloader, main, run_training
+from tinyflux.trainer.main import build_dataloader, main, run_training
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 
 from build_cache import main as build_cache_main
 from tests.fixtures_cache import BuiltCache
-from tinyflux.data.demo import write_demo_images
-from tinyflux.model.sol_stats import attention_spatial_map, attention_stats
-from tinyflux.trainer.buckets import Bucket, BucketError, auto_buckets, manifest_buckets, nearest_bucket
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
-from tinyflux.trainer.cache_encode import lune_features, prepare_bucket_image, sol_features
-from tinyflux.trainer.cache_format import decode_sample, load_manifest
-from tinyflux.trainer.data import make_stream_loader
+from tinyflux.cache.buckets import Bucket, BucketError, auto_buckets, manifest_buckets, nearest_bucket
+from tinyflux.cache.build import BuildCacheArgs, run_build
+from tinyflux.cache.encode import lune_features, prepare_bucket_image, sol_features
+from tinyflux.cache.format import decode_sample, load_manifest
+from tinyflux.cache.loaders import make_stream_loader
+from tinyflux.frozen.sol_stats import attention_spatial_map, attention_stats
+from tinyflux.tools.demo_images import write_demo_images
 
 SNAPSHOT_DIR = Path(__file__).parent / "data" / "square_cache"
 # Manifest entries that name this machine's paths or hash the tar bytes (which the tensors' comparison covers).
@@ -215,7 +215,7 @@ def test_old_caches_read_as_one_square_bucket_and_the_stream_refuses_buckets(
 def test_every_auto_bucket_goes_through_the_teachers(tiny_zoo) -> None:
     """The tiny UNets have SD1.5's block structure (3 stride-2 downsamplers, skip-connected up blocks): each auto
     bucket's teacher grid at 256 and 512 px, odd sides included, goes through both with Sol's map at 8 x 8."""
-    from tinyflux.model.zoo_teachers import lune_from_context, sol_from_context
+    from tinyflux.frozen.teachers import lune_from_context, sol_from_context
 
     lune, sol = tiny_zoo.load_lune(), tiny_zoo.load_sol()
     side = sol.config.sample_size

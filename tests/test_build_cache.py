@@ -21,10 +21,10 @@ from transformers import HfArgumentParser
 
 from build_cache import main as build_cache_main
 from tests.fixtures_cache import TINY, BuiltCache
-from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, _make_zoo, build_settings, run_build
-from tinyflux.trainer.cache_encode import prepare_image
-from tinyflux.trainer.cache_format import T_BUCKETS, CacheMismatchError, check_compatible, load_manifest
-from tinyflux.trainer.data import make_stream_loader
+from tinyflux.cache.build import BuildCacheArgs, BuildError, _make_zoo, build_settings, run_build
+from tinyflux.cache.encode import prepare_image
+from tinyflux.cache.format import T_BUCKETS, CacheMismatchError, check_compatible, load_manifest
+from tinyflux.cache.loaders import make_stream_loader
 
 REPO = Path(__file__).resolve().parents[1]
 

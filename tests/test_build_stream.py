@@ -20,9 +20,9 @@ import webdataset as wds
 from PIL import Image
 
 from tests.fixtures_remote import serve
-from tinyflux.trainer.cache_build import STREAM_LOCK, BuildCacheArgs, BuildError, _fill_stream_gaps, run_build
-from tinyflux.trainer.cache_format import decode_sample, load_manifest
-from tinyflux.trainer.cache_inputs import StreamedRows
+from tinyflux.cache.build import STREAM_LOCK, BuildCacheArgs, BuildError, _fill_stream_gaps, run_build
+from tinyflux.cache.format import decode_sample, load_manifest
+from tinyflux.cache.inputs import StreamedRows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_a_streamed_dataset_gives_the_features_of_the_downloaded_one_and_resumes
     args = dict(output=str(tmp_path / "streamed"), dataset=str(tmp_path / "data"), streaming=True, **common)
     assert run_build(BuildCacheArgs(**args, stop_after_shards=2)) is None  # killed after 2 of its 4 shards
     first = (tmp_path / "streamed/shards/shard-000000.tar").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="tinyflux.trainer.cache_build"):
+    with caplog.at_level(logging.INFO, logger="tinyflux.cache.build"):
         streamed = run_build(BuildCacheArgs(**args))
     assert (tmp_path / "streamed/shards/shard-000000.tar").stat().st_mtime_ns == first  # kept, not rebuilt
     # the re-run started datasets' stream at the saved position after shard 1, not at row 0

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_convert import convert_original_cache, main
-from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.convert import convert_original_cache, main
+from tinyflux.cache.format import (
     T_BUCKETS,
     CacheFormatError,
     CacheMismatchError,
     check_compatible,
     load_manifest,
 )
-from tinyflux.trainer.data import make_stream_loader
+from tinyflux.cache.loaders import make_stream_loader
+from tinyflux.cache.memory import DatasetCache
+from tinyflux.model.config import TinyFluxConfig
 
 # The original's buckets, as its get_t_buckets made them (not bit-equal to our linspace)
 ORIGINAL_BUCKETS = torch.tensor([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])

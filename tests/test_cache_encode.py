@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyflux.model.sol_stats import attention_spatial_map, attention_stats
-from tinyflux.model.zoo_teachers import seeded_noise, sol_recorder, teacher_noise_level
-from tinyflux.trainer.cache_encode import encode_batch
-from tinyflux.trainer.cache_format import T_BUCKETS
+from tinyflux.cache.encode import encode_batch
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.frozen.sol_stats import attention_spatial_map, attention_stats
+from tinyflux.frozen.teachers import seeded_noise, sol_recorder, teacher_noise_level
 
 PROMPTS = ["a red square on grey", "two blue circles", "an olive triangle at dusk, small"]
 BUCKETS = T_BUCKETS[::3]  # 4 of the 10 buckets keep the per-prompt reference loop short
@@ -101,7 +101,7 @@ def test_sol_recorder_layer_equals_the_statistics_of_its_attention(tiny_zoo, one
 
 
 def test_sol_recorder_is_found_only_where_installed(tiny_zoo) -> None:  # noqa: ANN001
-    from tinyflux.model.zoo_sources import ZooError
+    from tinyflux.frozen.sources import ZooError
 
     with pytest.raises(ZooError, match="found 0"):
         sol_recorder(tiny_zoo.load_lune())

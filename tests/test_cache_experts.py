@@ -10,9 +10,7 @@ import torch
 from PIL import Image
 
 from tests.fixtures_cache import TINY, make_synthetic_cache
-from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_experts import DatasetCache, MultiSourceCache, interpolate_buckets
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.format import (
     T_BUCKETS,
     CacheFormatError,
     CacheMismatchError,
@@ -20,6 +18,8 @@ from tinyflux.trainer.cache_format import (
     encode_sample,
     load_manifest,
 )
+from tinyflux.cache.memory import DatasetCache, MultiSourceCache, interpolate_buckets
+from tinyflux.model.config import TinyFluxConfig
 
 
 def test_interpolation_is_exact_at_buckets_linear_between_and_clamped_outside() -> None:

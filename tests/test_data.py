@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.fixtures_cache import TINY, make_synthetic_cache
+from tinyflux.cache.format import CacheMismatchError
+from tinyflux.cache.loaders import CachedDataset, StreamingCacheDataset, collate_fn, make_stream_loader
+from tinyflux.cache.memory import DatasetCache
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import CacheMismatchError
-from tinyflux.trainer.data import CachedDataset, StreamingCacheDataset, collate_fn, make_stream_loader
 
 
 def test_collate_pads_t5_to_the_longest_with_a_mask() -> None:
@@ -164,7 +164,7 @@ def test_stream_refuses_a_cache_that_does_not_fit_the_model(synthetic_shards: Pa
 def test_the_training_script_streams_batches_in_the_caches_storage_dtype(synthetic_shards: Path) -> None:
     from types import SimpleNamespace
 
-    from tinyflux.trainer.data import build_loader
+    from tinyflux.cache.loaders import build_loader
 
     args = SimpleNamespace(
         script=SimpleNamespace(cache=[str(synthetic_shards)], cache_weights=None),

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tinyflux.data.demo import write_demo_images
+from tinyflux.cache.format import load_manifest
+from tinyflux.cache.inputs import BuildError, folder_items
+from tinyflux.tools.demo_images import write_demo_images
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, parse_args
-from tinyflux.trainer.cache_format import load_manifest
-from tinyflux.trainer.cache_inputs import BuildError, folder_items
 from tinyflux.trainer.folder import CACHE_SUBDIR
-from tinyflux.trainer.run import run_training
+from tinyflux.trainer.main import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 ROOT = Path(__file__).resolve().parents[1]

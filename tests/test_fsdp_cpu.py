@@ -23,7 +23,7 @@ from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.engines import fsdp_mixed_precision
-from tinyflux.trainer.run import run_training
+from tinyflux.trainer.main import run_training
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinyflux.trainer.cache_encode import (
+from tinyflux.cache.encode import (
     BAD_CAPTION_ENCODING,
     OUTSIDE_IMAGES,
     SkippedInput,
@@ -18,7 +18,7 @@ from tinyflux.trainer.cache_encode import (
     prepare_image,
     to_rgb8,
 )
-from tinyflux.trainer.cache_inputs import folder_items
+from tinyflux.cache.inputs import folder_items
 
 
 def _reopened(image: Image.Image, fmt: str, **save) -> Image.Image:  # noqa: ANN003
@@ -135,7 +135,7 @@ def test_symlinks_out_of_images_and_non_utf8_captions_are_skipped(tmp_path: Path
 
 
 def test_caption_bytes_are_strict_utf8_with_the_bom_dropped() -> None:
-    from tinyflux.trainer.cache_encode import check_caption
+    from tinyflux.cache.encode import check_caption
 
     assert check_caption("\ufeffa caf\u00e9".encode()) == "a caf\u00e9"  # a .txt saved by Notepad, or a tar member
     with pytest.raises(SkippedInput) as info:

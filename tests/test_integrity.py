@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_cache import BuiltCache
-from tinyflux.trainer.cache_build import BuildCacheArgs, BuildError, run_build
-from tinyflux.trainer.cache_format import CacheFormatError, load_manifest
-from tinyflux.trainer.data import StreamingLoader, make_stream_loader
+from tinyflux.cache.build import BuildCacheArgs, BuildError, run_build
+from tinyflux.cache.format import CacheFormatError, load_manifest
+from tinyflux.cache.loaders import StreamingLoader, make_stream_loader
 
 
 def _flip_byte(path: Path, offset: int = 700) -> None:

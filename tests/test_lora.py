@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader, Subset
 from tests.test_checkpoint import FakeHub
 from tests.test_scale import argv, launch, synthetic_cache
 from tests.trainer_helpers import TINY, SyntheticCache, config, first_batch, loader
+from tinyflux.cache.loaders import CachedDataset, collate_fn
+from tinyflux.cache.memory import DatasetCache
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import save_model
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, parse_args
-from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.data import CachedDataset, collate_fn
 from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.lora import (
     ADAPTER_CONFIG,
@@ -33,7 +33,7 @@ from tinyflux.trainer.lora import (
     LoraSpec,
     expand_ranges,
 )
-from tinyflux.trainer.run import run_training
+from tinyflux.trainer.main import run_training
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV, compile_blocks
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.trainer_checkpointing import LORA_EMA_DIR

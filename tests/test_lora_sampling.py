@@ -14,11 +14,11 @@ from PIL import Image
 import sample
 from tests.test_lora import base_model, forward
 from tests.trainer_helpers import TINY
+from tinyflux.frozen.zoo import ModelZoo
 from tinyflux.model.loader import load_model, save_model
-from tinyflux.model.zoo import ModelZoo
+from tinyflux.sampling.sampler import Sampler
 from tinyflux.trainer import lora
 from tinyflux.trainer.lora import Adapter, LoraSettings, LoraSpec, apply_lora, attach, merged, save_adapter
-from tinyflux.trainer.sampling import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 SAMPLE = {"num_steps": 2, "height": 8, "width": 8, "seed": 0, "return_latents": True}

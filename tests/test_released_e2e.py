@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from build_cache import main as build_cache_main
+from tinyflux.cache.format import CacheMismatchError, load_manifest
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import load_model
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.trainer.cache_format import CacheMismatchError, load_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 DATA = Path(__file__).parent / "data" / "tinyflux_v42"
@@ -89,8 +89,8 @@ def test_the_sampler_feeds_the_network_what_the_original_sampler_did(released_di
     CLIP's pooler_output, t in [0, 1] as float32, image ids (0, y, x); the decode leaves the VAE shift out."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-    from tinyflux.model.zoo import ModelZoo
-    from tinyflux.trainer.sampling import Sampler
+    from tinyflux.frozen.zoo import ModelZoo
+    from tinyflux.sampling.sampler import Sampler
 
     model = load_model(str(released_dir), device="cpu", dtype=torch.float32)
     zoo = ModelZoo(device="cpu", dtype=torch.float32, zoo=tiny_zoo_path, t5_layers=model.config.t5_layers)
@@ -122,7 +122,7 @@ def test_the_sampler_feeds_the_network_what_the_original_sampler_did(released_di
 
 
 def test_fine_tuning_a_released_checkpoint_keeps_its_key_names(released_dir, padded_cache, tmp_path):
-    from tinyflux.trainer.run import main as train_main
+    from tinyflux.trainer.main import main as train_main
 
     argv = ["--model", str(released_dir), "--cache", str(padded_cache), "--dtype", "float32", "--batch_size", "2"]
     argv += ["--total_steps", "2", "--num_workers", "0", "--log_with", "none", "--save_every_steps", "none"]
@@ -142,7 +142,7 @@ def test_fine_tuning_a_released_checkpoint_keeps_its_key_names(released_dir, pad
 
 
 def test_a_masked_cache_is_refused_for_a_released_model_with_the_fix(released_dir, tiny_zoo_path, tmp_path):
-    from tinyflux.trainer.cache_format import check_compatible
+    from tinyflux.cache.format import check_compatible
 
     root = tmp_path
     flags = ["--images", str(_images(root / "images", 2)), "--resolution", "64", "--zoo", str(tiny_zoo_path)]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tinyflux.errors import TinyFluxError, message
 from tinyflux.trainer import checkpoint as ckpt
-from tinyflux.trainer.run import main as train_main
+from tinyflux.trainer.main import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -54,7 +54,10 @@ def test_each_case_is_one_line_and_an_exit_code(synthetic_shards, tmp_path, caps
 
 
 def test_every_tinyflux_error_derives_from_one_root() -> None:
-    from tinyflux.trainer import args, batch, cache_format, cache_inputs, cache_source, config, engines, optim, verdict
+    from tinyflux.cache import format as cache_format
+    from tinyflux.cache import inputs as cache_inputs
+    from tinyflux.cache import source as cache_source
+    from tinyflux.trainer import args, batch, config, engines, optim, verdict
 
     classes = [
         args.ArgsError, batch.BatchMismatchError, cache_format.CacheFormatError, cache_format.CacheMismatchError,
@@ -66,13 +69,13 @@ def test_every_tinyflux_error_derives_from_one_root() -> None:
 
 
 def test_a_dataloader_worker_error_is_printed_without_the_worker_traceback() -> None:
-    from tinyflux.trainer.cache_format import CacheFormatError
+    from tinyflux.cache.format import CacheFormatError
 
     # what torch.utils.data's ExceptionWrapper.reraise builds in the main process
     wrapped = CacheFormatError(
         "Caught CacheFormatError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "x.py", line 1, in f\n    g()\n'
-        "tinyflux.trainer.cache_format.CacheFormatError: shard s.tar is damaged; re-run build_cache.py\n"
+        "tinyflux.cache.format.CacheFormatError: shard s.tar is damaged; re-run build_cache.py\n"
     )
     assert message(wrapped) == "shard s.tar is damaged; re-run build_cache.py"
     assert message(CacheFormatError("plain")) == "plain"
@@ -134,7 +137,7 @@ def test_a_full_disk_during_a_checkpoint_shows_enospc(tmp_path) -> None:
 
 def test_build_cache_on_a_full_or_read_only_disk_is_one_line(built_cache, tmp_path, capsys, monkeypatch) -> None:
     import build_cache
-    from tinyflux.trainer import cache_build
+    from tinyflux.cache import build as cache_build
 
     flags = [f"--{k}={v}" for k, v in built_cache.build_kwargs().items()]
 
@@ -168,7 +171,7 @@ def test_sample_py_output_naming_a_file_and_repeated_prompts(tmp_path, capsys) -
 
 
 def test_a_grid_of_8_px_samples_has_room_for_its_captions() -> None:
-    from tinyflux.trainer.sampling import captioned_grid
+    from tinyflux.sampling.sampler import captioned_grid
 
     tiles = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
     grid = captioned_grid(tiles, ["a cat on a sofa", "b", "a long caption that wraps"])

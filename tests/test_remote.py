@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures_remote import self_signed_cert, serve
+from tinyflux.cache.format import CacheFormatError
+from tinyflux.cache.loaders import make_stream_loader
+from tinyflux.cache.source import CacheLocation, Retry, SourceError, read_url
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.cache_format import CacheFormatError
-from tinyflux.trainer.cache_source import CacheLocation, Retry, SourceError, read_url
-from tinyflux.trainer.data import make_stream_loader
-from tinyflux.trainer.run import main as train_main
-from tinyflux.trainer.run import run_training
+from tinyflux.trainer.main import main as train_main
+from tinyflux.trainer.main import run_training
 
 FAST = Retry(attempts=3, first_delay=0.05, max_delay=0.2, timeout=2.0)
 

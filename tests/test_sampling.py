@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import sample
+from tinyflux.frozen.zoo import ModelZoo
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import save_model
 from tinyflux.model.model import TinyFluxDeep, pack_latents, unpack_latents
-from tinyflux.model.zoo import ModelZoo
+from tinyflux.sampling.sampler import Sampler, drop_text, null_text
 from tinyflux.trainer.ema import EMA
-from tinyflux.trainer.sampling import Sampler, drop_text, null_text
 from tinyflux.trainer.schedules import get_schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
 from tests.trainer_helpers import wait_for_checkpoint
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.loader import load_model
 from tinyflux.trainer import checkpoint as ckpt
-from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

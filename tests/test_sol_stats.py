@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tinyflux.model.sol_stats import (
+from tinyflux.frozen.sol_stats import (
     SOL_STAT_NAMES,
     attention_spatial_map,
     attention_stats,

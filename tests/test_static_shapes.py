@@ -10,12 +10,12 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from tests.trainer_helpers import TINY, SyntheticCache, collate, config, first_batch, perturb
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.loaders import make_stream_loader
+from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import pad_text
-from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.config import TrainerConfigError
-from tinyflux.trainer.data import make_stream_loader
 from tinyflux.trainer.runtime import compile_blocks
 from tinyflux.trainer.trainer import Trainer
 

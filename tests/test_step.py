@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.memory import interpolate_buckets
 from tinyflux.trainer.batch import teacher_features
-from tinyflux.trainer.cache_experts import interpolate_buckets
-from tinyflux.trainer.cache_format import T_BUCKETS
 
 
 def test_teacher_features_are_interpolated_together_bit_for_bit() -> None:

@@ -11,10 +11,10 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
 
-from tinyflux.model.teacher_files import ORIGINAL_LAYOUT, teacher_config
-from tinyflux.model.zoo import ModelZoo, ZooError, main
-from tinyflux.model.zoo_sources import LUNE_FILENAME, SOL_FILENAME
-from tinyflux.model.zoo_teachers import SolAttentionRecorder
+from tinyflux.frozen.sources import LUNE_FILENAME, SOL_FILENAME
+from tinyflux.frozen.teacher_files import ORIGINAL_LAYOUT, teacher_config
+from tinyflux.frozen.teachers import SolAttentionRecorder
+from tinyflux.frozen.zoo import ModelZoo, ZooError, main
 
 LDM = "model.diffusion_model."
 RESNET_LDM = {
@@ -104,7 +104,7 @@ def assert_from(loaded: dict, file: dict, base: dict) -> int:
 
 @pytest.fixture
 def teacher_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="tinyflux.model.teacher_files")
+    caplog.set_level(logging.INFO, logger="tinyflux.frozen.teacher_files")
     return caplog
 
 

@@ -67,7 +67,7 @@ def test_log_with_all_sends_scalars_and_the_sample_grid_to_tensorboard_and_wandb
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tinyflux.trainer.sampling import Sampler
+    from tinyflux.sampling.sampler import Sampler
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written to WANDB_DIR only
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))

@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer_helpers import wait_for_checkpoint
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.loader import load_model
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, build_parser, parse_args
-from tinyflux.trainer.cache_experts import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.config import TrainerConfig
-from tinyflux.trainer.run import main, run_training
+from tinyflux.trainer.main import main, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"

@@ -22,9 +22,9 @@ from tests.trainer_helpers import (
     params,
     perturb,
 )
-from tinyflux.model.model import TinyFluxDeep, pack_latents
-from tinyflux.trainer.batch import BatchMismatchError
-from tinyflux.trainer.cache_experts import (
+from tinyflux.cache.format import T_BUCKETS
+from tinyflux.cache.loaders import CachedDataset, collate_fn
+from tinyflux.cache.memory import (
     DatasetCache,
     EncodingCache,
     LuneFeatureCache,
@@ -32,9 +32,9 @@ from tinyflux.trainer.cache_experts import (
     SolFeatureCache,
     interpolate_buckets,
 )
-from tinyflux.trainer.cache_format import T_BUCKETS
+from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.trainer.batch import BatchMismatchError
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
-from tinyflux.trainer.data import CachedDataset, collate_fn
 from tinyflux.trainer.engines import Engine
 from tinyflux.trainer.optim import OptimizerUnavailableError, build_optimizer, build_scheduler
 from tinyflux.trainer.runtime import check_compile_mode, make_accelerator
@@ -123,7 +123,7 @@ def test_teacher_dropout_rate_per_sample(tmp_path):
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_text_dropout_gives_the_null_conditioning(tmp_path, p):
-    from tinyflux.trainer.sampling import null_text
+    from tinyflux.sampling.sampler import null_text
 
     trainer = make_trainer(tmp_path, text_dropout=p)
     batch = first_batch()
@@ -248,7 +248,7 @@ def test_bf16_mixed_precision_on_cpu_trains(tmp_path):
 
 
 def test_sample_grids_every_n_steps_from_the_ema(tmp_path, tiny_zoo):
-    from tinyflux.trainer.sampling import Sampler
+    from tinyflux.sampling.sampler import Sampler
 
     trainer = make_trainer(
         tmp_path,

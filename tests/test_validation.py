@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.trainer_helpers import TINY, config
+from tinyflux.cache.loaders import make_stream_loader
 from tinyflux.model.model import TinyFluxDeep
 from tinyflux.trainer import checkpoint as ckpt
-from tinyflux.trainer.data import make_stream_loader
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.validation import Validator, held_out_indices, read_samples, validation_timesteps
 
@@ -74,7 +74,7 @@ def test_the_validation_loss_falls_as_the_model_learns_the_shapes(built_cache, t
 
 def test_the_split_leaves_the_in_memory_loader_too(built_cache):
     from tinyflux.trainer.args import parse_args
-    from tinyflux.trainer.run import build_dataloader, build_validator, held_out_split
+    from tinyflux.trainer.main import build_dataloader, build_validator, held_out_split
 
     args = parse_args(
         ["--cache", str(built_cache.output), "--model", "tiny", "--in_memory", "--num_workers", "0"]
@@ -89,7 +89,7 @@ def test_the_split_leaves_the_in_memory_loader_too(built_cache):
 
 
 def test_a_split_that_leaves_nothing_to_train_on_is_one_line(built_cache, capsys):
-    from tinyflux.trainer.run import main
+    from tinyflux.trainer.main import main
 
     argv = ["--cache", str(built_cache.output), "--model", "tiny", "--dtype", "float32"]
     assert main([*argv, "--validation_fraction", "0.99"]) == 2

@@ -19,10 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+from tinyflux.frozen.sources import LUNE_FILENAME, SOL_FILENAME, describe_load_error
+from tinyflux.frozen.teachers import SolAttentionRecorder
+from tinyflux.frozen.zoo import ModelZoo, ZooError, main, seeded_noise
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.zoo import CAPTION_CORPUS, ModelZoo, ZooError, main, seeded_noise
-from tinyflux.model.zoo_sources import LUNE_FILENAME, SOL_FILENAME, describe_load_error
-from tinyflux.model.zoo_teachers import SolAttentionRecorder
+from tinyflux.tools.tiny_zoo import CAPTION_CORPUS
 
 TINY = TinyFluxConfig.preset("tiny")
 PROMPTS = list(CAPTION_CORPUS[:4])
@@ -82,7 +83,7 @@ def test_another_process_writes_the_same_tokenizers(tmp_path: Path, tiny_zoo_pat
     # The tokenizers library's trainers break ties by hash order, per process: the vocabularies are counted instead.
     other = tmp_path / "other_process"
     subprocess.run(
-        [sys.executable, "-m", "tinyflux.model.zoo", "make-tiny", str(other)], check=True, capture_output=True
+        [sys.executable, "-m", "tinyflux.frozen.zoo", "make-tiny", str(other)], check=True, capture_output=True
     )
     for name in ("t5/tokenizer.json", "clip/tokenizer.json"):
         assert (other / name).read_bytes() == (tiny_zoo_path / name).read_bytes(), name

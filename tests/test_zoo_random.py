@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from tinyflux.frozen.sources import LUNE_FILENAME, SD15_UNET_CONFIG, SOL_FILENAME
+from tinyflux.frozen.zoo import ModelZoo, main
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.zoo import CAPTION_CORPUS, ModelZoo, main
-from tinyflux.model.zoo_random import (
+from tinyflux.tools.random_zoo import (
     FULL_SPEC,
     MARKER,
     SMALL_SPEC,
@@ -25,7 +26,7 @@ from tinyflux.model.zoo_random import (
     meta_models,
     parameter_count,
 )
-from tinyflux.model.zoo_sources import LUNE_FILENAME, SD15_UNET_CONFIG, SOL_FILENAME
+from tinyflux.tools.tiny_zoo import CAPTION_CORPUS
 
 DEEP = TinyFluxConfig.preset("deep")
 TINY = TinyFluxConfig.preset("tiny")

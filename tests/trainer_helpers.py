@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from tinyflux.cache.format import T_BUCKETS
 from tinyflux.model.model import TinyFluxConfig, TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
-from tinyflux.trainer.cache_format import T_BUCKETS
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.util.predictions import flow_velocity, flow_x_t

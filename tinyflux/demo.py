@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from tinyflux.data.demo import write_demo_images
+from tinyflux.cache.build import BuildCacheArgs, run_build
+from tinyflux.frozen.zoo import ModelZoo
 from tinyflux.model.loader import load_model
-from tinyflux.model.zoo import ModelZoo, make_tiny_zoo
+from tinyflux.sampling.sampler import Sampler
+from tinyflux.tools.demo_images import write_demo_images
+from tinyflux.tools.tiny_zoo import make_tiny_zoo
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
 from tinyflux.trainer.ema import EMA
-from tinyflux.trainer.run import run_training
-from tinyflux.trainer.sampling import Sampler
+from tinyflux.trainer.main import run_training
 from tinyflux.util.plots import plot_curves
 
 RESOLUTION = 64  # pixels: 8x8 latents = 64 image tokens, so a step takes milliseconds on a CPU

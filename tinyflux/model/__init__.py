@@ -1,2 +1,2 @@
-"""The student network (pure torch: config, layers, experts, math, the v4.2-compatible loader) and the frozen models
-that feed the cache (the zoo: VAE, text encoders, the Lune and Sol teachers)."""
+"""The student network, pure torch: config, layers, experts (the Lune predictor and the Sol prior), math and the
+v4.2-compatible loader. The frozen models that feed the cache live in tinyflux.frozen."""

@@ -216,7 +216,7 @@ ORIGINAL_ONLY_FIELDS = frozenset({"joint_attention_dim"})
 
 # Named presets. `deep` is the released TinyFlux-Deep v4.2 (245,347,234 parameters): 512 = 4 x 128, 15 double + 25
 # single, axes (16, 56, 56), T5 last hidden state only, no shared text projections, 3 Sol statistics, padded text. `tiny` (< 2M parameters) matches the offline
-# tiny zoo (tinyflux.model.zoo.make_tiny_zoo): its T5 is 64 wide with 4 layers, its CLIP 64 wide, its UNet mid block
+# tiny zoo (tinyflux.frozen.zoo.make_tiny_zoo): its T5 is 64 wide with 4 layers, its CLIP 64 wide, its UNet mid block
 # 64 channels. `default` is the dataclass defaults of the spec.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

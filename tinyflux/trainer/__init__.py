@@ -1,1 +1,2 @@
-"""Cache building, training (Trainer, checkpoints, engines, EMA, losses, schedules) and sampling."""
+"""Training: the config and its CLI, the Trainer and its step, checkpoints, engines, runtime, EMA, losses,
+schedules, metrics, the optimizer, LoRA and Hub uploads. It reads caches through tinyflux.cache."""

@@ -3,7 +3,7 @@
 A batch (the cache's collate_fn / streaming loader) holds "latents" (B, C, H, W), "t5_embeds" (B, L, K, D), "t5_mask"
 (B, L), "clip_pooled" (B, P), optionally "lune" (B, T, lune_dim), "sol_stats" (B, T, 4), "sol_spatial" (B, T, S, S)
 with "t_buckets" (T,) and, when caches with and without a teacher are mixed, "lune_mask" / "sol_mask" (B,) marking the
-rows that have it; "index" / "dataset_id" (B,) for lookups in a MultiSourceCache. (tinyflux.trainer.data writes them.)
+rows that have it; "index" / "dataset_id" (B,) for lookups in a MultiSourceCache. (tinyflux.cache.loaders writes them.)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tinyflux.cache.memory import interpolate_buckets
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_experts import interpolate_buckets
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.schedules import sample_timesteps
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from tinyflux.cache.build import BuildCacheArgs, run_build
+from tinyflux.cache.format import MANIFEST_NAME, write_json_atomic
+from tinyflux.cache.inputs import IMAGE_EXTENSIONS, BuildError
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_build import BuildCacheArgs, run_build
-from tinyflux.trainer.cache_format import MANIFEST_NAME, write_json_atomic
-from tinyflux.trainer.cache_inputs import IMAGE_EXTENSIONS, BuildError
 
 logger = logging.getLogger(__name__)
 

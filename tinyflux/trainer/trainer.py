@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from tinyflux.cache.buckets import sample_shapes
 from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.sampling.sampler import drop_text, letterbox
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.batch import (
@@ -47,7 +49,6 @@ from tinyflux.trainer.batch import (
     teacher_features,
     to_device,
 )
-from tinyflux.trainer.buckets import sample_shapes
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
@@ -66,7 +67,6 @@ from tinyflux.trainer.runtime import (
     stop_signals,
     workers_ignore_stop_signals,
 )
-from tinyflux.trainer.sampling import drop_text, letterbox
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
 from tinyflux.trainer.validation import Validator

@@ -24,10 +24,10 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from tinyflux.cache.format import decode_sample, load_manifest, shard_paths
+from tinyflux.cache.loaders import TEACHER_TENSORS, collate_fn
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import to_device
-from tinyflux.trainer.cache_format import decode_sample, load_manifest, shard_paths
-from tinyflux.trainer.data import TEACHER_TENSORS, collate_fn
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 logger = logging.getLogger(__name__)

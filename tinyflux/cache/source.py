@@ -35,8 +35,7 @@ from typing import IO, Any, TypeVar
 
 import webdataset as wds
 
-from tinyflux.errors import TinyFluxError
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.format import (
     MANIFEST_NAME,
     CacheFormatError,
     Manifest,
@@ -44,6 +43,7 @@ from tinyflux.trainer.cache_format import (
     repair_hint,
     verify_shard,
 )
+from tinyflux.errors import TinyFluxError
 
 logger = logging.getLogger(__name__)
 

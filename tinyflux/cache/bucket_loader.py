@@ -19,8 +19,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
-from tinyflux.trainer.buckets import BucketError
-from tinyflux.trainer.cache_format import CacheFormatError, decode_sample, load_manifest, shard_paths
+from tinyflux.cache.buckets import BucketError
+from tinyflux.cache.format import CacheFormatError, decode_sample, load_manifest, shard_paths
 from tinyflux.trainer.runtime import WorkerInit
 
 BUCKET_BATCH = ("samples", "tokens")  # --bucket_batch: every bucket batch_size samples, or about equal image tokens

@@ -1,6 +1,6 @@
 """MultiSourceCache: teacher-feature lookups of a batch mixed from several datasets, routed by dataset id.
 
-Each dataset's DatasetCache (tinyflux.trainer.cache_experts) answers for its own rows; rows of datasets without Lune or
+Each dataset's DatasetCache (tinyflux.cache.memory) answers for its own rows; rows of datasets without Lune or
 Sol features get zeros, and lune_available / sol_available tell them apart.
 """
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from tinyflux.trainer.cache_experts import DatasetCache
+    from tinyflux.cache.memory import DatasetCache
 
 
 class MultiSourceCache:

@@ -19,11 +19,11 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
-from tinyflux.trainer.buckets import Bucket, nearest_bucket
-from tinyflux.trainer.cache_format import T_BUCKETS
+from tinyflux.cache.buckets import Bucket, nearest_bucket
+from tinyflux.cache.format import T_BUCKETS
 
 if TYPE_CHECKING:
-    from tinyflux.model.zoo import ModelZoo
+    from tinyflux.frozen.zoo import ModelZoo
 
 # Reason codes of skipped inputs, as report.json lists them.
 CORRUPT_IMAGE = "corrupt_image"  # cannot be opened or decoded (also truncated files)
@@ -122,7 +122,7 @@ def prepare_bucket_image(
     image: Image.Image, buckets: Sequence[Bucket], resolution: int, min_side: int | None = None
 ) -> tuple[Image.Image, Bucket]:
     """(image, its bucket): as prepare_image, but resized (Lanczos) to cover the bucket of nearest aspect ratio
-    (tinyflux.trainer.buckets) and centre-cropped by what the rounding leaves over. TOO_SMALL as prepare_image."""
+    (tinyflux.cache.buckets) and centre-cropped by what the rounding leaves over. TOO_SMALL as prepare_image."""
     min_side = resolution // 2 if min_side is None else min_side
     w, h = image.size
     if min(w, h) < min_side:
@@ -179,7 +179,7 @@ def lune_features(
 
     batch_timesteps=True runs all T buckets of a prompt batch in one teacher call (T times the activations).
     """
-    from tinyflux.model.zoo_teachers import lune_from_context  # diffusers: only builds pay for its import
+    from tinyflux.frozen.teachers import lune_from_context  # diffusers: only builds pay for its import
 
     context = teacher_context(zoo, prompts) if context is None else context
     t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)
@@ -209,7 +209,7 @@ def sol_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sol teacher features at every bucket, as ModelZoo.extract_sol defines them: stats (N, T, 4) and spatial
     (N, T, S, S), float32, S x S for every teacher_grid. `context` and `teacher_grid` as for lune_features."""
-    from tinyflux.model.zoo_teachers import sol_from_context
+    from tinyflux.frozen.teachers import sol_from_context
 
     context = teacher_context(zoo, prompts) if context is None else context
     t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)

@@ -1,7 +1,7 @@
 """The random full-size zoo: the real architectures with random weights, so cache building and sampling can be timed at
 real size on a machine that cannot download the real weights.
 
-`make_random_zoo(PATH)` (or `python -m tinyflux.model.zoo make-random PATH`) writes, in the tiny zoo's layout:
+`make_random_zoo(PATH)` (or `python -m tinyflux.frozen.zoo make-random PATH`) writes, in the tiny zoo's layout:
 
     PATH/vae/      the FLUX.1-dev VAE (AutoencoderKL, 128-256-512-512, 16 latent channels, Flux's scale and shift)
     PATH/t5/       the flan-t5-base encoder (T5EncoderModel, 12 layers x 768) + the tiny zoo's T5 tokenizer
@@ -35,11 +35,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from tinyflux.model import zoo_sources as layout
+from tinyflux.frozen import sources as layout
 from tinyflux.model.config import TinyFluxConfig
 
 # The tokenizer trainers of the tiny zoo (private there: the random zoo is their only other user).
-from tinyflux.model.zoo_tiny import VAE_CHANNELS, train_clip_tokenizer, train_t5_tokenizer
+from tinyflux.tools.tiny_zoo import VAE_CHANNELS, train_clip_tokenizer, train_t5_tokenizer
 
 MARKER = "random_zoo.json"
 MARKER_VERSION = 1  # bump when the layout or the weights' recipe changes: ensure_random_zoo then rewrites old zoos
@@ -300,7 +300,7 @@ def make_random_zoo(
         save_file(unet.state_dict(), experts / filename)
     del unet
     info = {
-        "written_by": "tinyflux.model.zoo make-random",
+        "written_by": "tinyflux.frozen.zoo make-random",
         "version": MARKER_VERSION,
         "seed": seed,
         "size": spec.name,

@@ -3,7 +3,7 @@
 Folders (sorted keys), `datasets` datasets (row order; with --streaming streamed and split by process) and webdataset
 tars (tar order; local, URLs, pipe: commands) become InputItems, whose load() gives (image, caption) or raises
 SkippedInput with the reason the report lists. Loading runs in threads, a batch ahead of the models (load_ahead). The
-build itself: tinyflux.trainer.cache_build.
+build itself: tinyflux.cache.build.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 import webdataset as wds
 from PIL import Image
 
-from tinyflux.errors import TinyFluxError
-from tinyflux.trainer.buckets import Bucket
-from tinyflux.trainer.cache_encode import (
+from tinyflux.cache.buckets import Bucket
+from tinyflux.cache.encode import (
     MISSING_CAPTION,
     MISSING_IMAGE,
     OUTSIDE_IMAGES,
@@ -35,10 +34,11 @@ from tinyflux.trainer.cache_encode import (
     prepare_bucket_image,
     prepare_image,
 )
-from tinyflux.trainer.cache_source import RETRIED, is_remote, open_url, tar_samples
+from tinyflux.cache.source import RETRIED, is_remote, open_url, tar_samples
+from tinyflux.errors import TinyFluxError
 
 if TYPE_CHECKING:
-    from tinyflux.trainer.cache_build import BuildCacheArgs
+    from tinyflux.cache.build import BuildCacheArgs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # In an --images folder: captions for the images without a same-stem .txt, one line for all or one line per image.
@@ -265,7 +265,7 @@ def _img2dataset_failures(tar: str, rows: list[dict[str, Any]], found: set[str])
 
 
 def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The raw samples of one input tar, streamed (opening retried; see tinyflux.trainer.cache_source); a tar that
+    """The raw samples of one input tar, streamed (opening retried; see tinyflux.cache.source); a tar that
     cannot be read is a BuildError naming it."""
     stream = open_url(url)
     try:

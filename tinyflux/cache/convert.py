@@ -1,4 +1,4 @@
-"""Convert the original TinyFlux's cache directories into the shard format: `python -m tinyflux.trainer.cache_convert`.
+"""Convert the original TinyFlux's cache directories into the shard format: `python -m tinyflux.cache.convert`.
 
 The original (AbstractEyes/tiny-flux, v4.2) saved a cache as `torch.save` dicts, in one of two layouts:
 
@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.format import (
     T_BUCKETS,
     CacheFormatError,
     Manifest,
@@ -44,6 +43,7 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 from tinyflux.util.dtypes import dtype_name
 
 # The original computed these three, in this order (its zoo.sol_forward); "clustering" there is 1 - entropy.
@@ -334,7 +334,7 @@ def _settings(first: OriginalPart, layout: str, pairing: str, t_buckets: torch.T
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tinyflux.trainer.cache_convert",
+        prog="python -m tinyflux.cache.convert",
         description="Convert an original TinyFlux cache directory (encodings.pt / lune.pt / sol.pt / meta.pt, or the "
         "incremental state.json + shard folders) into a TinyFlux shard cache (docs/CACHE_FORMAT.md).",
     )

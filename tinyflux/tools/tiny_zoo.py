@@ -1,6 +1,6 @@
 """The offline tiny zoo: small random-weight stand-ins for every model ModelZoo loads, in the real on-disk formats.
 
-`make_tiny_zoo(PATH)` (or `python -m tinyflux.model.zoo make-tiny PATH`) writes, in seconds on a CPU:
+`make_tiny_zoo(PATH)` (or `python -m tinyflux.frozen.zoo make-tiny PATH`) writes, in seconds on a CPU:
 
     PATH/vae/      AutoencoderKL, 3 -> 16 latent channels, 8x downsampling, Flux's scaling and shift factors
     PATH/t5/       T5EncoderModel + T5 tokenizer (Unigram, <pad>/</s>/<unk>) counted on CAPTION_CORPUS
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
 
-from tinyflux.model import zoo_sources as layout
+from tinyflux.frozen import sources as layout
 from tinyflux.model.config import TinyFluxConfig
 
 _STYLES = (
@@ -189,7 +189,7 @@ def make_tiny_zoo(path: str | Path, seed: int = 0) -> Path:
     _write_teacher(experts / layout.SOL_FILENAME, unet_config, seed + 4)
     base = _seeded(seed + 5, lambda: UNet2DConditionModel.from_config(unet_config))
     base.save_pretrained(root / layout.ZOO_TEACHER_BASE / layout.TEACHER_BASE_SUBFOLDER)
-    info = {"written_by": "tinyflux.model.zoo make-tiny", "seed": seed, "preset": "tiny"}
+    info = {"written_by": "tinyflux.frozen.zoo make-tiny", "seed": seed, "preset": "tiny"}
     (root / "tiny_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
     return root
 

@@ -23,12 +23,9 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from tinyflux.errors import os_error_message
-from tinyflux.model.config import PRESETS, TEXT_REGIMES, TinyFluxConfig
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
-from tinyflux.trainer.buckets import Bucket, BucketError, parse_buckets
-from tinyflux.trainer.cache_encode import DUPLICATE_KEY, SkippedInput, encode_batch
-from tinyflux.trainer.cache_format import (
+from tinyflux.cache.buckets import Bucket, BucketError, parse_buckets
+from tinyflux.cache.encode import DUPLICATE_KEY, SkippedInput, encode_batch
+from tinyflux.cache.format import (
     MANIFEST_NAME,
     REPORT_NAME,
     REPORT_TEXT_NAME,
@@ -48,7 +45,7 @@ from tinyflux.trainer.cache_format import (
     write_report,
     write_shard,
 )
-from tinyflux.trainer.cache_inputs import (
+from tinyflux.cache.inputs import (
     BuildError,
     InputItem,
     StreamedRows,
@@ -58,7 +55,10 @@ from tinyflux.trainer.cache_inputs import (
     shard_chunks,
     wds_urls,
 )
-from tinyflux.trainer.cache_source import is_remote
+from tinyflux.cache.source import is_remote
+from tinyflux.errors import os_error_message
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
+from tinyflux.model.config import PRESETS, TEXT_REGIMES, TinyFluxConfig
 from tinyflux.util.dtypes import dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def _make_accelerator(args: BuildCacheArgs) -> Any:
 
 
 def _make_zoo(args: BuildCacheArgs, device: torch.device, dtype: torch.dtype) -> Any:
-    from tinyflux.model.zoo import ModelZoo
+    from tinyflux.frozen.zoo import ModelZoo
 
     sources = {"vae_repo": args.vae, "t5_repo": args.t5, "clip_repo": args.clip, "experts_repo": args.experts}
     sources = {k: v for k, v in sources.items() if v is not None} | {"teacher_base": args.teacher_base}

@@ -14,9 +14,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from einops import rearrange
 
+from tinyflux.frozen.sol_stats import attention_spatial_map, attention_stats, combine_layers, grid_hw
+from tinyflux.frozen.sources import ZooError
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.sol_stats import attention_spatial_map, attention_stats, combine_layers, grid_hw
-from tinyflux.model.zoo_sources import ZooError
 
 
 def teacher_noise_level(t: torch.Tensor) -> torch.Tensor:

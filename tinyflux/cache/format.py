@@ -21,9 +21,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from webdataset import TarWriter
 
+from tinyflux.cache.buckets import manifest_buckets
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, SOL_STATS, TinyFluxConfig
-from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.util.dtypes import dtype_name
 
 FORMAT_NAME = "tinyflux-cache"
@@ -286,7 +286,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     tinyflux_version: str = ""
     # --buckets: {"height", "width", "count"} per bucket (pixels) in the build's order; empty for a square cache,
-    # which reads as one square bucket (tinyflux.trainer.buckets.manifest_buckets)
+    # which reads as one square bucket (tinyflux.cache.buckets.manifest_buckets)
     buckets: list[dict[str, int]] = field(default_factory=list)
 
     @property

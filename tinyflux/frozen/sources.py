@@ -71,7 +71,7 @@ class ZooError(TinyFluxError, RuntimeError):
 def advice(what: str) -> str:
     return (
         f"To fix: pass a local path for the {what} (a directory in Hugging Face layout), set HF_TOKEN for gated or "
-        "private repos, or work offline with the tiny zoo: `python -m tinyflux.model.zoo make-tiny PATH`, then "
+        "private repos, or work offline with the tiny zoo: `python -m tinyflux.frozen.zoo make-tiny PATH`, then "
         "ModelZoo(zoo=PATH) (--zoo PATH on the scripts)."
     )
 
@@ -134,7 +134,7 @@ def check_tiny_zoo(path: str | Path) -> Path:
     if missing:
         raise ZooError(
             f"{str(root)!r} is not a tiny zoo (missing {', '.join(s + '/' for s in missing)}). "
-            f"Write one with `python -m tinyflux.model.zoo make-tiny {root}`."
+            f"Write one with `python -m tinyflux.frozen.zoo make-tiny {root}`."
         )
     return root
 

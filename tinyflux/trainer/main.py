@@ -17,19 +17,19 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
+from tinyflux.cache import loaders as data
+from tinyflux.cache.bucket_loader import BucketBatchSampler, BucketLoader, BucketSamples, bucket_batch_sizes
+from tinyflux.cache.buckets import manifest_buckets
+from tinyflux.cache.format import check_compatible, load_manifest
+from tinyflux.cache.memory import DatasetCache
+from tinyflux.cache.source import is_remote
 from tinyflux.errors import TinyFluxError, message
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE, ZooError
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.model import TinyFluxDeep
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE, ZooError
 from tinyflux.trainer import checkpoint as ckpt
-from tinyflux.trainer import data
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
-from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader, BucketSamples, bucket_batch_sizes
-from tinyflux.trainer.buckets import manifest_buckets
-from tinyflux.trainer.cache_experts import DatasetCache
-from tinyflux.trainer.cache_format import check_compatible, load_manifest
-from tinyflux.trainer.cache_source import is_remote
 from tinyflux.trainer.config import TrainerConfigError
 from tinyflux.trainer.folder import prepare_folder_cache
 from tinyflux.trainer.lora import ADAPTER_NAME
@@ -170,8 +170,8 @@ def build_sampler(args: RunArgs, trainer: Trainer) -> Any:
             trainer.engine,
         )
         return None
-    from tinyflux.model.zoo import ModelZoo
-    from tinyflux.trainer.sampling import Sampler
+    from tinyflux.frozen.zoo import ModelZoo
+    from tinyflux.sampling.sampler import Sampler
 
     device = str(trainer.accelerator.device)
     where: dict[str, Any] = {} if args.script.zoo == "hub" else {"zoo": args.script.zoo}

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
 from safetensors.torch import load_file
 
-from tinyflux.model.zoo_sources import (
+from tinyflux.frozen.sources import (
     SD15_UNET_CONFIG,
     TEACHER_BASE_SUBFOLDER,
     UNET_CONFIG_NAME,

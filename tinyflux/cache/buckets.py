@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinyflux.errors import TinyFluxError
-from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 
 # Sides in multiples of VAE 8 x a 2x2 patch (Flux's packing): every bucket fits any patch size up to 2 (the presets
 # use 1) and a latent grid of even sides, as diffusers' and kohya's buckets are.

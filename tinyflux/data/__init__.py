@@ -1,1 +1,0 @@
-"""Small built-in datasets (tinyflux.data.demo: procedurally drawn shapes with captions)."""

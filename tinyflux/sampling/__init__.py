@@ -1,0 +1,1 @@
+"""Sampling: prompts to images with the student alone (conditioning, the Euler sampler with CFG, grids)."""
