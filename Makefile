@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # Where no GPU is found, pin torch to the CPU build (a bare `torch` would pull the multi-GB CUDA build).
 TORCH_PIN ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 DEMO_DIR ?= runs/demo
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as the SLURM cluster stay in one).
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: venv demo app test lint bench clean
@@ -27,7 +29,7 @@ app: venv
 	$(PY) app.py --model $$(ls -d $(DEMO_DIR)/checkpoints/step_* | tail -1) --zoo $(DEMO_DIR)/zoo
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 
 from build_cache import main as build_cache_main
 from tests.test_train_script import CPU_2PROC, ROOT, SUBPROCESS_ENV, assert_same_weights, run_argv
+from tests.trainer_helpers import accelerate_launch
 from tinyflux.cache.bucket_loader import BucketBatchSampler, BucketLoader
 from tinyflux.cache.format import CacheFormatError
 from tinyflux.cache.loaders import collate_fn
@@ -192,7 +192,7 @@ def test_ranks_split_an_epochs_batches_and_together_see_every_sample() -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> None:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    launch = accelerate_launch(CPU_2PROC)
     argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--bucket_batch", "tokens", "--total_steps", "4")
     result = subprocess.run(
         [*launch, str(ROOT / "train_tinyflux.py"), *argv],

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ from transformers import HfArgumentParser
 
 from build_cache import main as build_cache_main
 from tests.fixtures_cache import TINY, BuiltCache
+from tests.trainer_helpers import free_port
 from tinyflux.cache.build import BuildCacheArgs, BuildError, _make_zoo, build_settings, run_build
 from tinyflux.cache.encode import prepare_image
 from tinyflux.cache.format import T_BUCKETS, CacheMismatchError, check_compatible, load_manifest
@@ -126,19 +126,13 @@ def test_manifest_mismatch_fails_with_its_message(built_cache: BuiltCache) -> No
         make_stream_loader(built_cache.output, model_config=TINY.replace(t5_layers=(4,)), rank=0, world_size=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_build_the_same_cache(built_cache: BuiltCache, tmp_path: Path) -> None:
     output = tmp_path / "cache"
     flags = [f"--{k}={v}" for k, v in built_cache.build_kwargs().items()]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), str(REPO / "build_cache.py"), f"--output={output}", *flags]
+    command += ["--main_process_port", str(free_port()), str(REPO / "build_cache.py"), f"--output={output}", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

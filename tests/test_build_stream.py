@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from tests.fixtures_remote import serve
+from tests.trainer_helpers import free_port
 from tinyflux.cache.build import STREAM_LOCK, BuildCacheArgs, BuildError, _fill_stream_gaps, run_build
 from tinyflux.cache.format import decode_sample, load_manifest
 from tinyflux.cache.inputs import StreamedRows
@@ -192,12 +192,9 @@ def test_two_processes_build_a_streamed_dataset_each_from_its_own_part(tmp_path:
     _parquet_dataset(tmp_path / "data", 7)
     flags = [f"--{k}={v}" for k, v in _common(tiny_zoo_path).items() if v is not True]
     flags += ["--no_lune", "--no_sol", "--streaming", f"--dataset={tmp_path / 'data'}", f"--output={tmp_path / 'out'}"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(port), str(REPO / "build_cache.py"), *flags]
+    command += ["--main_process_port", str(free_port()), str(REPO / "build_cache.py"), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

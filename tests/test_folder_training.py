@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.trainer_helpers import accelerate_launch
 from tinyflux.cache.format import load_manifest
 from tinyflux.cache.inputs import BuildError, folder_items
 from tinyflux.tools.demo_images import write_demo_images
@@ -120,7 +120,7 @@ def test_two_processes_build_the_folder_cache_together_and_agree_on_the_validati
     images = tmp_path / "shapes"
     write_demo_images(images, n=8, size=64, seed=2)
     common = ["--total_steps", "2", "--validation_fraction", "0.375", "--log_with", "tensorboard"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    launch = accelerate_launch(CPU_2PROC)
     argv = folder_argv(images, tiny_zoo_path, tmp_path / "two", *common, "--cache_dir", str(tmp_path / "caches"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer_helpers import wait_for_checkpoint
+from tests.trainer_helpers import PROCESS_COUNT_ATOL, accelerate_launch, wait_for_checkpoint
 from tinyflux.trainer import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def command(processes: int, argv: list[str]) -> list[str]:
     script = [str(ROOT / "train_tinyflux.py"), *argv]
     if processes == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), *script]
+    return accelerate_launch(CPU_2PROC, *script)
 
 
 def run(processes: int, argv: list[str]) -> str:
@@ -97,7 +97,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys()
         for key in wa:
-            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
+            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=PROCESS_COUNT_ATOL, msg=f"{name}:{key}")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer_helpers import wait_for_checkpoint
+from tests.trainer_helpers import PROCESS_COUNT_ATOL, accelerate_launch, wait_for_checkpoint
 from tinyflux.cache.format import T_BUCKETS
 from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.config import PRESETS, TinyFluxConfig
@@ -189,7 +189,7 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def test_two_processes_give_the_same_weights_as_one_with_the_same_global_batch(cache_dir, tmp_path):
     common = ["--in_memory", "--total_steps", "4", "--gradient_accumulation", "2"]
     one = run_training(parse_args(run_argv(cache_dir, tmp_path / "one", *common, "--batch_size", "4")))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    launch = accelerate_launch(CPU_2PROC)
     argv = run_argv(cache_dir, tmp_path / "two", *common, "--batch_size", "2")
     result = subprocess.run(
         [*launch, str(ROOT / "train_tinyflux.py"), *argv],
@@ -203,7 +203,7 @@ def test_two_processes_give_the_same_weights_as_one_with_the_same_global_batch(c
     assert result.stderr.count("final checkpoint: ") == 1 and result.stderr.count(" saved ") == 1
     two = tmp_path / "two" / "checkpoints" / "step_0000004"
     assert json.loads((two / ckpt.TRAINER_STATE).read_text())["samples_seen"] == one.progress.samples_seen
-    assert_same_weights(one.last_checkpoint, two, atol=1e-6)
+    assert_same_weights(one.last_checkpoint, two, atol=PROCESS_COUNT_ATOL)
 
 
 @pytest.mark.slow

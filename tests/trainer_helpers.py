@@ -3,7 +3,9 @@ Lune 64, Sol 4 + 8x8 at 10 buckets) for the `tiny` preset, a trainer factory, an
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,23 @@ from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 TINY = TinyFluxConfig.preset("tiny")
 TEXT_LEN = 6
+# Weights trained by a different number of processes (same global batch) agree to float32 rounding only: the
+# gradients are summed in another order, and Adam amplifies the difference where a gradient is near zero. Seen:
+# 1.3e-6 on an AVX-512 CPU (2026-12-06); a real divergence (a lost or doubled sample) moves weights by ~1e-3.
+PROCESS_COUNT_ATOL = 1e-5
+
+
+def free_port() -> int:
+    """A port no one listens on now: launches in parallel test workers (pytest -n) must not share torchrun's 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config_file: str | Path, *args: str) -> list[str]:
+    """`accelerate launch --config_file CONFIG --main_process_port FREE ARGS` as a command line."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    return [*launch, "--main_process_port", str(free_port()), *args]
 
 
 class SyntheticCache(Dataset):
