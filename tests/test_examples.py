@@ -15,7 +15,8 @@ flag or a bad value fails naming the command's file:line:
   script's parser on the script's flags);
 - `DRY_RUN=1 bash slurm/train.sbatch ...` and `sbatch ... slurm/train.sbatch ...` (rendered with DRY_RUN=1, a 2-node
   SLURM environment and a fake `scontrol`; the accelerate launch line it prints is parsed as above);
-- `make TARGET` (a target of the Makefile).
+- `make TARGET` (a target of the Makefile); `echo "key: value" >> run.yaml` (the line loads as a run file: known keys,
+  right types).
 Other programs must be in ALLOWED_PROGRAMS, `python -m` modules of others in ALLOWED_MODULES, environment prefixes in
 ALLOWED_ENV: an unclassified new example fails until it is classified. A token naming a file of the repository
 (accelerate_configs/..., slurm/..., tests/...) must exist.
@@ -150,6 +151,7 @@ class Command:
     line: int  # line in the markdown file where the command starts
     env: dict[str, str]
     argv: list[str]
+    writes: list[str] = field(default_factory=list)  # targets of > / >> redirections
 
     @property
     def where(self) -> str:
@@ -184,20 +186,23 @@ def shell_commands(block: Block) -> list[Command]:
                 f"{block.path}:{block.line + start}: cannot split the shell line ({e}): {text}"
             ) from None
         words: list[str] = []
-        skip_next = False
+        writes: list[str] = []
+        redirection = None
         for token in [*tokens, ";"]:
-            if skip_next:
-                skip_next = False
+            if redirection is not None:
+                if redirection.endswith(">"):
+                    writes.append(token)
+                redirection = None
             elif token in REDIRECTIONS:
-                skip_next = True
+                redirection = token
             elif token in SEPARATORS:
                 env = {}
                 while words and ENV_ASSIGNMENT.match(words[0]):
                     key, _, value = words.pop(0).partition("=")
                     env[key] = value
                 if words or env:
-                    commands.append(Command(block, block.line + start, env, words))
-                words = []
+                    commands.append(Command(block, block.line + start, env, words, writes))
+                words, writes = [], []
             else:
                 words.append(token)
     return commands
@@ -211,13 +216,13 @@ def test_shell_splitting_joins_continuations_and_splits_operators():
         "A=1 B='x y' python sample.py --prompt \"a; b\" \\\n    --seed 0 && make demo  # comment\n"
         'echo "k: [v]" >> run.yaml; tar tvf f.tar | head\n',
     )
-    got = [(c.line, c.env, c.argv) for c in shell_commands(block)]
+    got = [(c.line, c.env, c.argv, c.writes) for c in shell_commands(block)]
     assert got == [
-        (10, {"A": "1", "B": "x y"}, ["python", "sample.py", "--prompt", "a; b", "--seed", "0"]),
-        (10, {}, ["make", "demo"]),
-        (12, {}, ["echo", "k: [v]"]),
-        (12, {}, ["tar", "tvf", "f.tar"]),
-        (12, {}, ["head"]),
+        (10, {"A": "1", "B": "x y"}, ["python", "sample.py", "--prompt", "a; b", "--seed", "0"], []),
+        (10, {}, ["make", "demo"], []),
+        (12, {}, ["echo", "k: [v]"], ["run.yaml"]),
+        (12, {}, ["tar", "tvf", "f.tar"], []),
+        (12, {}, ["head"], []),
     ]
 
 
@@ -561,6 +566,18 @@ def check_sbatch(cmd: Command, argv: list[str], fake_bin: Path) -> None:
         render_sbatch(cmd, rest, cmd.env, fake_bin)
 
 
+def check_yaml_lines(cmd: Command, text: str) -> None:
+    """`echo "key: value" >> run.yaml`: the line is YAML whose keys are train_tinyflux.py's."""
+    import tempfile
+
+    from tinyflux.trainer.args import load_yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text + "\n")
+        f.flush()
+        run_parser(cmd, "the run file's YAML", lambda: load_yaml(f.name))
+
+
 def make_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text()
     return set(re.findall(r"^([\w.-]+):", text, flags=re.M))
@@ -582,6 +599,8 @@ def check_command(cmd: Command, fake_bin: Path) -> None:
         check_bash(cmd, argv, fake_bin)
     elif program == "sbatch":
         check_sbatch(cmd, argv, fake_bin)
+    elif program == "echo" and any(w.endswith((".yaml", ".yml")) for w in cmd.writes):
+        check_yaml_lines(cmd, " ".join(argv))
     elif program == "make":
         unknown = [t for t in argv if not t.startswith("-") and "=" not in t and t not in make_targets()]
         if unknown:
@@ -650,6 +669,7 @@ def test_a_renamed_flag_or_a_bad_value_fails_with_the_line(parse_root: Path, mon
         "accelerate launch --num_proceses 2 train_tinyflux.py --model tiny": "--num_proceses",
         "python -c 'from tinyflux.data.demo import write_demo_image'": "no write_demo_image",
         "make demos": "no such target",
+        'echo "cahce: [x]" >> run.yaml': "cahce",
         "rsync a b": "ALLOWED_PROGRAMS",
         "FOO=1 make demo": "ALLOWED_ENV",
         "sbatch slurm/train.sbatch run.yaml --lerning_rate 1": "--lerning_rate",
@@ -662,6 +682,20 @@ def test_a_renamed_flag_or_a_bad_value_fails_with_the_line(parse_root: Path, mon
                 check_command(cmd, parse_root / "fake_bin")
             raise AssertionError(f"passed the checks: {line}")
         assert info.value.args[0].startswith("EXAMPLE.md:7: ") and expected in info.value.args[0], (line, info.value)
+
+
+def test_the_run_file_and_the_lora_file_examples_load(tmp_path: Path):
+    """docs/APPLICATIONS.md's run.yaml and docs/LORA.md's lora.json, which the parse checks use, load as they are."""
+    from tinyflux.trainer.args import parse_args
+
+    for block, argv in (
+        (find_block("docs/APPLICATIONS.md", "yaml", "cache:"), ["--config"]),
+        (find_block("docs/LORA.md", "json", '"targets"'), ["--model", "deep", "--lora_config"]),
+    ):
+        path = tmp_path / f"example.{block.lang}"
+        path.write_text(block.text)
+        cmd = Command(block, block.line, {}, ["python", "train_tinyflux.py", *argv, block.lang])
+        run_parser(cmd, f"train_tinyflux.py on this {block.lang} file", lambda a=[*argv, str(path)]: parse_args(a))
 
 
 def test_python_blocks_compile_and_their_imports_exist():
