@@ -62,12 +62,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
 
-from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.config import PRESETS, TinyFluxConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "TECHNICAL.md")]
@@ -267,14 +267,13 @@ ALLOWED_ENV = [
 ]
 # Top-level entries of the repository: a token starting with one of these names a file that must exist.
 REPO_PREFIXES = ("accelerate_configs/", "slurm/", "tests/", "bench/", "docs/", "tinyflux/", "requirements")
-PRESET_NAMES = ("deep", "default", "tiny")
 
 
 class ExampleError(AssertionError):
     pass
 
 
-def fail(cmd: Command, problem: str) -> None:
+def fail(cmd: Command, problem: str) -> NoReturn:
     raise ExampleError(f"{cmd.where}: {problem}\n  command: {cmd}")
 
 
@@ -388,7 +387,7 @@ def substitute_model(argv: list[str]) -> list[str]:
     """A --model that is neither a preset nor a path here (a Hub id, the user's checkpoint) -> the deep preset."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
-        if arg == "--model" and out[i + 1] not in PRESET_NAMES and not Path(out[i + 1]).exists():
+        if arg == "--model" and out[i + 1] not in PRESETS and not Path(out[i + 1]).exists():
             out[i + 1] = "deep"
     return out
 
