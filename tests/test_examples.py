@@ -320,11 +320,27 @@ def run_parser(cmd: Command, what: str, parse: Callable[[], Any]) -> Any:
     fail(cmd, problem)
 
 
+def runs_as_main(module: str) -> bool:
+    """Whether `python -m module` runs something: its file (found on disk, not through sys.modules, where a moved
+    module's old name may point at its new home) has an `if __name__ == "__main__":`, or its package a __main__.py."""
+    from importlib.machinery import PathFinder
+
+    parent, _, _ = module.rpartition(".")
+    spec = PathFinder.find_spec(module, importlib.import_module(parent).__path__ if parent else None)
+    if spec is None or spec.origin is None:
+        return False
+    if spec.submodule_search_locations:
+        return (Path(spec.origin).parent / "__main__.py").is_file()
+    return re.search(r"""if __name__ == ["']__main__["']:""", Path(spec.origin).read_text()) is not None
+
+
 def parse_module_cli(cmd: Command, module: str, argv: list[str]) -> argparse.Namespace:
     try:
         main = importlib.import_module(module).main
     except (ImportError, AttributeError) as e:
         fail(cmd, f"python -m {module}: {e}; fix the module path in the example")
+    if not runs_as_main(module):
+        fail(cmd, f'python -m {module} runs nothing: the module has no `if __name__ == "__main__":`; fix the path')
 
     def parse() -> argparse.Namespace:
         with parse_only():
@@ -392,9 +408,17 @@ def substitute_model(argv: list[str]) -> list[str]:
     return out
 
 
-def check_train(cmd: Command, argv: list[str]) -> None:
-    from tinyflux.trainer.args import parse_args
+def train_parsing() -> Any:
+    """The module that holds train_tinyflux.py's parse_args and load_yaml, found through the script's own main (so the
+    test follows the package wherever it keeps them)."""
+    import train_tinyflux
 
+    run = sys.modules[train_tinyflux.main.__module__]
+    return sys.modules[run.parse_args.__module__]
+
+
+def check_train(cmd: Command, argv: list[str]) -> None:
+    parse_args = train_parsing().parse_args
     argv = substitute_model(materialise_flags(argv, {"--images": "dir", "--validation_cache": "dir"}))
     run_parser(cmd, "train_tinyflux.py", lambda: parse_args(argv))
 
@@ -403,14 +427,13 @@ def check_sample(cmd: Command, argv: list[str]) -> None:
     from transformers import HfArgumentParser
 
     import sample
-    from tinyflux.trainer.buckets import aspect_size
 
     def parse() -> None:
         (args,) = HfArgumentParser(sample.SampleArgs).parse_args_into_dataclasses(args=argv)
         sample.read_prompts(args)
         height, width = args.height, args.width
         if args.aspect is not None:
-            height, width = aspect_size(args.aspect, height, width, 8)
+            height, width = sample.aspect_size(args.aspect, height, width, 8)
         sample.latent_size(height, "height", 1)
         sample.latent_size(width, "width", 1)
         if args.lora_scale and len(args.lora_scale) not in (1, len(args.lora)):
@@ -569,8 +592,7 @@ def check_yaml_lines(cmd: Command, text: str) -> None:
     """`echo "key: value" >> run.yaml`: the line is YAML whose keys are train_tinyflux.py's."""
     import tempfile
 
-    from tinyflux.trainer.args import load_yaml
-
+    load_yaml = train_parsing().load_yaml
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(text + "\n")
         f.flush()
@@ -663,6 +685,7 @@ def test_a_renamed_flag_or_a_bad_value_fails_with_the_line(parse_root: Path, mon
         "python build_cache.py --images d --output o --resolution 500": "--resolution 500",
         "python -m tinyflux.model.zoo make-tinny z": "make-tinny",
         "python -m tinyflux.zoo make-tiny z": "fix the module path",
+        "python -m tinyflux.model.config": "fix the",
         "python bench/bench_step.py --roundz 3": "--roundz",
         "accelerate launch --config_file accelerate_configs/nope.yaml train_tinyflux.py": "nope.yaml",
         "accelerate launch --num_proceses 2 train_tinyflux.py --model tiny": "--num_proceses",
@@ -685,7 +708,7 @@ def test_a_renamed_flag_or_a_bad_value_fails_with_the_line(parse_root: Path, mon
 
 def test_the_run_file_and_the_lora_file_examples_load(tmp_path: Path):
     """docs/APPLICATIONS.md's run.yaml and docs/LORA.md's lora.json, which the parse checks use, load as they are."""
-    from tinyflux.trainer.args import parse_args
+    parse_args = train_parsing().parse_args
 
     for block, argv in (
         (find_block("docs/APPLICATIONS.md", "yaml", "cache:"), ["--config"]),
@@ -746,9 +769,9 @@ def run_in_process(cmd: Command) -> int:
 
         return build_cache.main(argv[2:])
     if argv[1] == "train_tinyflux.py":
-        from tinyflux.trainer.run import main as train_main
+        import train_tinyflux
 
-        return train_main(argv[2:])
+        return train_tinyflux.main(argv[2:])
     if argv[1] == "sample.py":
         import sample
 
@@ -806,10 +829,10 @@ def test_cache_format_offline_block_builds_the_cache(offline):
     """docs/CACHE_FORMAT.md "Commands", its offline lines (make-tiny onwards), with 8 demo images instead of 256."""
     block = find_block("docs/CACHE_FORMAT.md", "bash", "make-tiny runs/zoo")
     run_block(substituted(block, [("n=256", "n=8")], from_marker="make-tiny runs/zoo"))
-    from tinyflux.trainer.cache_format import load_manifest
+    import json
 
-    manifest = load_manifest(offline / "runs/cache")
-    assert manifest.num_samples == 8 and manifest.t5_layers == list(TinyFluxConfig.preset("tiny").t5_layers)
+    manifest = json.loads((offline / "runs/cache/manifest.json").read_text())
+    assert manifest["num_samples"] == 8 and manifest["t5_layers"] == list(TinyFluxConfig.preset("tiny").t5_layers)
     assert (offline / "runs/cache/report.txt").is_file()
 
 
