@@ -1,1 +1,1 @@
-"""TinyFlux: compact Flux-style text-to-image transformers distilled from the Lune and Sol experts."""
+"""TinyFlux: compact Flux-style text-to-image transformers distilled from two teachers, Lune and Sol."""
