@@ -1,8 +1,10 @@
-"""Training on aspect buckets with --in_memory: one shape per batch, each sample once per epoch, the token budget,
-exact resume, and the streaming loader's refusal."""
+"""Training on aspect buckets, in memory and streamed: one shape per batch, each sample once per epoch, the token
+budget, exact resume."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import subprocess
 import sys
@@ -20,8 +22,8 @@ from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError
-from tinyflux.trainer.data import collate_fn
-from tinyflux.trainer.run import build_dataloader, main, run_training
+from tinyflux.trainer.data import StreamingLoader, collate_fn, make_stream_loader
+from tinyflux.trainer.run import build_dataloader, run_training
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -119,11 +121,69 @@ def test_the_tiny_preset_learns_from_mixed_shapes_and_resumes_exactly(mixed_cach
         assert_same_weights(straight.last_checkpoint, resumed.last_checkpoint, atol=0)
 
 
-def test_the_streaming_loader_refuses_buckets_with_one_line(mixed_cache: Path, tmp_path: Path, caplog) -> None:
-    assert main(run_argv(mixed_cache, tmp_path, "--total_steps", "2")) == 1  # before any step
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert "\n" not in line and "--in_memory" in line and "aspect buckets (96x48, 80x48, 64x64, 48x80, 48x96)" in line
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+def test_a_streamed_run_on_buckets_resumes_bit_identically(mixed_cache: Path, tmp_path: Path) -> None:
+    common = ["--bucket_batch", "tokens", "--lr_scheduler", "constant", "--gradient_accumulation", "1"]
+    straight = run_training(parse_args(run_argv(mixed_cache, tmp_path / "a", *common, "--total_steps", "12")))
+    # a pass is 4 batches (one per bucket): 12 steps close two passes and end with the third's last batch
+    assert (straight.progress.epoch, straight.progress.batches_in_epoch) == (2, 4)
+    for leg, first in (("b", ["--total_steps", "7"]), ("c", ["--epochs", "1"])):  # mid-pass, at a pass's end
+        run_training(parse_args(run_argv(mixed_cache, tmp_path / leg, *common, "--total_steps", "12", *first)))
+        resumed = run_training(
+            parse_args(run_argv(mixed_cache, tmp_path / leg, *common, "--total_steps", "12", "--resume"))
+        )
+        assert resumed.progress == straight.progress
+        assert_same_weights(straight.last_checkpoint, resumed.last_checkpoint, atol=0)
+
+
+def _stream(cache: Path, num_workers: int, mode: str = "samples") -> StreamingLoader:
+    return make_stream_loader(
+        cache, batch_size=4, num_workers=num_workers, seed=5, rank=0, world_size=1, shuffle_buffer=4, bucket_batch=mode
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_stream_batches_one_bucket_at_a_time_and_each_pass_sees_every_sample_once(
+    mixed_cache: Path, num_workers: int
+) -> None:
+    for mode in ("samples", "tokens"):
+        loader = _stream(mixed_cache, num_workers, mode)
+        assert loader.bucket_shapes == [(6, 10), (6, 12), (8, 8), (10, 6)]
+        passes = [list(loader) for _ in range(2)]
+        for batches in passes:
+            assert all(len(set(b["key"])) == len(b["key"]) for b in batches)
+            indices = sorted(i for b in batches for i in b["index"].tolist())
+            # one worker reads all 15 samples a pass; two read 7 each (the leftover one differs every pass, as on
+            # square caches): every bucket's partial batch is trained too, none twice
+            assert len(indices) == len(set(indices)) == (15 if num_workers == 0 else 14)
+            assert {b["latents"].shape[-2:] for b in batches} == {(8, 8), (6, 10), (10, 6), (6, 12)}
+            for b in batches:
+                n, _, h, w = b["latents"].shape
+                assert n <= loader.dataset.bucket_sizes[(h, w)]
+                assert mode == "samples" or n * h * w <= 4 * 8 * 8  # the token budget of the 64 px square bucket
+            assert len(batches) <= len(loader)
+        assert [b["key"] for b in passes[0]] != [b["key"] for b in passes[1]]
+        loader.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_restored_bucket_stream_continues_with_the_same_batches(mixed_cache: Path, num_workers: int) -> None:
+    reference = _stream(mixed_cache, num_workers, "tokens")
+    keys = [b["key"] for b in reference] + [b["key"] for b in reference]  # two passes
+    reference.close()
+    per_pass = len(keys) // 2
+    for stop in (1, per_pass - 1, per_pass, per_pass + 2):  # mid-pass, within the flush of partial buckets, its end
+        interrupted = _stream(mixed_cache, num_workers, "tokens")
+        it = itertools.chain(interrupted, interrupted)  # the second pass starts when the first has ended
+        consumed = [next(it)["key"] for _ in range(stop)]
+        state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint stores
+        interrupted.close()
+        assert consumed == keys[:stop] and "buckets" in state["layout"]
+        resumed = _stream(mixed_cache, num_workers, "tokens")
+        resumed.load_state_dict(state)
+        assert resumed.epoch == interrupted.epoch == (stop >= per_pass)  # a pass's last batch ends its epoch
+        rest = [b["key"] for b in resumed] + ([b["key"] for b in resumed] if stop < per_pass else [])
+        resumed.close()
+        assert rest == keys[stop:], stop
 
 
 def test_samples_of_several_buckets_do_not_collate_into_one_batch(mixed_cache: Path, tmp_path: Path) -> None:

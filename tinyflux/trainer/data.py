@@ -36,7 +36,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.buckets import refuse_streaming_buckets
+from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
+from tinyflux.trainer.bucket_loader import bucket_batch_sizes
+from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import (
     CacheFormatError,
@@ -150,15 +152,18 @@ def _kept_by_shard(src: _Source, held_out: Sequence[int]) -> list[Sequence[int]]
 
 
 def _check_sources_agree(sources: list[_Source]) -> None:
-    """Caches mixed into one batch must agree on every per-sample shape and on the buckets."""
+    """Caches mixed into one run must agree on every per-sample shape but the latents' height and width (caches of
+    other resolutions or aspect buckets are batched shape by shape) and on the timestep buckets."""
     first = sources[0].manifest
     for src in sources[1:]:
         m = src.manifest
         problems = [
             f"{name} {m.fields[name].shape} vs {first.fields[name].shape}"
-            for name in ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+            for name in ("t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
             if name in m.fields and name in first.fields and m.fields[name].shape != first.fields[name].shape
         ]
+        if m.latent_shape[0] != first.latent_shape[0]:
+            problems.append(f"latent channels {m.latent_shape[0]} vs {first.latent_shape[0]}")
         if m.t5_layers != first.t5_layers:
             problems.append(f"t5_layers {m.t5_layers} vs {first.t5_layers}")
         if m.t_buckets != first.t_buckets:
@@ -167,7 +172,7 @@ def _check_sources_agree(sources: list[_Source]) -> None:
         if problems:
             raise CacheFormatError(
                 f"{src.cache_dir} cannot be mixed with {sources[0].cache_dir}: " + "; ".join(problems) + ". "
-                "Build every cache of one run with the same --resolution, --t5_layers and models."
+                "Build every cache of one run with the same --t5_layers and models."
             )
 
 
@@ -254,6 +259,7 @@ class StreamingCacheDataset(IterableDataset):
         model_config: TinyFluxConfig | None = None,
         verify_shards: bool = True,
         held_out: Sequence[Sequence[int]] | None = None,
+        bucket_batch: str = "samples",
     ):
         dirs = [sources] if isinstance(sources, (str, Path, CacheLocation)) else list(sources)
         if not dirs:
@@ -265,8 +271,6 @@ class StreamingCacheDataset(IterableDataset):
             env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
             rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
         self.sources = [_Source.open(d) for d in dirs]
-        for src in self.sources:
-            refuse_streaming_buckets(src.manifest, src.cache_dir)
         _check_sources_agree(self.sources)
         if model_config is not None:
             for src in self.sources:
@@ -295,7 +299,23 @@ class StreamingCacheDataset(IterableDataset):
                     f"{self.layout_workers} worker(s). Use fewer DataLoader workers or a bigger cache."
                 )
         self._cumulative = np.cumsum(weights) / sum(weights)
-        self.start_positions = [0] * self.layout_workers  # draws already consumed, per logical worker
+        # Latent (height, width) of each cache's buckets (one for a square cache); several across the caches: every
+        # batch one shape, through per-bucket buffers (_bucket_batches), `bucket_batch` sizing each bucket's batch.
+        self.source_shapes = [
+            [
+                (b["height"] // VAE_DOWNSAMPLE, b["width"] // VAE_DOWNSAMPLE)
+                for b in manifest_buckets(s.manifest)
+                if b["count"]
+            ]
+            for s in self.sources
+        ]
+        shapes = sorted({shape for per_source in self.source_shapes for shape in per_source})
+        self.bucket_sizes: dict[tuple[int, int], int] | None = None
+        if len(shapes) > 1:
+            square = self.sources[0].manifest.resolution // VAE_DOWNSAMPLE
+            patch = model_config.patch_size if model_config is not None else 2
+            self.bucket_sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch, square, patch)
+        self.start_positions = [0] * self.layout_workers  # draws (on buckets: items) consumed, per logical worker
         self.start_worker = 0  # logical worker of the next batch (the one DataLoader worker 0 plays)
 
     @property
@@ -305,7 +325,25 @@ class StreamingCacheDataset(IterableDataset):
 
     @property
     def batches_per_pass(self) -> int:
-        return self.layout_workers * -(-self.pass_length // self.batch_size)
+        """Batches a pass yields (on buckets: at most that many; the rest of each worker's items are empty)."""
+        if self.bucket_sizes is None:
+            return self.layout_workers * -(-self.pass_length // self.batch_size)
+        return self.layout_workers * self.position_pass
+
+    @property
+    def position_pass(self) -> int:
+        """A pass in the units of a worker's position: draws, or on buckets the items each
+        worker yields per pass: its batches, then empty items up to a bound every worker shares, so the DataLoader's
+        strict turns stay aligned with the passes. Bound: a bucket of c draws fills ceil(c / size) batches, so the
+        n draws of a pass fill at most ceil(n / smallest size) + one per bucket."""
+        if self.bucket_sizes is None:
+            return self.pass_length
+        return -(-self.pass_length // min(self.bucket_sizes.values())) + len(self.bucket_sizes)
+
+    @property
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """The latent (height, width) of every shape the stream batches (one for square caches of one resolution)."""
+        return list(self.bucket_sizes) if self.bucket_sizes is not None else [self.source_shapes[0][0]]
 
     def draws(self, worker: int, start: int, count: int) -> np.ndarray:
         """Cache ids of draws [start, start + count) of a logical worker."""
@@ -406,12 +444,17 @@ class StreamingCacheDataset(IterableDataset):
         return sample
 
     def _pass_end(self, position: int) -> int | None:
-        return None if self.infinite else (position // self.pass_length + 1) * self.pass_length
+        return None if self.infinite else (position // self.position_pass + 1) * self.position_pass
 
     def worker_batches(self, worker: int, position: int, back_to_back: bool = False) -> Iterator[dict[str, Any]]:
-        """Batches of one logical worker from draw `position` to the end of its pass (back_to_back: then pass after
-        pass, each still ending on its own short batch); each carries "stream_position" = (worker, draws consumed
-        after it) for StreamingLoader."""
+        """Batches of one logical worker from `position` (draws; on buckets, items) to the end of its pass
+        (back_to_back: then pass after pass, each still ending on its own short batch, or on buckets its partial
+        bucket batches); each carries "stream_position" = (worker, position after it) for StreamingLoader."""
+        if self.bucket_sizes is not None:
+            return self._bucket_batches(worker, position, back_to_back)
+        return self._square_batches(worker, position, back_to_back)
+
+    def _square_batches(self, worker: int, position: int, back_to_back: bool) -> Iterator[dict[str, Any]]:
         end = self._pass_end(position)
         streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
         epochs: dict[int, int] = {}
@@ -442,8 +485,80 @@ class StreamingCacheDataset(IterableDataset):
             if back_to_back and position == end:
                 end = self._pass_end(position)
 
+    def _bucket_batches(self, worker: int, position: int, back_to_back: bool) -> Iterator[dict[str, Any]]:
+        per_pass = self.position_pass
+        while True:
+            k, skip = divmod(position, per_pass)
+            for item in self._bucket_pass(worker, k, skip):
+                position += 1
+                item["stream_position"] = torch.tensor([worker, position])
+                yield item
+            if not (back_to_back or self.infinite):
+                return
+
+    def _bucket_pass(self, worker: int, k: int, skip: int) -> Iterator[dict[str, Any]]:
+        """The position_pass items of one worker's pass k on buckets, after the first `skip` (read, not decoded).
+
+        Its draws (the same ones, mixed and shuffled as on square caches) go one by one into the buffer of their
+        shape; a full buffer (its bucket's batch size) is a batch. After the last draw each non-empty buffer is a
+        smaller batch, in shape order: buffers never cross a pass, so each sample of it is trained once, and a
+        position in the pass is restored by replaying the pass from its start. Empty items ({}) fill the pass."""
+        n, start = self.pass_length, k * self.pass_length
+        streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
+        epochs: dict[int, int] = {}
+        for sid, count in enumerate(self._source_counts(worker, start)):
+            epochs[sid], done = divmod(count, self.per_worker[sid])
+            streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+            for _ in islice(streams[sid], done):  # the part of this cache's epoch earlier passes read
+                pass
+
+        def take(sid: int) -> tuple[int, dict[str, Any]]:
+            item = next(streams[sid], None)
+            if item is None:  # this cache's epoch is done: the next one has a new shard order and shuffle
+                epochs[sid] += 1
+                streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+                item = next(streams[sid])
+            return item
+
+        sizes = self.bucket_sizes or {}
+        buffers: dict[tuple[int, int], list[tuple[int, int, dict[str, Any]]]] = {shape: [] for shape in sizes}
+        emitted = 0
+
+        def batch(items: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any] | None:
+            nonlocal emitted
+            emitted += 1
+            if emitted <= skip:
+                return None
+            return collate_fn([self._decode(*item) for item in items], self.pad_to, self.dtype)
+
+        for sid in self.draws(worker, start, n).tolist():
+            index, raw = take(sid)
+            shape = self._shape_of(sid, raw)
+            buffer = buffers[shape]
+            buffer.append((sid, index, raw))
+            if len(buffer) == sizes[shape]:
+                out = batch(buffer)
+                buffer.clear()
+                if out is not None:
+                    yield out
+        for buffer in buffers.values():
+            if buffer:
+                out = batch(buffer)
+                if out is not None:
+                    yield out
+        for _ in range(max(emitted, skip), self.position_pass):
+            yield {}
+
+    def _shape_of(self, sid: int, raw: dict[str, Any]) -> tuple[int, int]:
+        """A raw sample's latent (height, width): its cache's one shape, or what its metadata records."""
+        shapes = self.source_shapes[sid]
+        if len(shapes) == 1:
+            return shapes[0]
+        meta = json.loads(raw["json"])
+        return int(meta["latent_height"]), int(meta["latent_width"])
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.worker_stream(back_to_back=False)
+        return (b for b in self.worker_stream(back_to_back=False) if b.keys() != {"stream_position"})
 
     def worker_stream(self, back_to_back: bool) -> Iterator[dict[str, Any]]:
         """What this DataLoader worker (or the main process) yields: its logical worker's batches from start_positions."""
@@ -489,11 +604,17 @@ class StreamingLoader:
         self.positions = list(dataset.start_positions)
         self.next_worker = dataset.start_worker
         self._batches: Iterator[dict[str, Any]] | None = None  # the run's DataLoader iterator, at self.positions
+        self._peeked: dict[str, Any] | None = None  # on buckets: the batch after the empty items drained (_drain)
 
     @property
     def epoch(self) -> int:
         """The pass the next batch belongs to."""
-        return min(self.positions) // self.dataset.pass_length
+        return min(self.positions) // self.dataset.position_pass
+
+    @property
+    def at_pass_start(self) -> bool:
+        """No batch of the current pass consumed yet."""
+        return all(p == self.epoch * self.dataset.position_pass for p in self.positions)
 
     def __len__(self) -> int:
         if self.dataset.infinite:
@@ -504,14 +625,33 @@ class StreamingLoader:
         ds = self.dataset
         end = ds._pass_end(min(self.positions))
         while end is None or min(self.positions) < end:
-            try:
-                batch = next(self._start() if self._batches is None else self._batches)
-            except BaseException:  # a worker's error leaves the DataLoader out of turn: the next pass starts afresh
-                self.close()
-                raise
-            worker, position = batch.pop("stream_position").tolist()
-            self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
-            yield batch
+            batch, self._peeked = self._peeked or self._pull(), None
+            self._consume(batch)
+            if batch:  # on buckets, a worker's pass ends with empty items (StreamingCacheDataset.position_pass)
+                if ds.bucket_sizes is not None:
+                    self._drain()
+                yield batch
+
+    def _pull(self) -> dict[str, Any]:
+        try:
+            return next(self._start() if self._batches is None else self._batches)
+        except BaseException:  # a worker's error leaves the DataLoader out of turn: the next pass starts afresh
+            self.close()
+            raise
+
+    def _consume(self, batch: dict[str, Any]) -> None:
+        worker, position = batch.pop("stream_position").tolist()
+        self.positions[worker], self.next_worker = position, (worker + 1) % self.dataset.layout_workers
+
+    def _drain(self) -> None:
+        """Consume the empty items that follow a batch, keeping the next real one: after a pass's last batch the
+        positions then stand at the pass's end, so the epoch a checkpoint records is the one the run is in."""
+        while True:
+            item = self._pull()
+            if item.keys() != {"stream_position"}:
+                self._peeked = item
+                return
+            self._consume(item)
 
     def _start(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
@@ -528,9 +668,14 @@ class StreamingLoader:
             self._batches = iter(loader)
         return self._batches
 
+    @property
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """The latent (height, width) of every shape its batches take (the training grid shows the buckets')."""
+        return self.dataset.bucket_shapes
+
     def close(self) -> None:
         """Shut the DataLoader's workers down now (the next iteration starts new ones where the stream stands)."""
-        batches, self._batches = self._batches, None
+        batches, self._batches, self._peeked = self._batches, None, None
         shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator; in-process has none
         if shutdown is not None:
             shutdown()
@@ -539,7 +684,7 @@ class StreamingLoader:
         """Jump to the start of pass `epoch` if the stream is behind it; a no-op otherwise (the state decides)."""
         if epoch > self.epoch:
             self.close()
-            self.positions = [epoch * self.dataset.pass_length] * self.dataset.layout_workers
+            self.positions = [epoch * self.dataset.position_pass] * self.dataset.layout_workers
             self.next_worker = 0
 
     def _layout(self) -> dict[str, Any]:
@@ -552,6 +697,8 @@ class StreamingLoader:
             "num_workers": ds.layout_workers,
             "shuffle_buffer": ds.shuffle_buffer,
         }
+        if ds.bucket_sizes is not None:  # only on buckets: the states of square runs stay what they were
+            layout["buckets"] = sorted([*shape, n] for shape, n in ds.bucket_sizes.items())
         if any(ds.held_out):  # only then, so that the states of runs without a split still compare equal
             layout["held_out"] = hashlib.sha256(json.dumps(ds.held_out).encode()).hexdigest()
         return layout
@@ -582,6 +729,8 @@ class StreamingLoader:
         old_pass = sum(
             s.manifest.num_samples // layout["world_size"] // layout["num_workers"] for s in self.dataset.sources
         )
+        if "buckets" in layout:  # positions counted items: the bound of position_pass under the old layout
+            old_pass = -(-old_pass // min(n for _, _, n in layout["buckets"])) + len(layout["buckets"])
         old_epoch = min(state["positions"]) // old_pass
         logger.warning(
             "data stream layout changed (%s): continuing at the start of pass %d, skipping the rest of pass %d",
@@ -589,7 +738,7 @@ class StreamingLoader:
             old_epoch + 1,
             old_epoch,
         )
-        self.positions = [(old_epoch + 1) * self.dataset.pass_length] * self.dataset.layout_workers
+        self.positions = [(old_epoch + 1) * self.dataset.position_pass] * self.dataset.layout_workers
         self.next_worker = 0
 
 
@@ -610,12 +759,14 @@ def make_stream_loader(
     dtype: torch.dtype = torch.float32,
     verify_shards: bool = True,
     held_out: Sequence[Sequence[int]] | None = None,
+    bucket_batch: str = "samples",
 ) -> StreamingLoader:
     """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
 
     rank / world_size default to the launch environment (RANK / WORLD_SIZE, or torch.distributed). With
     `model_config`, every cache is checked against it first (CacheMismatchError says what differs and how to fix it).
-    `held_out`: per cache, the sample indices a validation split keeps out of training.
+    `held_out`: per cache, the sample indices a validation split keeps out of training. Caches of aspect buckets
+    or of several resolutions are batched one shape per batch, `bucket_batch` ("samples" / "tokens") sizing them.
     Do not pass the loader through accelerator.prepare: it already splits the data by rank.
     """
     dataset = StreamingCacheDataset(
@@ -633,23 +784,41 @@ def make_stream_loader(
         model_config=model_config,
         verify_shards=verify_shards,
         held_out=held_out,
+        bucket_batch=bucket_batch,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
 
 
-def build_loader(
-    args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None
-) -> StreamingLoader:
+def build_loader(args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None) -> Any:
     """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
     batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
-    `held_out` samples of each cache."""
+    `held_out` samples of each cache. With --resolution_schedule, a ScheduledLoader over one stream per cache set."""
+    script = args.script
+    if getattr(script, "resolution_schedule", None) is None:
+        return _stream_loader(args, model_config, script.cache, script.cache_weights or None, held_out)
+    from tinyflux.trainer.resolution_schedule import ScheduledLoader, parse_resolution_schedule
+
+    loaders = [
+        _stream_loader(args, model_config, [cache], None, None if held_out is None else [held_out[i]])
+        for i, cache in enumerate(script.cache)
+    ]
+    return ScheduledLoader(loaders, parse_resolution_schedule(script.resolution_schedule, script.cache))
+
+
+def _stream_loader(
+    args: Any,
+    model_config: TinyFluxConfig,
+    caches: Sequence[str],
+    weights: Sequence[float] | None,
+    held_out: Sequence[Sequence[int]] | None,
+) -> StreamingLoader:
     script, trainer = args.script, args.trainer
     # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
     # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
-    stored = {CacheLocation.of(d).manifest().storage_dtype for d in script.cache}
+    stored = {CacheLocation.of(d).manifest().storage_dtype for d in caches}
     return make_stream_loader(
-        script.cache,
-        script.cache_weights or None,
+        caches,
+        weights,
         batch_size=trainer.batch_size,
         num_workers=trainer.num_workers,
         seed=trainer.seed,
@@ -659,4 +828,5 @@ def build_loader(
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
         verify_shards=trainer.verify_shards,
         held_out=held_out,
+        bucket_batch=getattr(script, "bucket_batch", "samples"),
     )
