@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.testing import CompileCounter
 
 from build_cache import main as build_cache_main
 from tests.test_train_script import CPU_2PROC, ROOT, SUBPROCESS_ENV, assert_same_weights, run_argv
+from tests.trainer_helpers import TINY
+from tests.trainer_helpers import config as trainer_config
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
@@ -24,6 +27,8 @@ from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.data import StreamingLoader, collate_fn, make_stream_loader
 from tinyflux.trainer.run import build_dataloader, run_training
+from tinyflux.trainer.runtime import compile_blocks
+from tinyflux.trainer.trainer import Trainer
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -263,3 +268,32 @@ def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+
+
+def test_a_compiled_run_on_buckets_compiles_at_most_once_per_bucket_and_never_after_the_first_pass(
+    mixed_cache: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = TinyFluxDeep(TINY)
+    # torch's counting backend runs dynamo's graphs eagerly: whether a batch recompiles is decided by dynamo's guards
+    # whatever the backend (tests/test_static_shapes.py counts text lengths the same way)
+    counter = CompileCounter()
+    compile_blocks(model, "default", backend=counter)
+    block_types = {type(b) for blocks in model.children() if isinstance(blocks, torch.nn.ModuleList) for b in blocks}
+    compiled_by_step: list[int] = []
+    model.register_forward_hook(lambda *_: compiled_by_step.append(counter.frame_count))
+    inputs: list[tuple[int, int]] = []  # (batch size, image tokens) of every step
+    model.register_forward_pre_hook(lambda _, args: inputs.append(tuple(args[0].shape[:2])))
+    cfg = trainer_config(tmp_path, total_steps=12, gradient_accumulation=1, batch_size=4, log_every=50)
+    trainer = Trainer(model, cfg)
+    loader = make_stream_loader(
+        mixed_cache, batch_size=4, rank=0, world_size=1, bucket_batch="tokens", model_config=TINY
+    )
+    trainer.setup(loader)
+    trainer.train(epochs=None)
+    assert trainer.progress.step == 12 and len(compiled_by_step) == 12  # three passes of 4 batches
+    # four buckets (8x8, 6x10, 10x6, 6x12 latents at patch 1), two batch sizes (the token budget's 4 and 3)
+    assert set(inputs) == {(4, 64), (4, 60), (3, 72)} and len(loader.bucket_shapes) == 4
+    assert 0 < counter.frame_count <= len(loader.bucket_shapes) * len(block_types)
+    warm = next(i for i, n in enumerate(compiled_by_step) if n == counter.frame_count)
+    assert warm < 4 and compiled_by_step[-1] == counter.frame_count  # all within the first pass, none after
