@@ -23,6 +23,7 @@ from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
 from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader
+from tinyflux.trainer.buckets import BucketError
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError
 from tinyflux.trainer.data import StreamingLoader, collate_fn, make_stream_loader
@@ -168,6 +169,11 @@ def test_the_stream_batches_one_bucket_at_a_time_and_each_pass_sees_every_sample
             assert len(batches) <= len(loader)
         assert [b["key"] for b in passes[0]] != [b["key"] for b in passes[1]]
         loader.close()
+
+
+def test_the_stream_refuses_buckets_on_several_processes_with_one_line(mixed_cache: Path) -> None:
+    with pytest.raises(BucketError, match=r"in one process only, not 2: train on several processes with --in_memory"):
+        make_stream_loader(mixed_cache, batch_size=4, rank=1, world_size=2)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

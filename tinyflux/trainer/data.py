@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.bucket_loader import bucket_batch_sizes
-from tinyflux.trainer.buckets import manifest_buckets
+from tinyflux.trainer.buckets import BucketError, manifest_buckets
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import (
     CacheFormatError,
@@ -315,6 +315,14 @@ class StreamingCacheDataset(IterableDataset):
             square = self.sources[0].manifest.resolution // VAE_DOWNSAMPLE
             patch = model_config.patch_size if model_config is not None else 2
             self.bucket_sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch, square, patch)
+            if world_size > 1:
+                # Each rank's buffers fill at their own pace, so ranks would end a pass after different numbers of
+                # batches (and their DDP steps would fall out of step); the in-memory sampler lays out every rank's.
+                names = ", ".join(f"{h * VAE_DOWNSAMPLE}x{w * VAE_DOWNSAMPLE}" for h, w in shapes)
+                raise BucketError(
+                    f"the streaming loader batches several shapes ({names}) in one process only, not {world_size}: "
+                    "train on several processes with --in_memory"
+                )
         self.start_positions = [0] * self.layout_workers  # draws (on buckets: items) consumed, per logical worker
         self.start_worker = 0  # logical worker of the next batch (the one DataLoader worker 0 plays)
 
