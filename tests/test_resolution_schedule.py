@@ -4,13 +4,15 @@ across the switch."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.fixtures_cache import make_synthetic_cache
-from tests.test_train_script import assert_same_weights, run_argv
+from tests.test_train_script import ROOT, assert_same_weights, run_argv
 from tinyflux.trainer.args import ArgsError, parse_args
 from tinyflux.trainer.bucket_loader import BucketLoader
 from tinyflux.trainer.data import make_stream_loader
@@ -129,3 +131,25 @@ def test_a_bad_schedule_is_refused_with_one_line(
     assert message in str(e.value) and "\n" not in str(e.value)
     assert main(argv) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_documented_schedule_example_parses_and_switches_at_its_step(
+    two_resolutions: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (ROOT / "docs" / "CACHE_FORMAT.md").read_text()
+    block = doc[doc.index("## Several resolutions in one run") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["python", "train_tinyflux.py"]
+    (tmp_path / "caches").mkdir()
+    (tmp_path / "caches" / "mine-256").symlink_to(two_resolutions[0])
+    (tmp_path / "caches" / "mine-512").symlink_to(two_resolutions[1])
+    monkeypatch.chdir(tmp_path)
+    args = parse_args([*argv[2:], "--model", "tiny"])  # the synthetic caches are the tiny preset's
+    loader = build_dataloader(args, args.model_config)
+    assert isinstance(loader, ScheduledLoader) and loader.schedule == [(0, 0), (20000, 1)]
+    assert [loader.set_at(s) for s in (0, 19999, 20000, 29999)] == [0, 0, 1, 1]
+    readme = (ROOT / "README.md").read_text()  # the README's mixing example: both caches, weights 3 and 1
+    mixing = re.search(r"`(--cache caches/mine-256[^`]*)`", readme).group(1)
+    args = parse_args([*shlex.split(mixing), "--model", "tiny"])
+    mixed = build_dataloader(args, args.model_config)
+    assert mixed.dataset.weights == [3.0, 1.0] and mixed.bucket_shapes == [(4, 4), (8, 8)]
