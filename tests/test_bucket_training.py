@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from tinyflux.trainer.bucket_loader import BucketBatchSampler, BucketLoader
 from tinyflux.trainer.buckets import BucketError
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import CacheFormatError
+from tinyflux.trainer.checkpoint import TRAINER_STATE
 from tinyflux.trainer.data import StreamingLoader, collate_fn, make_stream_loader
 from tinyflux.trainer.run import build_dataloader, run_training
 from tinyflux.trainer.runtime import compile_blocks
@@ -171,9 +173,50 @@ def test_the_stream_batches_one_bucket_at_a_time_and_each_pass_sees_every_sample
         loader.close()
 
 
-def test_the_stream_refuses_buckets_on_several_processes_with_one_line(mixed_cache: Path) -> None:
-    with pytest.raises(BucketError, match=r"in one process only, not 2: train on several processes with --in_memory"):
-        make_stream_loader(mixed_cache, batch_size=4, rank=1, world_size=2)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_stream_disjoint_samples_in_the_same_number_of_batches_and_share_one_state(
+    mixed_cache: Path, num_workers: int
+) -> None:
+    ranks = [
+        make_stream_loader(
+            mixed_cache, batch_size=4, num_workers=num_workers, seed=5, rank=r, world_size=2, bucket_batch="tokens"
+        )
+        for r in range(2)
+    ]
+    per_rank = 7 if num_workers == 0 else 6  # 15 // 2 ranks (// 2 workers x 2)
+    differ = repeated = 0
+    for _ in range(3):
+        passes = [[], []]
+        for pair in zip(*ranks, strict=True):  # a StopIteration of one rank first would fail zip's strict check
+            for r, b in enumerate(pair):
+                passes[r].append(b)
+            assert ranks[0].state_dict() == ranks[1].state_dict()  # rank 0's state resumes every rank
+            differ += pair[0]["latents"].shape != pair[1]["latents"].shape
+        mine = [{i for b in part for i in b["index"].tolist()} for part in passes]
+        assert len(mine[0]) == len(mine[1]) == per_rank and not mine[0] & mine[1]  # each its own samples, all
+        for part in passes:  # a rank's worker with fewer batches repeats its first ones: whole batches, none else
+            keys = [tuple(b["key"]) for b in part]
+            assert sum(len(k) for k in set(keys)) == per_rank
+            repeated += len(keys) - len(set(keys))
+    assert differ > 0  # ranks train different buckets in one step
+    assert repeated > 0 or num_workers == 0  # with two workers a rank's worker is short of a batch now and then
+    for loader in ranks:
+        loader.close()
+
+
+def test_a_bucket_cache_that_does_not_list_its_samples_buckets_streams_on_one_process_only(
+    mixed_cache: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(mixed_cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["bucket_of"]  # as caches built before it was listed
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert len(list(make_stream_loader(old, batch_size=4, rank=0, world_size=1))) == 4
+    with pytest.raises(BucketError, match="does not list its samples' buckets") as e:
+        make_stream_loader(old, batch_size=4, rank=1, world_size=2)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -262,9 +305,10 @@ def test_ranks_split_an_epochs_batches_and_together_see_every_sample() -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader", [["--in_memory"], ["--num_workers", "2"]])  # in memory, streamed
+def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path, loader: list[str]) -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
-    argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--bucket_batch", "tokens", "--total_steps", "4")
+    argv = run_argv(mixed_cache, tmp_path, *loader, "--bucket_batch", "tokens", "--total_steps", "6")
     result = subprocess.run(
         [*launch, str(ROOT / "train_tinyflux.py"), *argv],
         capture_output=True,
@@ -273,7 +317,9 @@ def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> No
         env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+    final = tmp_path / "checkpoints" / "step_0000006"
+    assert (final / "model.safetensors").is_file()
+    assert json.loads((final / TRAINER_STATE).read_text())["epoch"] >= 1  # the ranks crossed passes in step
 
 
 def test_a_compiled_run_on_buckets_compiles_at_most_once_per_bucket_and_never_after_the_first_pass(

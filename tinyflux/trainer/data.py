@@ -19,11 +19,12 @@ new worker processes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import islice
@@ -228,6 +229,23 @@ def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iter
         yield buffer[j]
 
 
+def _shape_table(src: _Source, shapes: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """Each sample's latent (height, width) by manifest index, from its shard's bucket_of (None for a cache of one
+    shape); BucketError (one line) for a cache of several buckets written before build_cache.py listed them."""
+    if len(shapes) == 1:
+        return None
+    buckets = src.manifest.buckets
+    if not all("bucket_of" in shard for shard in src.manifest.shards):
+        raise BucketError(
+            f"{src.cache_dir} does not list its samples' buckets (built before they were): rebuild it into a new "
+            "--output to stream it on several processes, or train with --in_memory"
+        )
+    side = VAE_DOWNSAMPLE
+    return [
+        (buckets[b]["height"] // side, buckets[b]["width"] // side) for s in src.manifest.shards for b in s["bucket_of"]
+    ]
+
+
 class StreamingCacheDataset(IterableDataset):
     """Collated batches streamed from one or more shard sets (cache directories), mixed by `weights`.
 
@@ -315,14 +333,13 @@ class StreamingCacheDataset(IterableDataset):
             square = self.sources[0].manifest.resolution // VAE_DOWNSAMPLE
             patch = model_config.patch_size if model_config is not None else 2
             self.bucket_sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch, square, patch)
-            if world_size > 1:
-                # Each rank's buffers fill at their own pace, so ranks would end a pass after different numbers of
-                # batches (and their DDP steps would fall out of step); the in-memory sampler lays out every rank's.
-                names = ", ".join(f"{h * VAE_DOWNSAMPLE}x{w * VAE_DOWNSAMPLE}" for h, w in shapes)
-                raise BucketError(
-                    f"the streaming loader batches several shapes ({names}) in one process only, not {world_size}: "
-                    "train on several processes with --in_memory"
-                )
+        # On several processes: each sample's shape by manifest index (None: the cache has one), to plan every rank's
+        # batches (_repeats)
+        self._shape_tables: list[list[tuple[int, int]] | None] = [None] * len(self.sources)
+        if self.bucket_sizes is not None and world_size > 1:
+            self._shape_tables = [
+                _shape_table(src, shapes) for src, shapes in zip(self.sources, self.source_shapes, strict=True)
+            ]
         self.start_positions = [0] * self.layout_workers  # draws (on buckets: items) consumed, per logical worker
         self.start_worker = 0  # logical worker of the next batch (the one DataLoader worker 0 plays)
 
@@ -372,10 +389,11 @@ class StreamingCacheDataset(IterableDataset):
             counts += np.bincount(ids, minlength=len(self.sources))
         return counts.tolist()
 
-    def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
+    def _epoch_spans(self, sid: int, epoch: int, worker: int, rank: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) of the samples a rank's worker reads of cache `sid` in `epoch`, in order, counting
+        kept samples only."""
         src, n, kept = self.sources[sid], self.per_worker[sid], self._kept[sid]
-        start = self.rank * (self.sizes[sid] // self.world_size) + worker * n
+        start = rank * (self.sizes[sid] // self.world_size) + worker * n
         order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
 
         spans = []  # (shard, first, end) of the samples this worker reads, in order, counting kept samples only
@@ -387,6 +405,12 @@ class StreamingCacheDataset(IterableDataset):
                 spans.append((int(k), lo, hi))
             if pos >= start + n:
                 break
+        return spans
+
+    def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
+        src, kept = self.sources[sid], self._kept[sid]
+        spans = self._epoch_spans(sid, epoch, worker, self.rank)
 
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
             for (k, lo, hi), data in self._verified_ahead(sid, spans):
@@ -404,6 +428,14 @@ class StreamingCacheDataset(IterableDataset):
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
+
+    def _epoch_indices(self, sid: int, epoch: int, worker: int, rank: int) -> Iterator[tuple[int, None]]:
+        """(index, None) of any rank's run, in the order _epoch_items yields that rank's samples (the shuffle buffer
+        draws the same numbers whatever it holds), reading nothing."""
+        kept, offsets = self._kept[sid], self.sources[sid].offsets
+        spans = self._epoch_spans(sid, epoch, worker, rank)
+        indices = ((offsets[k] + i, None) for k, lo, hi in spans for i in kept[k][lo:hi])
+        return _shuffled(indices, self.shuffle_buffer, _rng(self.seed, sid, epoch, rank, worker, 1))
 
     def _verified_ahead(
         self, sid: int, spans: list[tuple[int, int, int]]
@@ -507,55 +539,84 @@ class StreamingCacheDataset(IterableDataset):
     def _bucket_pass(self, worker: int, k: int, skip: int) -> Iterator[dict[str, Any]]:
         """The position_pass items of one worker's pass k on buckets, after the first `skip` (read, not decoded).
 
-        Its draws (the same ones, mixed and shuffled as on square caches) go one by one into the buffer of their
-        shape; a full buffer (its bucket's batch size) is a batch. After the last draw each non-empty buffer is a
-        smaller batch, in shape order: buffers never cross a pass, so each sample of it is trained once, and a
-        position in the pass is restored by replaying the pass from its start. Empty items ({}) fill the pass."""
+        Its batches (_bucket_groups), then on several processes as many of its first batches again as another rank
+        has batches more in this pass (_repeats: every rank then trains the same number of batches a pass, as
+        accelerate's even_batches does), then empty items ({}) up to position_pass."""
+        repeats, kept, emitted = self._repeats(worker, k), [], 0
+        groups = self._bucket_groups(
+            worker, k, self.rank, self._epoch_items, lambda sid, item: self._shape_of(sid, item[1])
+        )
+        for group in itertools.chain(groups, iter(kept)):
+            if len(kept) < repeats:
+                kept.append(group)
+            emitted += 1
+            if emitted > skip:
+                yield collate_fn([self._decode(sid, *item) for sid, item in group], self.pad_to, self.dtype)
+        for _ in range(max(emitted, skip), self.position_pass):
+            yield {}
+
+    def _bucket_groups(
+        self,
+        worker: int,
+        k: int,
+        rank: int,
+        items: Callable[[int, int, int], Iterator[tuple[int, Any]]],
+        shape_of: Callable[[int, tuple[int, Any]], tuple[int, int]],
+    ) -> Iterator[list[tuple[int, tuple[int, Any]]]]:
+        """The batches, as [(cache, (index, raw)), ...], of a rank's worker's pass k: its draws (the same ones, mixed
+        and shuffled as on square caches) go one by one into the buffer of their shape; a full buffer (its bucket's
+        batch size) is a batch. After the last draw each non-empty buffer is a smaller batch, in shape order: buffers
+        never cross a pass, so each sample of it is trained once, and a position in the pass is restored by
+        replaying the pass from its start. `items(cache, epoch, worker)` reads a cache's epoch as (index, raw);
+        `shape_of(cache, (index, raw))` tells a sample's latent shape."""
         n, start = self.pass_length, k * self.pass_length
-        streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
+        streams: dict[int, Iterator[tuple[int, Any]]] = {}
         epochs: dict[int, int] = {}
         for sid, count in enumerate(self._source_counts(worker, start)):
             epochs[sid], done = divmod(count, self.per_worker[sid])
-            streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+            streams[sid] = items(sid, epochs[sid], worker)
             for _ in islice(streams[sid], done):  # the part of this cache's epoch earlier passes read
                 pass
 
-        def take(sid: int) -> tuple[int, dict[str, Any]]:
+        def take(sid: int) -> tuple[int, Any]:
             item = next(streams[sid], None)
             if item is None:  # this cache's epoch is done: the next one has a new shard order and shuffle
                 epochs[sid] += 1
-                streams[sid] = self._epoch_items(sid, epochs[sid], worker)
+                streams[sid] = items(sid, epochs[sid], worker)
                 item = next(streams[sid])
             return item
 
         sizes = self.bucket_sizes or {}
-        buffers: dict[tuple[int, int], list[tuple[int, int, dict[str, Any]]]] = {shape: [] for shape in sizes}
-        emitted = 0
-
-        def batch(items: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any] | None:
-            nonlocal emitted
-            emitted += 1
-            if emitted <= skip:
-                return None
-            return collate_fn([self._decode(*item) for item in items], self.pad_to, self.dtype)
-
+        buffers: dict[tuple[int, int], list[tuple[int, tuple[int, Any]]]] = {shape: [] for shape in sizes}
         for sid in self.draws(worker, start, n).tolist():
-            index, raw = take(sid)
-            shape = self._shape_of(sid, raw)
-            buffer = buffers[shape]
-            buffer.append((sid, index, raw))
-            if len(buffer) == sizes[shape]:
-                out = batch(buffer)
-                buffer.clear()
-                if out is not None:
-                    yield out
+            item = take(sid)
+            shape = shape_of(sid, item)
+            buffers[shape].append((sid, item))
+            if len(buffers[shape]) == sizes[shape]:
+                yield buffers[shape]
+                buffers[shape] = []
         for buffer in buffers.values():
             if buffer:
-                out = batch(buffer)
-                if out is not None:
-                    yield out
-        for _ in range(max(emitted, skip), self.position_pass):
-            yield {}
+                yield buffer
+
+    def _repeats(self, worker: int, k: int) -> int:
+        """How many batches this rank's worker repeats in pass k: the most batches any rank's worker trains in it,
+        less its own, planned from the samples' shapes in the manifests (shards' bucket_of) without reading."""
+        if self.world_size == 1:
+            return 0
+
+        def planned(rank: int) -> int:
+            def indices(sid: int, epoch: int, w: int) -> Iterator[tuple[int, None]]:
+                return self._epoch_indices(sid, epoch, w, rank)
+
+            return sum(1 for _ in self._bucket_groups(worker, k, rank, indices, self._planned_shape))
+
+        counts = [planned(rank) for rank in range(self.world_size)]
+        return max(counts) - counts[self.rank]
+
+    def _planned_shape(self, sid: int, item: tuple[int, None]) -> tuple[int, int]:
+        table = self._shape_tables[sid]
+        return self.source_shapes[sid][0] if table is None else table[item[0]]
 
     def _shape_of(self, sid: int, raw: dict[str, Any]) -> tuple[int, int]:
         """A raw sample's latent (height, width): its cache's one shape, or what its metadata records."""
