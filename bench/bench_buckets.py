@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def train_rate(cache: Path, out: Path, args: argparse.Namespace, loader: str) ->
     model creation and the first steps are not in it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    shutil.rmtree(out, ignore_errors=True)  # a kept work directory's earlier run
     argv = train_argv(cache, out, args, 2 * args.steps, loader)
     argv[argv.index("--log_with") + 1], argv[argv.index("--log_every") + 1] = "tensorboard", str(args.steps)
     run_training(parse_args(argv))
