@@ -1,19 +1,22 @@
-"""Samples/s of training on aspect buckets (--in_memory, BucketLoader) against the square in-memory loader on the same
-images: one folder of pictures of five shapes (1:1, 3:2, 2:3, 2:1, 1:2) cached twice by build_cache.py, without
---buckets (square crops) and with --buckets auto, then trained with the same flags. The issue's goal: within 10%.
+"""Samples/s of training on aspect buckets against square crops of the same images, with each loader: in memory
+(--in_memory: BucketLoader against the square DataLoader) and streamed (StreamingLoader's per-bucket buffers against
+its square batches). One folder of pictures of five shapes (1:1, 3:2, 2:3, 2:1, 1:2) is cached twice by
+build_cache.py, without --buckets (square crops) and with --buckets auto, then trained with the same flags. The
+issue's goal: within 10%.
 
     python bench/bench_buckets.py                       # tiny zoo and preset, 64 px, CPU
     python bench/bench_buckets.py --bucket_batch tokens --images 120 --steps 40
 
 Training samples/s is the Trainer's own logged figure over the second half of a run of 2 x `--steps` optimizer steps
 (set-up, model creation and the first steps left out), best of `--rounds` runs of each, alternating.
-The loader row times one epoch of each loader alone (collation included), batches delivered to the training process.
+The loader rows time one epoch of each loader alone (collation included), batches delivered to the training process.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -43,21 +46,25 @@ def write_images(root: Path, count: int, resolution: int) -> None:
         (root / f"{i:05d}.txt").write_text(f"a gradient of shape {rw}:{rh}, number {i}")
 
 
-def train_argv(cache: Path, out: Path, args: argparse.Namespace, steps: int) -> list[str]:
+LOADERS = {"in-memory": ["--in_memory"], "streamed": []}
+
+
+def train_argv(cache: Path, out: Path, args: argparse.Namespace, steps: int, loader: str) -> list[str]:
     return [
-        "--cache", str(cache), "--in_memory", "--model", args.preset, "--dtype", "float32", "--batch_size",
+        "--cache", str(cache), *LOADERS[loader], "--model", args.preset, "--dtype", "float32", "--batch_size",
         str(args.batch_size), "--bucket_batch", args.bucket_batch, "--total_steps", str(steps), "--num_workers", "0",
         "--save_every_steps", "none", "--log_with", "none", "--log_every", "1000", "--checkpoint_dir",
         str(out / "checkpoints"), "--tensorboard_dir", str(out / "logs"),
     ]  # fmt: skip
 
 
-def train_rate(cache: Path, out: Path, args: argparse.Namespace) -> float:
+def train_rate(cache: Path, out: Path, args: argparse.Namespace, loader: str) -> float:
     """The Trainer's own samples/s (what it logs) over the second half of a run of 2 x --steps optimizer steps: set-up,
     model creation and the first steps are not in it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    argv = train_argv(cache, out, args, 2 * args.steps)
+    shutil.rmtree(out, ignore_errors=True)  # a kept work directory's earlier run
+    argv = train_argv(cache, out, args, 2 * args.steps, loader)
     argv[argv.index("--log_with") + 1], argv[argv.index("--log_every") + 1] = "tensorboard", str(args.steps)
     run_training(parse_args(argv))
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
@@ -65,13 +72,18 @@ def train_rate(cache: Path, out: Path, args: argparse.Namespace) -> float:
     return events.Scalars("samples_per_sec")[-1].value
 
 
-def loader_rate(cache: Path, work: Path, args: argparse.Namespace) -> float:
-    run = parse_args(train_argv(cache, work / "loader", args, 1))
-    loader = build_dataloader(run, run.model_config)
-    next(iter(loader))  # warm: the first batch carries the start-up
+def loader_rate(cache: Path, work: Path, args: argparse.Namespace, loader: str) -> float:
+    """Samples/s of the second and third epochs of the loader alone (the first carries its start-up)."""
+    run = parse_args(train_argv(cache, work / "loader", args, 1, loader))
+    batches = build_dataloader(run, run.model_config)
+    for _ in batches:
+        pass
     start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += batch["latents"].shape[0]
+    for _ in range(2):
+        for batch in batches:
+            count += batch["latents"].shape[0]
+    if callable(getattr(batches, "close", None)):
+        batches.close()
     return count / (time.perf_counter() - start)
 
 
@@ -104,23 +116,34 @@ def main() -> None:
             )  # fmt: skip
         # rounds alternate between the two, and each keeps its best: a machine shared with other work slows a round
         # now and then, never speeds one up
-        train = {name: 0.0 for name in caches}
+        train = {(name, loader): 0.0 for name in caches for loader in LOADERS}
         for r in range(args.rounds):
-            for name, cache in caches.items():
-                train[name] = max(train[name], train_rate(cache, work / f"{name}{r}", args))
-        rates = {name: (train[name], loader_rate(cache, work / name, args)) for name, cache in caches.items()}
+            for loader in LOADERS:
+                for name, cache in caches.items():
+                    out = work / f"{name}-{loader}{r}"
+                    train[name, loader] = max(train[name, loader], train_rate(cache, out, args, loader))
+        alone = {
+            (name, loader): loader_rate(cache, work / name, args, loader)
+            for name, cache in caches.items()
+            for loader in LOADERS
+        }
     device = torch.device("cpu")
-    rows = [
-        Row("training (Trainer, in-memory)", rates["buckets"][0], rates["square"][0], "samples/s"),
-        Row("loader alone, one epoch", rates["buckets"][1], rates["square"][1], "samples/s"),
-    ]
+    rows = []
+    for loader in LOADERS:
+        rows.append(
+            Row(f"training (Trainer, {loader})", train["buckets", loader], train["square", loader], "samples/s")
+        )
+    for loader in LOADERS:
+        rows.append(
+            Row(f"{loader} loader alone, 2 epochs", alone["buckets", loader], alone["square", loader], "samples/s")
+        )
     print_table(
         f"aspect buckets (--bucket_batch {args.bucket_batch}) vs square crops, {args.images} images at "
         f"{args.resolution} px, preset {args.preset}, batch {args.batch_size}",
         rows,
         matmul_ceiling_tflops(device, torch.float32),
         describe_device(device),
-        "the square in-memory loader on the same images",
+        "the same loader on square crops of the same images",
     )
 
 

@@ -1,27 +1,36 @@
-"""Training on aspect buckets with --in_memory: one shape per batch, each sample once per epoch, the token budget,
-exact resume, and the streaming loader's refusal."""
+"""Training on aspect buckets, in memory and streamed: one shape per batch, each sample once per epoch, the token
+budget, exact resume."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.testing import CompileCounter
 
 from build_cache import main as build_cache_main
 from tests.test_train_script import CPU_2PROC, ROOT, SUBPROCESS_ENV, assert_same_weights, run_argv
-from tests.trainer_helpers import accelerate_launch
+from tests.trainer_helpers import TINY, accelerate_launch
+from tests.trainer_helpers import config as trainer_config
 from tinyflux.cache.bucket_loader import BucketBatchSampler, BucketLoader
+from tinyflux.cache.buckets import BucketError
 from tinyflux.cache.format import CacheFormatError
-from tinyflux.cache.loaders import collate_fn
+from tinyflux.cache.loaders import StreamingLoader, collate_fn, make_stream_loader
 from tinyflux.cache.memory import DatasetCache
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.args import parse_args
-from tinyflux.trainer.main import build_dataloader, main, run_training
+from tinyflux.trainer.checkpoint import TRAINER_STATE
+from tinyflux.trainer.main import build_dataloader, run_training
+from tinyflux.trainer.runtime import compile_blocks
+from tinyflux.trainer.trainer import Trainer
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -119,11 +128,115 @@ def test_the_tiny_preset_learns_from_mixed_shapes_and_resumes_exactly(mixed_cach
         assert_same_weights(straight.last_checkpoint, resumed.last_checkpoint, atol=0)
 
 
-def test_the_streaming_loader_refuses_buckets_with_one_line(mixed_cache: Path, tmp_path: Path, caplog) -> None:
-    assert main(run_argv(mixed_cache, tmp_path, "--total_steps", "2")) == 1  # before any step
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert "\n" not in line and "--in_memory" in line and "aspect buckets (96x48, 80x48, 64x64, 48x80, 48x96)" in line
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+def test_a_streamed_run_on_buckets_resumes_bit_identically(mixed_cache: Path, tmp_path: Path) -> None:
+    common = ["--bucket_batch", "tokens", "--lr_scheduler", "constant", "--gradient_accumulation", "1"]
+    straight = run_training(parse_args(run_argv(mixed_cache, tmp_path / "a", *common, "--total_steps", "12")))
+    # a pass is 4 batches (one per bucket): 12 steps close two passes and end with the third's last batch
+    assert (straight.progress.epoch, straight.progress.batches_in_epoch) == (2, 4)
+    for leg, first in (("b", ["--total_steps", "7"]), ("c", ["--epochs", "1"])):  # mid-pass, at a pass's end
+        run_training(parse_args(run_argv(mixed_cache, tmp_path / leg, *common, "--total_steps", "12", *first)))
+        resumed = run_training(
+            parse_args(run_argv(mixed_cache, tmp_path / leg, *common, "--total_steps", "12", "--resume"))
+        )
+        assert resumed.progress == straight.progress
+        assert_same_weights(straight.last_checkpoint, resumed.last_checkpoint, atol=0)
+
+
+def _stream(cache: Path, num_workers: int, mode: str = "samples") -> StreamingLoader:
+    return make_stream_loader(
+        cache, batch_size=4, num_workers=num_workers, seed=5, rank=0, world_size=1, shuffle_buffer=4, bucket_batch=mode
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_stream_batches_one_bucket_at_a_time_and_each_pass_sees_every_sample_once(
+    mixed_cache: Path, num_workers: int
+) -> None:
+    for mode in ("samples", "tokens"):
+        loader = _stream(mixed_cache, num_workers, mode)
+        assert loader.bucket_shapes == [(6, 10), (6, 12), (8, 8), (10, 6)]
+        passes = [list(loader) for _ in range(2)]
+        for batches in passes:
+            assert all(len(set(b["key"])) == len(b["key"]) for b in batches)
+            indices = sorted(i for b in batches for i in b["index"].tolist())
+            # one worker reads all 15 samples a pass; two read 7 each (the leftover one differs every pass, as on
+            # square caches): every bucket's partial batch is trained too, none twice
+            assert len(indices) == len(set(indices)) == (15 if num_workers == 0 else 14)
+            assert {b["latents"].shape[-2:] for b in batches} == {(8, 8), (6, 10), (10, 6), (6, 12)}
+            for b in batches:
+                n, _, h, w = b["latents"].shape
+                assert n <= loader.dataset.bucket_sizes[(h, w)]
+                assert mode == "samples" or n * h * w <= 4 * 8 * 8  # the token budget of the 64 px square bucket
+            assert len(batches) <= len(loader)
+        assert [b["key"] for b in passes[0]] != [b["key"] for b in passes[1]]
+        loader.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_stream_disjoint_samples_in_the_same_number_of_batches_and_share_one_state(
+    mixed_cache: Path, num_workers: int
+) -> None:
+    ranks = [
+        make_stream_loader(
+            mixed_cache, batch_size=4, num_workers=num_workers, seed=5, rank=r, world_size=2, bucket_batch="tokens"
+        )
+        for r in range(2)
+    ]
+    per_rank = 7 if num_workers == 0 else 6  # 15 // 2 ranks (// 2 workers x 2)
+    differ = repeated = 0
+    for _ in range(3):
+        passes = [[], []]
+        for pair in zip(*ranks, strict=True):  # a StopIteration of one rank first would fail zip's strict check
+            for r, b in enumerate(pair):
+                passes[r].append(b)
+            assert ranks[0].state_dict() == ranks[1].state_dict()  # rank 0's state resumes every rank
+            differ += pair[0]["latents"].shape != pair[1]["latents"].shape
+        mine = [{i for b in part for i in b["index"].tolist()} for part in passes]
+        assert len(mine[0]) == len(mine[1]) == per_rank and not mine[0] & mine[1]  # each its own samples, all
+        for part in passes:  # a rank's worker with fewer batches repeats its first ones: whole batches, none else
+            keys = [tuple(b["key"]) for b in part]
+            assert sum(len(k) for k in set(keys)) == per_rank
+            repeated += len(keys) - len(set(keys))
+    assert differ > 0  # ranks train different buckets in one step
+    assert repeated > 0 or num_workers == 0  # with two workers a rank's worker is short of a batch now and then
+    for loader in ranks:
+        loader.close()
+
+
+def test_a_bucket_cache_that_does_not_list_its_samples_buckets_streams_on_one_process_only(
+    mixed_cache: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(mixed_cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["bucket_of"]  # as caches built before it was listed
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert len(list(make_stream_loader(old, batch_size=4, rank=0, world_size=1))) == 4
+    with pytest.raises(BucketError, match="does not list its samples' buckets") as e:
+        make_stream_loader(old, batch_size=4, rank=1, world_size=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_restored_bucket_stream_continues_with_the_same_batches(mixed_cache: Path, num_workers: int) -> None:
+    reference = _stream(mixed_cache, num_workers, "tokens")
+    keys = [b["key"] for b in reference] + [b["key"] for b in reference]  # two passes
+    reference.close()
+    per_pass = len(keys) // 2
+    for stop in (1, per_pass - 1, per_pass, per_pass + 2):  # mid-pass, within the flush of partial buckets, its end
+        interrupted = _stream(mixed_cache, num_workers, "tokens")
+        it = itertools.chain(interrupted, interrupted)  # the second pass starts when the first has ended
+        consumed = [next(it)["key"] for _ in range(stop)]
+        state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint stores
+        interrupted.close()
+        assert consumed == keys[:stop] and "buckets" in state["layout"]
+        resumed = _stream(mixed_cache, num_workers, "tokens")
+        resumed.load_state_dict(state)
+        assert resumed.epoch == interrupted.epoch == (stop >= per_pass)  # a pass's last batch ends its epoch
+        rest = [b["key"] for b in resumed] + ([b["key"] for b in resumed] if stop < per_pass else [])
+        resumed.close()
+        assert rest == keys[stop:], stop
 
 
 def test_samples_of_several_buckets_do_not_collate_into_one_batch(mixed_cache: Path, tmp_path: Path) -> None:
@@ -134,13 +247,14 @@ def test_samples_of_several_buckets_do_not_collate_into_one_batch(mixed_cache: P
         collate_fn(samples)
 
 
+@pytest.mark.parametrize("loader", [["--in_memory"], []])  # in memory, streamed
 def test_the_training_grid_shows_square_landscape_and_portrait_and_sample_py_takes_an_aspect(
-    mixed_cache: Path, tmp_path: Path, tiny_zoo_path: Path, capsys
+    mixed_cache: Path, tmp_path: Path, tiny_zoo_path: Path, capsys, loader: list[str]
 ) -> None:
     import sample
 
     grids = ["--zoo", str(tiny_zoo_path), "--sample_every", "2", "--sample_steps", "1", "--sample_prompts", "a cat"]
-    argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--total_steps", "2", *grids, "--sample_dir", str(tmp_path))
+    argv = run_argv(mixed_cache, tmp_path, *loader, "--total_steps", "2", *grids, "--sample_dir", str(tmp_path))
     trainer = run_training(parse_args(argv))
     singles = sorted(tmp_path.glob("step0000002_*.png"))
     # the 64 px bucket, the one nearest 3:2 (48x80) and the one nearest 2:3 (80x48), height x width, letterboxed
@@ -152,6 +266,8 @@ def test_the_training_grid_shows_square_landscape_and_portrait_and_sample_py_tak
     inked = [Image.eval(t.convert("L"), lambda v: 255 if v < 255 else 0).getbbox() for t in tiles]
     assert [(b[2] - b[0], b[3] - b[1]) for b in inked] == [(64, 64), (80, 48), (48, 80)]  # (width, height)
     assert (tmp_path / "grid_step0000002.png").is_file()
+    if not loader:
+        return  # sample.py's part needs one of the two
 
     out = tmp_path / "aspect"
     argv = ["--model", str(trainer.last_checkpoint), "--zoo", str(tiny_zoo_path), "--prompt", "a cat", "--num_steps",
@@ -191,9 +307,10 @@ def test_ranks_split_an_epochs_batches_and_together_see_every_sample() -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader", [["--in_memory"], ["--num_workers", "2"]])  # in memory, streamed
+def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path, loader: list[str]) -> None:
     launch = accelerate_launch(CPU_2PROC)
-    argv = run_argv(mixed_cache, tmp_path, "--in_memory", "--bucket_batch", "tokens", "--total_steps", "4")
+    argv = run_argv(mixed_cache, tmp_path, *loader, "--bucket_batch", "tokens", "--total_steps", "6")
     result = subprocess.run(
         [*launch, str(ROOT / "train_tinyflux.py"), *argv],
         capture_output=True,
@@ -202,4 +319,35 @@ def test_two_processes_train_on_buckets(mixed_cache: Path, tmp_path: Path) -> No
         env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+    final = tmp_path / "checkpoints" / "step_0000006"
+    assert (final / "model.safetensors").is_file()
+    assert json.loads((final / TRAINER_STATE).read_text())["epoch"] >= 1  # the ranks crossed passes in step
+
+
+def test_a_compiled_run_on_buckets_compiles_at_most_once_per_bucket_and_never_after_the_first_pass(
+    mixed_cache: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = TinyFluxDeep(TINY)
+    # torch's counting backend runs dynamo's graphs eagerly: whether a batch recompiles is decided by dynamo's guards
+    # whatever the backend (tests/test_static_shapes.py counts text lengths the same way)
+    counter = CompileCounter()
+    compile_blocks(model, "default", backend=counter)
+    block_types = {type(b) for blocks in model.children() if isinstance(blocks, torch.nn.ModuleList) for b in blocks}
+    compiled_by_step: list[int] = []
+    model.register_forward_hook(lambda *_: compiled_by_step.append(counter.frame_count))
+    inputs: list[tuple[int, int]] = []  # (batch size, image tokens) of every step
+    model.register_forward_pre_hook(lambda _, args: inputs.append(tuple(args[0].shape[:2])))
+    cfg = trainer_config(tmp_path, total_steps=8, gradient_accumulation=1, batch_size=4, log_every=50)
+    trainer = Trainer(model, cfg)
+    loader = make_stream_loader(
+        mixed_cache, batch_size=4, rank=0, world_size=1, bucket_batch="tokens", model_config=TINY
+    )
+    trainer.setup(loader)
+    trainer.train(epochs=None)
+    assert trainer.progress.step == 8 and len(compiled_by_step) == 8  # two passes of 4 batches
+    # four buckets (8x8, 6x10, 10x6, 6x12 latents at patch 1), two batch sizes (the token budget's 4 and 3)
+    assert set(inputs) == {(4, 64), (4, 60), (3, 72)} and len(loader.bucket_shapes) == 4
+    assert 0 < counter.frame_count <= len(loader.bucket_shapes) * len(block_types)
+    warm = next(i for i, n in enumerate(compiled_by_step) if n == counter.frame_count)
+    assert warm < 4 and compiled_by_step[-1] == counter.frame_count  # all within the first pass, none after

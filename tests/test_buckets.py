@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from build_cache import main as build_cache_main
 from tests.fixtures_cache import BuiltCache
-from tinyflux.cache.buckets import Bucket, BucketError, auto_buckets, manifest_buckets, nearest_bucket
+from tinyflux.cache.bucket_loader import BucketSamples
+from tinyflux.cache.buckets import Bucket, auto_buckets, manifest_buckets, nearest_bucket
 from tinyflux.cache.build import BuildCacheArgs, run_build
 from tinyflux.cache.encode import lune_features, prepare_bucket_image, sol_features
 from tinyflux.cache.format import decode_sample, load_manifest
@@ -202,14 +203,17 @@ def test_bad_bucket_lists_get_one_line_naming_them(
     assert "multiple of 16" in capsys.readouterr().err
 
 
-def test_old_caches_read_as_one_square_bucket_and_the_stream_refuses_buckets(
+def test_old_caches_read_as_one_square_bucket_and_a_bucket_cache_lists_each_samples_bucket(
     built_cache: BuiltCache, bucket_cache: Path
 ) -> None:
     assert manifest_buckets(built_cache.manifest) == [{"height": 64, "width": 64, "count": 11}]
-    make_stream_loader(built_cache.output, batch_size=2)  # one bucket: streams as before
-    with pytest.raises(BucketError, match="--in_memory") as e:
-        make_stream_loader(bucket_cache, batch_size=2)
-    assert "\n" not in str(e.value) and "336x192" in str(e.value)
+    assert make_stream_loader(built_cache.output, batch_size=2).bucket_shapes == [(8, 8)]  # one bucket: as before
+    assert all("bucket_of" not in shard for shard in built_cache.manifest.shards)
+    # a bucket cache's shards list each sample's bucket (what the stream plans several processes' batches with)
+    manifest = load_manifest(bucket_cache)
+    listed = [manifest.buckets[b] for shard in manifest.shards for b in shard["bucket_of"]]
+    shapes = BucketSamples(bucket_cache).shapes
+    assert [(b["height"] // 8, b["width"] // 8) for b in listed] == shapes and len(set(shapes)) > 1
 
 
 def test_every_auto_bucket_goes_through_the_teachers(tiny_zoo) -> None:

@@ -141,3 +141,26 @@ def test_two_processes_build_the_folder_cache_together_and_agree_on_the_validati
         return next(e.value for e in events.Scalars("val/loss") if e.step == 0)
 
     assert val_loss_at_0(tmp_path / "two") == pytest.approx(val_loss_at_0(tmp_path / "one"), rel=1e-6)
+
+
+def test_a_folder_fine_tunes_on_aspect_buckets_with_lora(tmp_path, tiny_zoo_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name, size in (("square", (64, 64)), ("wide", (96, 64)), ("tall", (64, 96))):  # (width, height)
+        for i in range(2):
+            Image.new("RGB", size, (40 * i, 120, 200)).save(images / f"{name}{i}.png")
+            (images / f"{name}{i}.txt").write_text(f"a {name} photo of sks")
+    argv = folder_argv(images, tiny_zoo_path, tmp_path / "run", "--total_steps", "3", "--lora_rank", "4")
+    trainer = run_training(parse_args([*argv, "--buckets", "auto"]))
+    (cache,) = (images / CACHE_SUBDIR).glob("64px-*")
+    counts = {f"{b['height']}x{b['width']}": b["count"] for b in load_manifest(cache).buckets if b["count"]}
+    assert counts == {"64x64": 2, "48x80": 2, "80x48": 2}  # each picture in the bucket of its aspect
+    assert trainer.dataloader.bucket_shapes == [(6, 10), (8, 8), (10, 6)]  # streamed, one bucket a batch
+    assert trainer.lora is not None and trainer.current_step == 3
+    # without --buckets the same folder is cached square, in its own directory
+    run_training(parse_args(folder_argv(images, tiny_zoo_path, tmp_path / "square", "--total_steps", "1")))
+    assert len(list((images / CACHE_SUBDIR).glob("64px-*"))) == 2
+    with pytest.raises(ArgsError, match=r"--buckets entry '50,64': both sides must be positive multiples of 16"):
+        parse_args([*argv, "--buckets", "50,64"])
+    with pytest.raises(ArgsError, match="--buckets belongs to --images DIR"):
+        parse_args(["--cache", str(cache), "--buckets", "auto"])

@@ -144,14 +144,3 @@ def manifest_buckets(manifest: Any) -> list[dict[str, int]]:
         return [dict(b) for b in manifest.buckets]
     _, h, w = manifest.fields["latents"].shape
     return [{"height": h * VAE_DOWNSAMPLE, "width": w * VAE_DOWNSAMPLE, "count": manifest.num_samples}]
-
-
-def refuse_streaming_buckets(manifest: Any, cache_dir: Any) -> None:
-    """The streaming loader batches samples of one shape; a cache of several buckets stops it with one line."""
-    buckets = manifest_buckets(manifest)
-    if len(buckets) > 1:
-        names = ", ".join(f"{b['height']}x{b['width']}" for b in buckets)
-        raise BucketError(
-            f"{cache_dir} holds aspect buckets ({names}), which the streaming loader does not batch yet: "
-            "train on it with --in_memory for now"
-        )

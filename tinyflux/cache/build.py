@@ -241,6 +241,8 @@ class CacheBuilder:
         positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
         load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size, buckets=self.buckets)
         samples, skipped, lengths, fields, bucket_counts = [], [], [], {}, {}
+        bucket_of: dict[int, int] = {}  # per sample: its bucket's position in the bucket list
+        order: list[int] = []  # those positions in shard order
         for batch, results in load_ahead(self.pool, shard.items, args.batch_size, load):
             good = []
             for item, result in zip(batch, results, strict=True):
@@ -268,10 +270,12 @@ class CacheBuilder:
                         }
                         name = f"{size[1]}x{size[0]}"
                         bucket_counts[name] = bucket_counts.get(name, 0) + 1
+                        bucket_of[id(item)] = self.buckets.index(Bucket(size[1], size[0]))
                     encoded[id(item)] = encode_sample(item.key, caption, tensors, meta)
                     lengths.append(n)
                 fields = fields_of(tensors, bucketed=bool(self.buckets))
             samples += [encoded[id(item)] for item, _, _ in good]  # input order, whatever the buckets
+            order += [bucket_of[id(item)] for item, _, _ in good if id(item) in bucket_of]
             self.bar.update(len(batch))
         sidecar = {
             "input_keys": [item.key for item in shard.items],
@@ -283,6 +287,9 @@ class CacheBuilder:
         }
         if self.buckets:
             sidecar["bucket_counts"] = bucket_counts
+            # each sample's bucket (index into the manifest's buckets), so that a reader knows every sample's shape
+            # without reading the shard: the streaming loader plans every rank's batches with it
+            sidecar["bucket_of"] = order
         if shard.stream_state is not None:
             sidecar["stream_state"] = shard.stream_state
         return write_shard(shard_path(args.output, shard.index), samples, sidecar)

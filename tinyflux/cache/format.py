@@ -402,7 +402,7 @@ def assemble_manifest(cache_dir: str | Path, num_shards: int, name: str, setting
     return Manifest(
         name=name,
         num_samples=num_samples,
-        shards=[{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in sidecars],
+        shards=[{k: s[k] for k in ("name", "count", "bytes", "sha256", "bucket_of") if k in s} for s in sidecars],
         fields={k: FieldSpec(**v) for k, v in fields.items()},
         t_buckets=list(settings["t_buckets"]),
         resolution=settings["resolution"],

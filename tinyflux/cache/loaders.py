@@ -35,7 +35,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from tinyflux.cache.buckets import refuse_streaming_buckets
+from tinyflux.cache.bucket_loader import bucket_batch_sizes
+from tinyflux.cache.buckets import manifest_buckets
 from tinyflux.cache.format import (
     CacheFormatError,
     CacheMismatchError,
@@ -45,6 +46,8 @@ from tinyflux.cache.format import (
 )
 from tinyflux.cache.memory import DatasetCache
 from tinyflux.cache.source import CacheLocation, ReadAhead
+from tinyflux.cache.stream_buckets import BucketStream, shape_table
+from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.runtime import WorkerInit, stop_signals_blocked
 from tinyflux.util.dtypes import parse_dtype
@@ -150,15 +153,18 @@ def _kept_by_shard(src: _Source, held_out: Sequence[int]) -> list[Sequence[int]]
 
 
 def _check_sources_agree(sources: list[_Source]) -> None:
-    """Caches mixed into one batch must agree on every per-sample shape and on the buckets."""
+    """Caches mixed into one run must agree on every per-sample shape but the latents' height and width (caches of
+    other resolutions or aspect buckets are batched shape by shape) and on the timestep buckets."""
     first = sources[0].manifest
     for src in sources[1:]:
         m = src.manifest
         problems = [
             f"{name} {m.fields[name].shape} vs {first.fields[name].shape}"
-            for name in ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+            for name in ("t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
             if name in m.fields and name in first.fields and m.fields[name].shape != first.fields[name].shape
         ]
+        if m.latent_shape[0] != first.latent_shape[0]:
+            problems.append(f"latent channels {m.latent_shape[0]} vs {first.latent_shape[0]}")
         if m.t5_layers != first.t5_layers:
             problems.append(f"t5_layers {m.t5_layers} vs {first.t5_layers}")
         if m.t_buckets != first.t_buckets:
@@ -167,7 +173,7 @@ def _check_sources_agree(sources: list[_Source]) -> None:
         if problems:
             raise CacheFormatError(
                 f"{src.cache_dir} cannot be mixed with {sources[0].cache_dir}: " + "; ".join(problems) + ". "
-                "Build every cache of one run with the same --resolution, --t5_layers and models."
+                "Build every cache of one run with the same --t5_layers and models."
             )
 
 
@@ -223,7 +229,7 @@ def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iter
         yield buffer[j]
 
 
-class StreamingCacheDataset(IterableDataset):
+class StreamingCacheDataset(BucketStream, IterableDataset):
     """Collated batches streamed from one or more shard sets (cache directories), mixed by `weights`.
 
     Layout: per cache and epoch, the shards are put in a seeded order; rank r of R takes the contiguous run
@@ -254,6 +260,7 @@ class StreamingCacheDataset(IterableDataset):
         model_config: TinyFluxConfig | None = None,
         verify_shards: bool = True,
         held_out: Sequence[Sequence[int]] | None = None,
+        bucket_batch: str = "samples",
     ):
         dirs = [sources] if isinstance(sources, (str, Path, CacheLocation)) else list(sources)
         if not dirs:
@@ -265,8 +272,6 @@ class StreamingCacheDataset(IterableDataset):
             env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
             rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
         self.sources = [_Source.open(d) for d in dirs]
-        for src in self.sources:
-            refuse_streaming_buckets(src.manifest, src.cache_dir)
         _check_sources_agree(self.sources)
         if model_config is not None:
             for src in self.sources:
@@ -295,7 +300,30 @@ class StreamingCacheDataset(IterableDataset):
                     f"{self.layout_workers} worker(s). Use fewer DataLoader workers or a bigger cache."
                 )
         self._cumulative = np.cumsum(weights) / sum(weights)
-        self.start_positions = [0] * self.layout_workers  # draws already consumed, per logical worker
+        # Latent (height, width) of each cache's buckets (one for a square cache); several across the caches: every
+        # batch one shape, through per-bucket buffers (_bucket_batches), `bucket_batch` sizing each bucket's batch.
+        self.source_shapes = [
+            [
+                (b["height"] // VAE_DOWNSAMPLE, b["width"] // VAE_DOWNSAMPLE)
+                for b in manifest_buckets(s.manifest)
+                if b["count"]
+            ]
+            for s in self.sources
+        ]
+        shapes = sorted({shape for per_source in self.source_shapes for shape in per_source})
+        self.bucket_sizes: dict[tuple[int, int], int] | None = None
+        if len(shapes) > 1:
+            square = self.sources[0].manifest.resolution // VAE_DOWNSAMPLE
+            patch = model_config.patch_size if model_config is not None else 2
+            self.bucket_sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch, square, patch)
+        # On several processes: each sample's shape by manifest index (None: the cache has one), to plan every rank's
+        # batches (_repeats)
+        self._shape_tables: list[list[tuple[int, int]] | None] = [None] * len(self.sources)
+        if self.bucket_sizes is not None and world_size > 1:
+            self._shape_tables = [
+                shape_table(src, shapes) for src, shapes in zip(self.sources, self.source_shapes, strict=True)
+            ]
+        self.start_positions = [0] * self.layout_workers  # draws (on buckets: items) consumed, per logical worker
         self.start_worker = 0  # logical worker of the next batch (the one DataLoader worker 0 plays)
 
     @property
@@ -305,7 +333,25 @@ class StreamingCacheDataset(IterableDataset):
 
     @property
     def batches_per_pass(self) -> int:
-        return self.layout_workers * -(-self.pass_length // self.batch_size)
+        """Batches a pass yields (on buckets: at most that many; the rest of each worker's items are empty)."""
+        if self.bucket_sizes is None:
+            return self.layout_workers * -(-self.pass_length // self.batch_size)
+        return self.layout_workers * self.position_pass
+
+    @property
+    def position_pass(self) -> int:
+        """A pass in the units of a worker's position: draws, or on buckets the items each
+        worker yields per pass: its batches, then empty items up to a bound every worker shares, so the DataLoader's
+        strict turns stay aligned with the passes. Bound: a bucket of c draws fills ceil(c / size) batches, so the
+        n draws of a pass fill at most ceil(n / smallest size) + one per bucket."""
+        if self.bucket_sizes is None:
+            return self.pass_length
+        return -(-self.pass_length // min(self.bucket_sizes.values())) + len(self.bucket_sizes)
+
+    @property
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """The latent (height, width) of every shape the stream batches (one for square caches of one resolution)."""
+        return list(self.bucket_sizes) if self.bucket_sizes is not None else [self.source_shapes[0][0]]
 
     def draws(self, worker: int, start: int, count: int) -> np.ndarray:
         """Cache ids of draws [start, start + count) of a logical worker."""
@@ -326,10 +372,11 @@ class StreamingCacheDataset(IterableDataset):
             counts += np.bincount(ids, minlength=len(self.sources))
         return counts.tolist()
 
-    def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
+    def _epoch_spans(self, sid: int, epoch: int, worker: int, rank: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) of the samples a rank's worker reads of cache `sid` in `epoch`, in order, counting
+        kept samples only."""
         src, n, kept = self.sources[sid], self.per_worker[sid], self._kept[sid]
-        start = self.rank * (self.sizes[sid] // self.world_size) + worker * n
+        start = rank * (self.sizes[sid] // self.world_size) + worker * n
         order = _rng(self.seed, sid, epoch, 0).permutation(len(src.paths))
 
         spans = []  # (shard, first, end) of the samples this worker reads, in order, counting kept samples only
@@ -341,6 +388,12 @@ class StreamingCacheDataset(IterableDataset):
                 spans.append((int(k), lo, hi))
             if pos >= start + n:
                 break
+        return spans
+
+    def _epoch_items(self, sid: int, epoch: int, worker: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, raw sample) of this rank's and worker's run of cache `sid` in `epoch`, in shuffle-buffer order."""
+        src, kept = self.sources[sid], self._kept[sid]
+        spans = self._epoch_spans(sid, epoch, worker, self.rank)
 
         def run() -> Iterator[tuple[int, dict[str, Any]]]:
             for (k, lo, hi), data in self._verified_ahead(sid, spans):
@@ -358,6 +411,14 @@ class StreamingCacheDataset(IterableDataset):
 
         rng = _rng(self.seed, sid, epoch, self.rank, worker, 1)
         return _shuffled(run(), self.shuffle_buffer, rng)
+
+    def _epoch_indices(self, sid: int, epoch: int, worker: int, rank: int) -> Iterator[tuple[int, None]]:
+        """(index, None) of any rank's run, in the order _epoch_items yields that rank's samples (the shuffle buffer
+        draws the same numbers whatever it holds), reading nothing."""
+        kept, offsets = self._kept[sid], self.sources[sid].offsets
+        spans = self._epoch_spans(sid, epoch, worker, rank)
+        indices = ((offsets[k] + i, None) for k, lo, hi in spans for i in kept[k][lo:hi])
+        return _shuffled(indices, self.shuffle_buffer, _rng(self.seed, sid, epoch, rank, worker, 1))
 
     def _verified_ahead(
         self, sid: int, spans: list[tuple[int, int, int]]
@@ -390,6 +451,9 @@ class StreamingCacheDataset(IterableDataset):
                     self.verified.add((sid, k))
             yield span, data
 
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_fn(samples, self.pad_to, self.dtype)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_hasher": None}  # a thread does not pickle into DataLoader workers
 
@@ -406,12 +470,17 @@ class StreamingCacheDataset(IterableDataset):
         return sample
 
     def _pass_end(self, position: int) -> int | None:
-        return None if self.infinite else (position // self.pass_length + 1) * self.pass_length
+        return None if self.infinite else (position // self.position_pass + 1) * self.position_pass
 
     def worker_batches(self, worker: int, position: int, back_to_back: bool = False) -> Iterator[dict[str, Any]]:
-        """Batches of one logical worker from draw `position` to the end of its pass (back_to_back: then pass after
-        pass, each still ending on its own short batch); each carries "stream_position" = (worker, draws consumed
-        after it) for StreamingLoader."""
+        """Batches of one logical worker from `position` (draws; on buckets, items) to the end of its pass
+        (back_to_back: then pass after pass, each still ending on its own short batch, or on buckets its partial
+        bucket batches); each carries "stream_position" = (worker, position after it) for StreamingLoader."""
+        if self.bucket_sizes is not None:
+            return self._bucket_batches(worker, position, back_to_back)
+        return self._square_batches(worker, position, back_to_back)
+
+    def _square_batches(self, worker: int, position: int, back_to_back: bool) -> Iterator[dict[str, Any]]:
         end = self._pass_end(position)
         streams: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
         epochs: dict[int, int] = {}
@@ -443,7 +512,7 @@ class StreamingCacheDataset(IterableDataset):
                 end = self._pass_end(position)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.worker_stream(back_to_back=False)
+        return (b for b in self.worker_stream(back_to_back=False) if b.keys() != {"stream_position"})
 
     def worker_stream(self, back_to_back: bool) -> Iterator[dict[str, Any]]:
         """What this DataLoader worker (or the main process) yields: its logical worker's batches from start_positions."""
@@ -489,11 +558,17 @@ class StreamingLoader:
         self.positions = list(dataset.start_positions)
         self.next_worker = dataset.start_worker
         self._batches: Iterator[dict[str, Any]] | None = None  # the run's DataLoader iterator, at self.positions
+        self._peeked: dict[str, Any] | None = None  # on buckets: the batch after the empty items drained (_drain)
 
     @property
     def epoch(self) -> int:
         """The pass the next batch belongs to."""
-        return min(self.positions) // self.dataset.pass_length
+        return min(self.positions) // self.dataset.position_pass
+
+    @property
+    def at_pass_start(self) -> bool:
+        """No batch of the current pass consumed yet."""
+        return all(p == self.epoch * self.dataset.position_pass for p in self.positions)
 
     def __len__(self) -> int:
         if self.dataset.infinite:
@@ -504,14 +579,33 @@ class StreamingLoader:
         ds = self.dataset
         end = ds._pass_end(min(self.positions))
         while end is None or min(self.positions) < end:
-            try:
-                batch = next(self._start() if self._batches is None else self._batches)
-            except BaseException:  # a worker's error leaves the DataLoader out of turn: the next pass starts afresh
-                self.close()
-                raise
-            worker, position = batch.pop("stream_position").tolist()
-            self.positions[worker], self.next_worker = position, (worker + 1) % ds.layout_workers
-            yield batch
+            batch, self._peeked = self._peeked or self._pull(), None
+            self._consume(batch)
+            if batch:  # on buckets, a worker's pass ends with empty items (StreamingCacheDataset.position_pass)
+                if ds.bucket_sizes is not None:
+                    self._drain()
+                yield batch
+
+    def _pull(self) -> dict[str, Any]:
+        try:
+            return next(self._start() if self._batches is None else self._batches)
+        except BaseException:  # a worker's error leaves the DataLoader out of turn: the next pass starts afresh
+            self.close()
+            raise
+
+    def _consume(self, batch: dict[str, Any]) -> None:
+        worker, position = batch.pop("stream_position").tolist()
+        self.positions[worker], self.next_worker = position, (worker + 1) % self.dataset.layout_workers
+
+    def _drain(self) -> None:
+        """Consume the empty items that follow a batch, keeping the next real one: after a pass's last batch the
+        positions then stand at the pass's end, so the epoch a checkpoint records is the one the run is in."""
+        while True:
+            item = self._pull()
+            if item.keys() != {"stream_position"}:
+                self._peeked = item
+                return
+            self._consume(item)
 
     def _start(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
@@ -528,9 +622,14 @@ class StreamingLoader:
             self._batches = iter(loader)
         return self._batches
 
+    @property
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """The latent (height, width) of every shape its batches take (the training grid shows the buckets')."""
+        return self.dataset.bucket_shapes
+
     def close(self) -> None:
         """Shut the DataLoader's workers down now (the next iteration starts new ones where the stream stands)."""
-        batches, self._batches = self._batches, None
+        batches, self._batches, self._peeked = self._batches, None, None
         shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator; in-process has none
         if shutdown is not None:
             shutdown()
@@ -539,7 +638,7 @@ class StreamingLoader:
         """Jump to the start of pass `epoch` if the stream is behind it; a no-op otherwise (the state decides)."""
         if epoch > self.epoch:
             self.close()
-            self.positions = [epoch * self.dataset.pass_length] * self.dataset.layout_workers
+            self.positions = [epoch * self.dataset.position_pass] * self.dataset.layout_workers
             self.next_worker = 0
 
     def _layout(self) -> dict[str, Any]:
@@ -552,6 +651,8 @@ class StreamingLoader:
             "num_workers": ds.layout_workers,
             "shuffle_buffer": ds.shuffle_buffer,
         }
+        if ds.bucket_sizes is not None:  # only on buckets: the states of square runs stay what they were
+            layout["buckets"] = sorted([*shape, n] for shape, n in ds.bucket_sizes.items())
         if any(ds.held_out):  # only then, so that the states of runs without a split still compare equal
             layout["held_out"] = hashlib.sha256(json.dumps(ds.held_out).encode()).hexdigest()
         return layout
@@ -582,6 +683,8 @@ class StreamingLoader:
         old_pass = sum(
             s.manifest.num_samples // layout["world_size"] // layout["num_workers"] for s in self.dataset.sources
         )
+        if "buckets" in layout:  # positions counted items: the bound of position_pass under the old layout
+            old_pass = -(-old_pass // min(n for _, _, n in layout["buckets"])) + len(layout["buckets"])
         old_epoch = min(state["positions"]) // old_pass
         logger.warning(
             "data stream layout changed (%s): continuing at the start of pass %d, skipping the rest of pass %d",
@@ -589,7 +692,7 @@ class StreamingLoader:
             old_epoch + 1,
             old_epoch,
         )
-        self.positions = [(old_epoch + 1) * self.dataset.pass_length] * self.dataset.layout_workers
+        self.positions = [(old_epoch + 1) * self.dataset.position_pass] * self.dataset.layout_workers
         self.next_worker = 0
 
 
@@ -610,12 +713,14 @@ def make_stream_loader(
     dtype: torch.dtype = torch.float32,
     verify_shards: bool = True,
     held_out: Sequence[Sequence[int]] | None = None,
+    bucket_batch: str = "samples",
 ) -> StreamingLoader:
     """The training stream over cache directories: a StreamingLoader (its .dataset is the StreamingCacheDataset).
 
     rank / world_size default to the launch environment (RANK / WORLD_SIZE, or torch.distributed). With
     `model_config`, every cache is checked against it first (CacheMismatchError says what differs and how to fix it).
-    `held_out`: per cache, the sample indices a validation split keeps out of training.
+    `held_out`: per cache, the sample indices a validation split keeps out of training. Caches of aspect buckets
+    or of several resolutions are batched one shape per batch, `bucket_batch` ("samples" / "tokens") sizing them.
     Do not pass the loader through accelerator.prepare: it already splits the data by rank.
     """
     dataset = StreamingCacheDataset(
@@ -633,23 +738,41 @@ def make_stream_loader(
         model_config=model_config,
         verify_shards=verify_shards,
         held_out=held_out,
+        bucket_batch=bucket_batch,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
 
 
-def build_loader(
-    args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None
-) -> StreamingLoader:
+def build_loader(args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None) -> Any:
     """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
     batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
-    `held_out` samples of each cache."""
+    `held_out` samples of each cache. With --resolution_schedule, a ScheduledLoader over one stream per cache set."""
+    script = args.script
+    if getattr(script, "resolution_schedule", None) is None:
+        return _stream_loader(args, model_config, script.cache, script.cache_weights or None, held_out)
+    from tinyflux.trainer.resolution_schedule import ScheduledLoader, parse_resolution_schedule
+
+    loaders = [
+        _stream_loader(args, model_config, [cache], None, None if held_out is None else [held_out[i]])
+        for i, cache in enumerate(script.cache)
+    ]
+    return ScheduledLoader(loaders, parse_resolution_schedule(script.resolution_schedule, script.cache))
+
+
+def _stream_loader(
+    args: Any,
+    model_config: TinyFluxConfig,
+    caches: Sequence[str],
+    weights: Sequence[float] | None,
+    held_out: Sequence[Sequence[int]] | None,
+) -> StreamingLoader:
     script, trainer = args.script, args.trainer
     # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
     # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
-    stored = {CacheLocation.of(d).manifest().storage_dtype for d in script.cache}
+    stored = {CacheLocation.of(d).manifest().storage_dtype for d in caches}
     return make_stream_loader(
-        script.cache,
-        script.cache_weights or None,
+        caches,
+        weights,
         batch_size=trainer.batch_size,
         num_workers=trainer.num_workers,
         seed=trainer.seed,
@@ -659,4 +782,5 @@ def build_loader(
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
         verify_shards=trainer.verify_shards,
         held_out=held_out,
+        bucket_batch=getattr(script, "bucket_batch", "samples"),
     )

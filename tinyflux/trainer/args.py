@@ -22,9 +22,11 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
+from tinyflux.cache.buckets import BucketError, parse_buckets
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
+from tinyflux.trainer.resolution_schedule import ScheduleError, parse_resolution_schedule
 
 
 class ArgsError(TinyFluxError, ValueError):
@@ -42,13 +44,15 @@ class ScriptArgs:
     in_memory: bool = (
         False  # load the --cache sets into RAM: global shuffle, batches sharded by accelerate (no weights)
     )
-    bucket_batch: str = "samples"  # --in_memory on aspect buckets: batch_size per bucket, or "tokens" (equal tokens)
+    bucket_batch: str = "samples"  # on buckets / several resolutions: batch_size per shape, or "tokens" (equal tokens)
+    resolution_schedule: Optional[str] = None  # "STEP:CACHE,...": stream each --cache set from its step on (first 0)
     zoo: Optional[str] = None  # encoders for sample grids: a zoo directory (make-tiny), or "hub" for the real models
     epochs: Optional[int] = None  # stop after this many epochs of the whole run; None = train until total_steps
     images: Optional[str] = None  # train from an image folder (same-stem .txt captions or a prompts.txt): cached first
     repeats: int = 1  # --images: times each image is seen per epoch
     cache_dir: Optional[str] = None  # --images: where its cache goes; default IMAGES/.tinyflux_cache
     resolution: int = 512  # --images: square side in pixels the images are cached at (multiple of 8)
+    buckets: Optional[str] = None  # --images: aspect buckets, "auto" or "h,w;h,w" in pixels (build_cache.py --buckets)
     validation_cache: Optional[str] = None  # held-out cache (build_cache.py output) for the validation loss
     validation_fraction: Optional[float] = None  # or hold out this fraction of each training cache for it (fixed split)
     validation_samples: int = 256  # at most this many held-out samples are evaluated (validation_timesteps each)
@@ -284,6 +288,17 @@ def _check_folder_and_validation(script: ScriptArgs) -> None:
         raise ArgsError(f"--validation_samples {script.validation_samples} must be >= 1")
 
 
+def _check_schedule(script: ScriptArgs) -> None:
+    """--resolution_schedule: streamed --cache sets, one at a time, each named once or more."""
+    if script.in_memory or script.images is not None or script.cache_weights:
+        given = "--in_memory" if script.in_memory else "--images" if script.images is not None else "--cache_weights"
+        raise ArgsError(f"--resolution_schedule streams its --cache sets one at a time: drop {given}")
+    try:
+        parse_resolution_schedule(script.resolution_schedule or "", script.cache)
+    except ScheduleError as e:
+        raise ArgsError(str(e)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> RunArgs:
     """Parse a command line (sys.argv[1:] when None) into a validated RunArgs; raises ArgsError on bad input."""
     import sys
@@ -327,4 +342,15 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
         raise ArgsError(f"--bucket_batch {script.bucket_batch!r}: choose samples or tokens")
     if script.in_memory and script.cache_weights:
         raise ArgsError("--cache_weights mixes streamed caches; with --in_memory every sample is drawn once per epoch")
+    if script.resolution_schedule is not None:
+        _check_schedule(script)
+    if script.buckets is not None:
+        if script.images is None:
+            raise ArgsError(
+                "--buckets belongs to --images DIR (a --cache has its buckets from build_cache.py --buckets)"
+            )
+        try:
+            parse_buckets(script.buckets, script.resolution)
+        except BucketError as e:
+            raise ArgsError(str(e)) from None
     return RunArgs(script=script, trainer=trainer, model_config=model_config, model_overrides=overrides)

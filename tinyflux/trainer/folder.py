@@ -52,6 +52,7 @@ def build_args(script: Any, config: TinyFluxConfig, output: Path) -> BuildCacheA
         no_lune=not config.use_lune_expert,
         no_sol=not config.use_sol_prior,
         name=Path(script.images).resolve().name,
+        buckets=getattr(script, "buckets", None),
     )
 
 

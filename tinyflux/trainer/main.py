@@ -119,7 +119,8 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
     manifests = [load_manifest(d) for d in caches]
     for cache_dir, manifest in zip(caches, manifests, strict=True):
         check_compatible(manifest, config, where=f"cache {cache_dir}")
-    if any(len(manifest_buckets(m)) > 1 for m in manifests):
+    shapes = {(b["height"], b["width"]) for m in manifests for b in manifest_buckets(m) if b["count"]}
+    if len(shapes) > 1 or any(m.buckets for m in manifests):  # buckets, or several resolutions: a shape a batch
         return build_bucket_loader(args, config, held_out)
     datasets: list[Any] = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
     if held_out is not None:

@@ -198,6 +198,8 @@ class Trainer(CheckpointingMixin):
             )
             sampler = None
         self._stateful_loader = not self._prepared_loader and callable(getattr(self.dataloader, "state_dict", None))
+        if callable(getattr(self.dataloader, "follow_steps", None)):  # a --resolution_schedule switches by step
+            self.dataloader.follow_steps(lambda: self.progress.step)
         self._pad_text = has_compiled_blocks(self.model)  # config.compile_mode, or blocks compiled by the caller
         self.cache, self.sampler = cache, sampler
         if cfg.log_with != "none":
@@ -559,9 +561,10 @@ class Trainer(CheckpointingMixin):
         cfg, step = self.config, self.progress.step
         prompts = cfg.sample_prompts or ["a photo of a cat", "a red car on a street"]
         size = cfg.sample_size or self._latent_side or 64
-        # On aspect buckets (and no --sample_size): each prompt square, landscape and portrait, at the buckets' shapes
+        # On aspect buckets (and no --sample_size): each prompt square, landscape and portrait, at the buckets' shapes;
+        # on one shape (a streamed cache, or a --resolution_schedule's current set), at that shape
         buckets = getattr(self.dataloader, "bucket_shapes", [])
-        shapes = sample_shapes(buckets) if len(buckets) > 1 and cfg.sample_size is None else [(size, size)]
+        shapes = sample_shapes(buckets) if buckets and cfg.sample_size is None else [(size, size)]
         try:
             generated = [
                 self.sampler.generate(
