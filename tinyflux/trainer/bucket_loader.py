@@ -149,6 +149,9 @@ class BucketLoader:
         if epoch > self.epoch:
             self.epoch, self.position = epoch, 0
 
+    def close(self) -> None:
+        """Nothing to stop: each epoch's DataLoader ends with the epoch."""
+
     def _layout(self) -> dict[str, Any]:
         s = self.sampler
         return {
