@@ -61,6 +61,7 @@ from tinyflux.model.zoo_teachers import (
     sol_from_context,
 )
 from tinyflux.model.zoo_tiny import CAPTION_CORPUS, make_tiny_zoo
+from tinyflux.util.dtypes import cuda_missing
 
 __all__ = ["CAPTION_CORPUS", "MODEL_NAMES", "ModelZoo", "ZooError", "make_random_zoo", "make_tiny_zoo", "seeded_noise"]
 
@@ -69,7 +70,7 @@ MODEL_NAMES = ("vae", "t5", "clip", "lune", "sol")
 
 def _check_device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cuda_missing(device):
         raise ZooError(
             f"device={str(device)!r} was asked for but CUDA is not available here. "
             "Pass device='cpu' (with dtype=torch.float32), or run on a machine with a GPU."

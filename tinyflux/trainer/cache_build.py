@@ -59,7 +59,7 @@ from tinyflux.trainer.cache_inputs import (
     wds_urls,
 )
 from tinyflux.trainer.cache_source import is_remote
-from tinyflux.util.dtypes import dtype_name, parse_dtype
+from tinyflux.util.dtypes import AUTO, DTYPES, dtype_name, parse_dtype, pick_device, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,9 @@ class BuildCacheArgs:
             problems.append(f"--model_preset {self.model_preset!r}: choose one of {list(PRESETS)}")
         elif self.regime not in TEXT_REGIMES:
             problems.append(f"--text_regime {self.text_regime!r}: choose one of {list(TEXT_REGIMES)}")
-        if self.storage_dtype not in ("float16", "fp16", "bfloat16", "bf16"):
+        if DTYPES.get(self.storage_dtype) not in (torch.float16, torch.bfloat16):
             problems.append(f"--storage_dtype {self.storage_dtype!r}: choose float16 or bfloat16")
-        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        if self.dtype != AUTO and self.dtype not in DTYPES:
             problems.append(f"--dtype {self.dtype!r}: choose auto, bf16, fp16 or fp32")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"--device {self.device!r}: choose auto, cuda or cpu")
@@ -310,7 +310,7 @@ class CacheBuilder:
 def _make_accelerator(args: BuildCacheArgs) -> Any:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    cpu = pick_device(args.device).type == "cpu"
     # cpu=True is what makes processes of `accelerate launch --multi_gpu` on a machine without GPUs join a gloo group
     return Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
 
@@ -466,8 +466,7 @@ def run_build(args: BuildCacheArgs) -> Manifest | None:
     """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
     accelerator = _make_accelerator(args)
     device = accelerator.device
-    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compute_dtype = auto_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+    compute_dtype = pick_dtype(args.dtype, device)
     zoo = _make_zoo(args, device, compute_dtype)
     settings = build_settings(args, zoo, compute_dtype)
     output = Path(args.output)

@@ -24,6 +24,7 @@ from torch import Tensor
 from tinyflux.model.model import TinyFluxDeep, pack_latents, unpack_latents
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.schedules import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DEFAULT_SHIFT, get_schedule
+from tinyflux.util.dtypes import cuda_missing
 
 if TYPE_CHECKING:  # the zoo imports diffusers and transformers (seconds): a training process without grids skips them
     from tinyflux.model.zoo import ModelZoo
@@ -93,7 +94,7 @@ class Sampler:
         loras: Sequence[Adapter] = (),
     ):
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if cuda_missing(self.device):
             raise ValueError("Sampler(device='cuda') but CUDA is not available; pass device='cpu'")
         self.peft_model = None
         if loras:
