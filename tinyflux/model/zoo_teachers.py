@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from einops import rearrange
 
-from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.config import SOL_SPATIAL_SIZE
 from tinyflux.model.sol_stats import attention_spatial_map, attention_stats, combine_layers, grid_hw
 from tinyflux.model.zoo_sources import ZooError
 
@@ -88,7 +88,7 @@ class SolAttentionRecorder:
     probabilities (at least one sample); every sample's numbers are its own, whatever the chunk.
     """
 
-    def __init__(self, spatial_size: int = TinyFluxConfig().sol_spatial_size, max_chunk_bytes: int = 1 << 30):
+    def __init__(self, spatial_size: int = SOL_SPATIAL_SIZE, max_chunk_bytes: int = 1 << 30):
         self.max_chunk_bytes = max_chunk_bytes  # attention probabilities held at once per layer (1 GiB; >= 1 sample)
         self.reset(spatial_size)
 

@@ -36,17 +36,15 @@ from tinyflux.trainer.cache_format import (
     CacheFormatError,
     Manifest,
     assemble_manifest,
-    encode_sample,
     feature_hash,
     feature_settings,
-    fields_of,
     read_sidecar,
     shard_is_complete,
     shard_path,
+    write_cache_shard,
     write_json_atomic,
     write_manifest,
     write_report,
-    write_shard,
 )
 from tinyflux.trainer.cache_inputs import (
     BuildError,
@@ -240,7 +238,7 @@ class CacheBuilder:
         args = self.args
         positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
         load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size, buckets=self.buckets)
-        samples, skipped, lengths, fields, bucket_counts = [], [], [], {}, {}
+        samples, skipped, bucket_counts = [], [], {}
         for batch, results in load_ahead(self.pool, shard.items, args.batch_size, load):
             good = []
             for item, result in zip(batch, results, strict=True):
@@ -268,24 +266,22 @@ class CacheBuilder:
                         }
                         name = f"{size[1]}x{size[0]}"
                         bucket_counts[name] = bucket_counts.get(name, 0) + 1
-                    encoded[id(item)] = encode_sample(item.key, caption, tensors, meta)
-                    lengths.append(n)
-                fields = fields_of(tensors, bucketed=bool(self.buckets))
+                    encoded[id(item)] = (item.key, caption, tensors, meta)
             samples += [encoded[id(item)] for item, _, _ in good]  # input order, whatever the buckets
             self.bar.update(len(batch))
-        sidecar = {
-            "input_keys": [item.key for item in shard.items],
-            "skipped": skipped,
-            "feature_hash": self.feature_hash,
-            "fields": fields,
-            "t5_length_sum": sum(lengths),
-            "t5_length_max": max(lengths, default=0),
-        }
-        if self.buckets:
-            sidecar["bucket_counts"] = bucket_counts
+        extra: dict[str, Any] = {"bucket_counts": bucket_counts} if self.buckets else {}
         if shard.stream_state is not None:
-            sidecar["stream_state"] = shard.stream_state
-        return write_shard(shard_path(args.output, shard.index), samples, sidecar)
+            extra["stream_state"] = shard.stream_state
+        keys = [item.key for item in shard.items]
+        return write_cache_shard(
+            shard_path(args.output, shard.index),
+            samples,
+            keys,
+            self.feature_hash,
+            skipped=skipped,
+            bucketed=bool(self.buckets),
+            **extra,
+        )
 
     def _encode(self, images: list[Any], captions: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """encode_batch of images of one `size` (w, h); an aspect bucket's teachers see noise of its teacher grid."""
@@ -442,8 +438,7 @@ def _fill_stream_gaps(output: Path, chunks: list[int], feature_hash_: str, write
         c, r = divmod(j, world)
         path = shard_path(output, j)
         if c >= chunks[r] and not shard_is_complete(path, [], feature_hash_):
-            write_shard(path, [], {"input_keys": [], "skipped": [], "feature_hash": feature_hash_, "fields": {},
-                                   "t5_length_sum": 0, "t5_length_max": 0})  # fmt: skip
+            write_cache_shard(path, [], [], feature_hash_)
     return num_shards
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from tinyflux.model.config import SOL_SPATIAL_SIZE
 from tinyflux.model.zoo_sources import VAE_DOWNSAMPLE
 from tinyflux.trainer.buckets import manifest_buckets
 from tinyflux.trainer.cache_encode import lune_features, prepare_image, sol_features, text_features
@@ -28,16 +29,14 @@ from tinyflux.trainer.cache_format import (
     Manifest,
     assemble_manifest,
     decode_sample,
-    encode_sample,
     feature_hash,
     feature_settings,
-    fields_of,
     load_manifest,
     shard_path,
     shard_paths,
+    write_cache_shard,
     write_manifest,
     write_report,
-    write_shard,
 )
 from tinyflux.trainer.cache_multi_source import MultiSourceCache
 from tinyflux.util.dtypes import dtype_name
@@ -254,7 +253,7 @@ class SolFeatureCache:
         zoo: ModelZoo,
         prompts: list[str],
         t_buckets: torch.Tensor = T_BUCKETS,
-        spatial_size: int = 8,
+        spatial_size: int = SOL_SPATIAL_SIZE,
         batch_size: int = 64,
         batch_timesteps: bool = True,
         *,
@@ -407,22 +406,13 @@ class DatasetCache:
         num_shards = max(1, -(-len(self) // shard_size))
         for j in range(num_shards):
             rows = range(j * shard_size, min(len(self), (j + 1) * shard_size))
-            samples, lengths = [], []
+            samples = []
             for i in rows:
                 s = self.sample(i)
                 tensors = {k: v for k, v in s.items() if isinstance(v, torch.Tensor) and k != "t_buckets"}
-                lengths.append(tensors["t5_embeds"].shape[0])
-                meta = {"input_index": i, "t5_length": lengths[-1]}
-                samples.append(encode_sample(s["key"], s["caption"], tensors, meta))
-            sidecar = {
-                "input_keys": [self.encodings.keys[i] for i in rows],
-                "skipped": [],
-                "feature_hash": fhash,
-                "fields": fields_of(tensors) if rows else {},
-                "t5_length_sum": sum(lengths),
-                "t5_length_max": max(lengths, default=0),
-            }
-            write_shard(shard_path(cache_dir, j), samples, sidecar)
+                meta = {"input_index": i, "t5_length": tensors["t5_embeds"].shape[0]}
+                samples.append((s["key"], s["caption"], tensors, meta))
+            write_cache_shard(shard_path(cache_dir, j), samples, [self.encodings.keys[i] for i in rows], fhash)
         manifest = assemble_manifest(cache_dir, num_shards, self.name, settings)
         write_manifest(cache_dir, manifest)
         write_report(cache_dir, shard_paths(cache_dir, manifest))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ REPORT_NAME = "report.json"
 REPORT_TEXT_NAME = "report.txt"
 SHARD_DIR = "shards"
 # Tensors of one sample, in the order the docs list them; lune / sol entries are absent when the build skipped them.
-SAMPLE_TENSORS = ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+ENCODING_TENSORS = ("latents", "t5_embeds", "clip_pooled")
+TEACHER_TENSORS = {"lune": ("lune",), "sol": ("sol_stats", "sol_spatial")}
+SAMPLE_TENSORS = ENCODING_TENSORS + TEACHER_TENSORS["lune"] + TEACHER_TENSORS["sol"]
 # Fixed tar header fields make a rebuilt shard byte-identical to the first build of it.
 _TAR_FIELDS = dict(user="tinyflux", group="tinyflux", mode=0o444, mtime=0)  # int: a float mtime costs a pax header
 
@@ -155,6 +157,33 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]], sidecar: di
         raise
     os.replace(tmp, path)
     return sidecar
+
+
+def write_cache_shard(
+    path: str | Path,
+    samples: Sequence[tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]],
+    input_keys: Sequence[str],
+    feature_hash: str,
+    *,
+    skipped: Sequence[dict[str, Any]] = (),
+    bucketed: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one writer of a cache's shards (build_cache.py, DatasetCache.to_shards, a streamed build's empty shards):
+    samples (key, caption, tensors, meta) in stream order, and a sidecar of the input keys the shard was built from,
+    the inputs skipped, the feature hash, the fields of a sample and its T5 lengths, then `extra` (bucket_counts,
+    stream_state). Returns the sidecar as written (write_shard)."""
+    lengths = [tensors["t5_embeds"].shape[0] for _, _, tensors, _ in samples]
+    sidecar = {
+        "input_keys": list(input_keys),
+        "skipped": list(skipped),
+        "feature_hash": feature_hash,
+        "fields": fields_of(samples[-1][2], bucketed=bucketed) if samples else {},
+        "t5_length_sum": sum(lengths),
+        "t5_length_max": max(lengths, default=0),
+        **extra,
+    }
+    return write_shard(path, [encode_sample(*sample) for sample in samples], sidecar)
 
 
 def read_sidecar(tar_path: str | Path) -> dict[str, Any] | None:

@@ -39,6 +39,8 @@ from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.buckets import refuse_streaming_buckets
 from tinyflux.trainer.cache_experts import DatasetCache
 from tinyflux.trainer.cache_format import (
+    SAMPLE_TENSORS,
+    TEACHER_TENSORS,
     CacheFormatError,
     CacheMismatchError,
     Manifest,
@@ -51,7 +53,6 @@ from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
 
-TEACHER_TENSORS = {"lune": ("lune",), "sol": ("sol_stats", "sol_spatial")}
 _MIX_BLOCK = 1024  # mixing draws are generated in seeded blocks, so draw d is computable without the ones before it
 _STATE_VERSION = 1
 
@@ -156,7 +157,7 @@ def _check_sources_agree(sources: list[_Source]) -> None:
         m = src.manifest
         problems = [
             f"{name} {m.fields[name].shape} vs {first.fields[name].shape}"
-            for name in ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+            for name in SAMPLE_TENSORS
             if name in m.fields and name in first.fields and m.fields[name].shape != first.fields[name].shape
         ]
         if m.t5_layers != first.t5_layers:

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import to_device
-from tinyflux.trainer.cache_format import decode_sample, load_manifest, shard_paths
-from tinyflux.trainer.data import TEACHER_TENSORS, collate_fn
+from tinyflux.trainer.cache_format import TEACHER_TENSORS, decode_sample, load_manifest, shard_paths
+from tinyflux.trainer.data import collate_fn
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 logger = logging.getLogger(__name__)
