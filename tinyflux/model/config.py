@@ -18,6 +18,8 @@ class ConfigError(TinyFluxError, ValueError):
 
 
 TEXT_REGIMES = ("masked", "padded")
+# Attention kernels the model can run (TinyFluxDeep.set_attention_backend); a runtime choice, not architecture.
+ATTENTION_BACKENDS = ("sdpa", "flex")
 # The released v4.2 Sol prior predicts 3 statistics; caches hold 4 (docs/EXPERT_CACHE.md), in this order.
 SOL_STATS = ("locality", "entropy", "clustering", "sparsity")
 SOL_SPATIAL_SIZE = 8  # side of the Sol map: the released prior's, and the one every cache stores

@@ -18,8 +18,7 @@ from torch import Tensor
 
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.cache_experts import interpolate_buckets
-from tinyflux.trainer.cache_format import TEACHER_TENSORS
+from tinyflux.trainer.cache_format import TEACHER_TENSORS, interpolate_buckets
 from tinyflux.trainer.config import TrainerConfig
 from tinyflux.trainer.schedules import sample_timesteps
 

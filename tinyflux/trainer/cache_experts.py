@@ -1,8 +1,9 @@
 """In-memory feature caches: encodings (VAE latents, T5, CLIP), Lune and Sol teacher features at timestep buckets.
 
 Teacher features vary with the timestep, so they are cached at T_BUCKETS (10 values of t) and interpolated linearly in
-between (interpolate_buckets). Every class saves to and loads from one safetensors file (never pickle); a DatasetCache
-also converts to and from the sharded on-disk format of tinyflux.trainer.cache_format (to_shards / from_shards).
+between (cache_format.interpolate_buckets, re-exported here). Every class saves to and loads from one safetensors file
+(never pickle); a DatasetCache also converts to and from the sharded on-disk format of tinyflux.trainer.cache_format
+(to_shards / from_shards).
 Several datasets' caches are routed by dataset id in tinyflux.trainer.cache_multi_source (re-exported here).
 """
 
@@ -31,6 +32,7 @@ from tinyflux.trainer.cache_format import (
     decode_sample,
     feature_hash,
     feature_settings,
+    interpolate_buckets,
     load_manifest,
     shard_path,
     shard_paths,
@@ -54,24 +56,6 @@ __all__ = [
 ]
 
 _FILE_FORMAT = "tinyflux-memory-cache"
-
-
-def interpolate_buckets(features: torch.Tensor, t_buckets: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Features (B, T, ...) cached at t_buckets (T,) ascending -> features at t (B,): (B, ...) float32.
-
-    Linear between the two neighbouring buckets, clamped to the first / last bucket outside them; exact at a bucket.
-    """
-    features = features.float()
-    t_buckets = t_buckets.to(features.device, torch.float32)
-    if features.shape[1] == 1:
-        return features[:, 0]
-    t = t.to(features.device, torch.float32).clamp(t_buckets[0], t_buckets[-1])  # (B,)
-    lo = (torch.searchsorted(t_buckets, t, right=True) - 1).clamp(0, len(t_buckets) - 2)  # (B,)
-    w = (t - t_buckets[lo]) / (t_buckets[lo + 1] - t_buckets[lo])  # (B,) in [0, 1]
-    w = w.view(-1, *([1] * (features.dim() - 2)))
-    rows = torch.arange(features.shape[0], device=features.device)
-    # (1 - w) * a + w * b, not lerp's a + w * (b - a): the form that gives a exactly at w=0 and b exactly at w=1
-    return (1 - w) * features[rows, lo] + w * features[rows, lo + 1]
 
 
 def _save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -42,6 +42,24 @@ SAMPLE_TENSORS = ENCODING_TENSORS + TEACHER_TENSORS["lune"] + TEACHER_TENSORS["s
 _TAR_FIELDS = dict(user="tinyflux", group="tinyflux", mode=0o444, mtime=0)  # int: a float mtime costs a pax header
 
 
+def interpolate_buckets(features: torch.Tensor, t_buckets: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Features (B, T, ...) cached at t_buckets (T,) ascending -> features at t (B,): (B, ...) float32.
+
+    Linear between the two neighbouring buckets, clamped to the first / last bucket outside them; exact at a bucket.
+    """
+    features = features.float()
+    t_buckets = t_buckets.to(features.device, torch.float32)
+    if features.shape[1] == 1:
+        return features[:, 0]
+    t = t.to(features.device, torch.float32).clamp(t_buckets[0], t_buckets[-1])  # (B,)
+    lo = (torch.searchsorted(t_buckets, t, right=True) - 1).clamp(0, len(t_buckets) - 2)  # (B,)
+    w = (t - t_buckets[lo]) / (t_buckets[lo + 1] - t_buckets[lo])  # (B,) in [0, 1]
+    w = w.view(-1, *([1] * (features.dim() - 2)))
+    rows = torch.arange(features.shape[0], device=features.device)
+    # (1 - w) * a + w * b, not lerp's a + w * (b - a): the form that gives a exactly at w=0 and b exactly at w=1
+    return (1 - w) * features[rows, lo] + w * features[rows, lo + 1]
+
+
 class CacheFormatError(TinyFluxError, ValueError):
     """A cache directory or shard that cannot be read as a TinyFlux cache."""
 

@@ -48,6 +48,7 @@ from tinyflux.trainer.batch import (
     to_device,
 )
 from tinyflux.trainer.buckets import sample_shapes
+from tinyflux.trainer.conditioning import drop_text
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
@@ -66,7 +67,6 @@ from tinyflux.trainer.runtime import (
     stop_signals,
     workers_ignore_stop_signals,
 )
-from tinyflux.trainer.sampling import drop_text, letterbox
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
 from tinyflux.trainer.trainer_checkpointing import Checkpointer
 from tinyflux.trainer.training_loader import TrainingLoader, prepare_for_training
@@ -248,7 +248,7 @@ class Trainer:
 
         Samples t (logit-normal + shift), noise and x_t; predicts v = data - noise; adds the Lune / Sol distillation
         losses (weights ramped over their warmups) against the teacher features of the batch or the cache. Per sample:
-        text dropout swaps in the null conditioning (sampling.drop_text: zero T5 states and CLIP pooled, the same
+        text dropout swaps in the null conditioning (conditioning.drop_text: zero T5 states and CLIP pooled, the same
         conditioning the Sampler contrasts with for an empty negative prompt); teacher dropout hides a teacher from the
         conditioning (the model uses its own prediction there) while its distillation loss still counts.
         """
@@ -582,24 +582,16 @@ class Trainer:
         buckets = getattr(self.dataloader, "bucket_shapes", [])
         shapes = sample_shapes(buckets) if len(buckets) > 1 and cfg.sample_size is None else [(size, size)]
         try:
-            generated = [
-                self.sampler.generate(
-                    prompts,
-                    num_steps=cfg.sample_steps,
-                    guidance_scale=cfg.sample_guidance_scale,
-                    height=h,
-                    width=w,
-                    seed=cfg.seed,
-                    use_ema=True,
-                )
-                for h, w in shapes
-            ]
-            if len(shapes) > 1:
-                images = letterbox([image for batch in generated for image in batch])
-                tiles = [f"{p} ({h * 8}x{w * 8})" for h, w in shapes for p in prompts]
-            else:
-                images, tiles = generated[0], prompts
-            grid = self.sampler.save_samples(images, tiles, cfg.sample_dir, step=step)
+            grid = self.sampler.save_grid(
+                prompts,
+                shapes,
+                cfg.sample_dir,
+                step=step,
+                num_steps=cfg.sample_steps,
+                guidance_scale=cfg.sample_guidance_scale,
+                seed=cfg.seed,
+                use_ema=True,
+            )
         except Exception:
             logger.exception("sample grid at step %d failed (training goes on)", step)
             return
