@@ -303,10 +303,11 @@ class CacheBuilder:
         )
 
 
-def _make_accelerator(args: BuildCacheArgs) -> Any:
+def _make_accelerator(device: str) -> Any:
+    """The build's Accelerator on --device (auto: the GPU when there is one)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    cpu = pick_device(args.device).type == "cpu"
+    cpu = pick_device(device).type == "cpu"
     # cpu=True is what makes processes of `accelerate launch --multi_gpu` on a machine without GPUs join a gloo group
     return Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
 
@@ -459,7 +460,7 @@ def _start_output(output: Path, settings: dict[str, Any], accelerator: Any, args
 
 def run_build(args: BuildCacheArgs) -> Manifest | None:
     """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
-    accelerator = _make_accelerator(args)
+    accelerator = _make_accelerator(args.device)
     device = accelerator.device
     compute_dtype = pick_dtype(args.dtype, device)
     zoo = _make_zoo(args, device, compute_dtype)
