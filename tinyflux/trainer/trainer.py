@@ -189,11 +189,6 @@ class Trainer:
         if progress is not None:
             self.progress = progress
 
-    def _load_whole(self, path: Path) -> ckpt.TrainingProgress:
-        """EMA and training state of checkpoint `path` after prepare (weights whole): returns its progress."""
-        self.checkpointer.load_ema(path)
-        return self.checkpointer.load_training_state(path, self.dataloader)
-
     def setup(self, dataloader: DataLoader, cache: Any = None, sampler: Any = None) -> None:
         """Prepare model, optimizer, scheduler and data with accelerate; start the tracker; resume if configured.
 
@@ -238,7 +233,9 @@ class Trainer:
         acc.wait_for_everyone()
         if resume is not None:  # a fallback after prepare reloads the older checkpoint's EMA too (weights are whole)
             self.progress = checkpointer.resume_falling_back(
-                resume, lambda path: checkpointer.load_training_state(path, self.dataloader), self._load_whole
+                resume,
+                lambda path: checkpointer.load_training_state(path, self.dataloader),
+                lambda path: checkpointer.load(path, self.dataloader),
             )
         elif cfg.resume == "latest":
             logger.info("resume=latest: no complete checkpoint in %s yet, starting from scratch", cfg.checkpoint_dir)
