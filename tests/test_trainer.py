@@ -156,7 +156,7 @@ def test_a_cache_that_does_not_fit_the_model_fails_clearly(tmp_path):
     batch = first_batch()
     batch["t5_embeds"] = batch["t5_embeds"][:, :, :1]
     batch["lune"] = batch["lune"][..., :32]
-    trainer.dataloader = EpochLoader([batch])
+    trainer.dataloader = EpochLoader([batch], lambda: trainer.progress)
     with pytest.raises(BatchMismatchError) as e:
         trainer.train()
     assert "t5_layers" in str(e.value) and "lune_expert_dim" in str(e.value) and "Rebuild the cache" in str(e.value)

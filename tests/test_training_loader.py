@@ -1,11 +1,10 @@
-"""The loader interface the Trainer holds: an EpochLoader's position, saved and restored; the run's loaders fit it."""
-
-from itertools import islice
+"""The loader interface the Trainer holds: where an EpochLoader resumes; the run's loaders fit the interface."""
 
 import pytest
 import torch
 
 from tinyflux.trainer.bucket_loader import BucketLoader
+from tinyflux.trainer.checkpoint import TrainingProgress
 from tinyflux.trainer.data import StreamingLoader
 from tinyflux.trainer.training_loader import EpochLoader, TrainingLoader
 
@@ -16,28 +15,27 @@ def indices(batches) -> list[int]:
     return [int(b["index"]) for b in batches]
 
 
-def test_an_epoch_loader_resumes_after_the_batches_it_yielded():
-    loader = EpochLoader(BATCHES)
+def test_an_epoch_loader_resumes_where_the_progress_stands():
+    progress = TrainingProgress()
+    loader = EpochLoader(BATCHES, lambda: progress)
     assert isinstance(loader, TrainingLoader)
-    assert indices(islice(loader, 2)) == [0, 1]
-    state = loader.state_dict()
-    assert state == {"epoch": 0, "batches_in_epoch": 2, "samples_in_epoch": 0}
-
-    resumed = EpochLoader(BATCHES)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(0)  # the Trainer's call at the start of every epoch: the same epoch keeps the position
-    assert indices(resumed) == [2, 3, 4]
-    assert resumed.state_dict() == {"epoch": 1, "batches_in_epoch": 0, "samples_in_epoch": 0}  # the epoch ended
-    assert indices(resumed) == [0, 1, 2, 3, 4]
+    assert indices(loader) == [0, 1, 2, 3, 4] and loader.state_dict() == {}
+    progress.batches_in_epoch = 2  # the Trainer counts the batches it consumed; a checkpoint restores the count
+    assert indices(loader) == [2, 3, 4]
+    progress.epoch, progress.batches_in_epoch = 3, 0
+    assert loader.epoch == 3 and indices(loader) == [0, 1, 2, 3, 4]
 
 
-def test_set_epoch_jumps_ahead_only():
-    loader = EpochLoader(BATCHES)
-    assert indices(islice(loader, 3)) == [0, 1, 2]
-    loader.set_epoch(0)
-    assert indices(loader) == [3, 4]  # the rest of epoch 0, then epoch 1
-    loader.set_epoch(3)
-    assert loader.state_dict()["epoch"] == 3 and indices(islice(loader, 1)) == [0]
+def test_an_epoch_loader_skips_in_samples_when_it_knows_the_global_batch():
+    class Prepared(list):  # what EpochLoader reads of accelerate's prepared loader
+        total_batch_size = 4
+
+    class Accelerator:
+        def skip_first_batches(self, batches, skip):
+            return batches[skip:]
+
+    progress = TrainingProgress(batches_in_epoch=1, samples_in_epoch=8)  # one batch of 8 read with another layout
+    assert indices(EpochLoader(Prepared(BATCHES), lambda: progress, Accelerator())) == [2, 3, 4]
 
 
 @pytest.mark.parametrize("cls", [StreamingLoader, BucketLoader])

@@ -203,9 +203,9 @@ class Trainer:
             resume = checkpointer.resume_falling_back(resume, checkpointer.load_ema, checkpointer.load_ema)
         workers_ignore_stop_signals(dataloader)  # before prepare, which copies it (the streaming loader has its own)
         # A loader that keeps its own position (the streaming and the bucket loaders) is used as it is; a plain
-        # DataLoader goes through accelerate, which shards it, in an EpochLoader, which resumes it.
+        # DataLoader goes through accelerate, which shards it, in an EpochLoader, which resumes at the progress.
         self._model, self.optimizer, self.scheduler, self.dataloader = prepare_for_training(
-            acc, self.model, self.optimizer, self.scheduler, dataloader
+            acc, self.model, self.optimizer, self.scheduler, dataloader, lambda: self.progress
         )
         checkpointer.prepared = self._model
         # FSDP2 shards in place: the parameters are new (DTensor) objects that clipping and the EMA must use.
