@@ -35,7 +35,7 @@ from tinyflux.trainer.checkpoint import TRAINER_CONFIG
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.lora import parse_adapters
 from tinyflux.trainer.schedules import DEFAULT_SHIFT
-from tinyflux.util.dtypes import parse_dtype
+from tinyflux.util.dtypes import cuda_missing, pick_device, pick_dtype
 
 
 @dataclass
@@ -118,13 +118,11 @@ def read_prompts(args: SampleArgs) -> list[str]:
 
 
 def resolve_device(args: SampleArgs) -> tuple[str, torch.dtype]:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    device = str(pick_device(args.device))
+    if cuda_missing(device):
         raise UsageError(f"--device {device} but CUDA is not available; use --device cpu")
-    if args.dtype == "auto":
-        return device, torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        return device, parse_dtype(args.dtype)
+        return device, pick_dtype(args.dtype, device)
     except ValueError as e:
         raise UsageError(f"--dtype: {e} (or auto)") from None
 

@@ -24,6 +24,7 @@ from tinyflux.model.loader import save_model
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, parse_args
+from tinyflux.trainer.checkpointer import LORA_EMA_DIR
 from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.lora import (
     ADAPTER_CONFIG,
@@ -36,7 +37,6 @@ from tinyflux.trainer.lora import (
 from tinyflux.trainer.main import run_training
 from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV, compile_blocks
 from tinyflux.trainer.trainer import Trainer
-from tinyflux.trainer.trainer_checkpointing import LORA_EMA_DIR
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

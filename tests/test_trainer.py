@@ -39,6 +39,7 @@ from tinyflux.trainer.engines import Engine
 from tinyflux.trainer.optim import OptimizerUnavailableError, build_optimizer, build_scheduler
 from tinyflux.trainer.runtime import check_compile_mode, make_accelerator
 from tinyflux.trainer.trainer import Trainer
+from tinyflux.trainer.training_loader import EpochLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -155,8 +156,7 @@ def test_a_cache_that_does_not_fit_the_model_fails_clearly(tmp_path):
     batch = first_batch()
     batch["t5_embeds"] = batch["t5_embeds"][:, :, :1]
     batch["lune"] = batch["lune"][..., :32]
-    trainer.dataloader = [batch]
-    trainer._prepared_loader = False
+    trainer.dataloader = EpochLoader([batch], lambda: trainer.progress)
     with pytest.raises(BatchMismatchError) as e:
         trainer.train()
     assert "t5_layers" in str(e.value) and "lune_expert_dim" in str(e.value) and "Rebuild the cache" in str(e.value)

@@ -18,7 +18,7 @@ import torch
 
 from tinyflux.cache.build import BuildCacheArgs, run_build
 from tinyflux.frozen.zoo import ModelZoo
-from tinyflux.model.loader import load_model
+from tinyflux.model.loader import EMA_WEIGHTS_NAME, load_model
 from tinyflux.sampling.sampler import Sampler
 from tinyflux.tools.demo_images import write_demo_images
 from tinyflux.tools.tiny_zoo import make_tiny_zoo
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[4/5] trained {trainer.current_step} steps; checkpoint: {trainer.last_checkpoint}")
 
     model = load_model(str(trainer.last_checkpoint), device="cpu", dtype=torch.float32)
-    ema = EMA.load(str(Path(trainer.last_checkpoint) / "ema.safetensors"), model)
+    ema = EMA.load(str(Path(trainer.last_checkpoint) / EMA_WEIGHTS_NAME), model)
     zoo = ModelZoo(device="cpu", dtype=torch.float32, zoo=str(zoo_dir), t5_layers=model.config.t5_layers)
     sampler = Sampler(zoo, model, ema=ema, device="cpu", dtype=torch.float32)
     images = sampler.generate(PROMPTS, num_steps=28, guidance_scale=5.0, height=8, width=8, seed=args.seed)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tinyflux.cache.buckets import BucketError
 from tinyflux.cache.format import CacheFormatError, decode_sample, load_manifest, shard_paths
-from tinyflux.trainer.runtime import WorkerInit
+from tinyflux.util.workers import WorkerInit
 
 BUCKET_BATCH = ("samples", "tokens")  # --bucket_batch: every bucket batch_size samples, or about equal image tokens
 _STATE_VERSION = 1
@@ -148,6 +148,9 @@ class BucketLoader:
         """Jump to the start of `epoch` if the loader is behind it; a no-op otherwise (the state decides)."""
         if epoch > self.epoch:
             self.epoch, self.position = epoch, 0
+
+    def close(self) -> None:
+        """Nothing to stop: each epoch's DataLoader ends with the epoch."""
 
     def _layout(self) -> dict[str, Any]:
         s = self.sampler

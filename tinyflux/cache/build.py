@@ -33,17 +33,15 @@ from tinyflux.cache.format import (
     CacheFormatError,
     Manifest,
     assemble_manifest,
-    encode_sample,
     feature_hash,
     feature_settings,
-    fields_of,
     read_sidecar,
     shard_is_complete,
     shard_path,
+    write_cache_shard,
     write_json_atomic,
     write_manifest,
     write_report,
-    write_shard,
 )
 from tinyflux.cache.inputs import (
     BuildError,
@@ -59,7 +57,7 @@ from tinyflux.cache.source import is_remote
 from tinyflux.errors import os_error_message
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 from tinyflux.model.config import PRESETS, TEXT_REGIMES, TinyFluxConfig
-from tinyflux.util.dtypes import dtype_name, parse_dtype
+from tinyflux.util.dtypes import AUTO, DTYPES, dtype_name, parse_dtype, pick_device, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +175,9 @@ class BuildCacheArgs:
             problems.append(f"--model_preset {self.model_preset!r}: choose one of {list(PRESETS)}")
         elif self.regime not in TEXT_REGIMES:
             problems.append(f"--text_regime {self.text_regime!r}: choose one of {list(TEXT_REGIMES)}")
-        if self.storage_dtype not in ("float16", "fp16", "bfloat16", "bf16"):
+        if DTYPES.get(self.storage_dtype) not in (torch.float16, torch.bfloat16):
             problems.append(f"--storage_dtype {self.storage_dtype!r}: choose float16 or bfloat16")
-        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        if self.dtype != AUTO and self.dtype not in DTYPES:
             problems.append(f"--dtype {self.dtype!r}: choose auto, bf16, fp16 or fp32")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"--device {self.device!r}: choose auto, cuda or cpu")
@@ -240,7 +238,7 @@ class CacheBuilder:
         args = self.args
         positions = {id(item): shard.index * args.shard_size + i for i, item in enumerate(shard.items)}
         load = partial(prepare_input, resolution=args.resolution, min_size=args.min_size, buckets=self.buckets)
-        samples, skipped, lengths, fields, bucket_counts = [], [], [], {}, {}
+        samples, skipped, bucket_counts = [], [], {}
         bucket_of: dict[int, int] = {}  # per sample: its bucket's position in the bucket list
         order: list[int] = []  # those positions in shard order
         for batch, results in load_ahead(self.pool, shard.items, args.batch_size, load):
@@ -271,28 +269,27 @@ class CacheBuilder:
                         name = f"{size[1]}x{size[0]}"
                         bucket_counts[name] = bucket_counts.get(name, 0) + 1
                         bucket_of[id(item)] = self.buckets.index(Bucket(size[1], size[0]))
-                    encoded[id(item)] = encode_sample(item.key, caption, tensors, meta)
-                    lengths.append(n)
-                fields = fields_of(tensors, bucketed=bool(self.buckets))
+                    encoded[id(item)] = (item.key, caption, tensors, meta)
             samples += [encoded[id(item)] for item, _, _ in good]  # input order, whatever the buckets
             order += [bucket_of[id(item)] for item, _, _ in good if id(item) in bucket_of]
             self.bar.update(len(batch))
-        sidecar = {
-            "input_keys": [item.key for item in shard.items],
-            "skipped": skipped,
-            "feature_hash": self.feature_hash,
-            "fields": fields,
-            "t5_length_sum": sum(lengths),
-            "t5_length_max": max(lengths, default=0),
-        }
+        extra: dict[str, Any] = {}
         if self.buckets:
-            sidecar["bucket_counts"] = bucket_counts
             # each sample's bucket (index into the manifest's buckets), so that a reader knows every sample's shape
             # without reading the shard: the streaming loader plans every rank's batches with it
-            sidecar["bucket_of"] = order
+            extra = {"bucket_counts": bucket_counts, "bucket_of": order}
         if shard.stream_state is not None:
-            sidecar["stream_state"] = shard.stream_state
-        return write_shard(shard_path(args.output, shard.index), samples, sidecar)
+            extra["stream_state"] = shard.stream_state
+        keys = [item.key for item in shard.items]
+        return write_cache_shard(
+            shard_path(args.output, shard.index),
+            samples,
+            keys,
+            self.feature_hash,
+            skipped=skipped,
+            bucketed=bool(self.buckets),
+            **extra,
+        )
 
     def _encode(self, images: list[Any], captions: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """encode_batch of images of one `size` (w, h); an aspect bucket's teachers see noise of its teacher grid."""
@@ -314,10 +311,11 @@ class CacheBuilder:
         )
 
 
-def _make_accelerator(args: BuildCacheArgs) -> Any:
+def _make_accelerator(device: str) -> Any:
+    """The build's Accelerator on --device (auto: the GPU when there is one)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    cpu = pick_device(device).type == "cpu"
     # cpu=True is what makes processes of `accelerate launch --multi_gpu` on a machine without GPUs join a gloo group
     return Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
 
@@ -449,8 +447,7 @@ def _fill_stream_gaps(output: Path, chunks: list[int], feature_hash_: str, write
         c, r = divmod(j, world)
         path = shard_path(output, j)
         if c >= chunks[r] and not shard_is_complete(path, [], feature_hash_):
-            write_shard(path, [], {"input_keys": [], "skipped": [], "feature_hash": feature_hash_, "fields": {},
-                                   "t5_length_sum": 0, "t5_length_max": 0})  # fmt: skip
+            write_cache_shard(path, [], [], feature_hash_)
     return num_shards
 
 
@@ -471,10 +468,9 @@ def _start_output(output: Path, settings: dict[str, Any], accelerator: Any, args
 
 def run_build(args: BuildCacheArgs) -> Manifest | None:
     """Build (or finish) the cache; returns the manifest on rank 0 once complete, else None."""
-    accelerator = _make_accelerator(args)
+    accelerator = _make_accelerator(args.device)
     device = accelerator.device
-    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compute_dtype = auto_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+    compute_dtype = pick_dtype(args.dtype, device)
     zoo = _make_zoo(args, device, compute_dtype)
     settings = build_settings(args, zoo, compute_dtype)
     output = Path(args.output)

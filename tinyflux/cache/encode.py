@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from tinyflux.cache.buckets import Bucket, nearest_bucket
 from tinyflux.cache.format import T_BUCKETS
+from tinyflux.model.config import SOL_SPATIAL_SIZE
 
 if TYPE_CHECKING:
     from tinyflux.frozen.zoo import ModelZoo
@@ -179,19 +180,14 @@ def lune_features(
 
     batch_timesteps=True runs all T buckets of a prompt batch in one teacher call (T times the activations).
     """
-    from tinyflux.frozen.teachers import lune_from_context  # diffusers: only builds pay for its import
 
     context = teacher_context(zoo, prompts) if context is None else context
-    t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)
-    unet = zoo.load_lune()
+    t_buckets, num_t = t_buckets.float(), len(t_buckets)
     if batch_timesteps:
         rows, t = _every_bucket(context, t_buckets)
-        out = lune_from_context(unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, teacher_grid)
+        out = zoo.lune_of_context(rows, t, seed, batch_size * num_t, teacher_grid)
         return rearrange(out, "(t n) d -> n t d", t=num_t)
-    per_t = [
-        lune_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, teacher_grid)
-        for t in t_buckets
-    ]
+    per_t = [zoo.lune_of_context(context, t, seed, batch_size, teacher_grid) for t in t_buckets]
     return torch.stack(per_t, dim=1)  # (N, T, D)
 
 
@@ -202,29 +198,22 @@ def sol_features(
     seed: int = 0,
     batch_size: int = 64,
     batch_timesteps: bool = True,
-    spatial_size: int = 8,
+    spatial_size: int = SOL_SPATIAL_SIZE,
     *,
     context: torch.Tensor | None = None,
     teacher_grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sol teacher features at every bucket, as ModelZoo.extract_sol defines them: stats (N, T, 4) and spatial
     (N, T, S, S), float32, S x S for every teacher_grid. `context` and `teacher_grid` as for lune_features."""
-    from tinyflux.frozen.teachers import sol_from_context
 
     context = teacher_context(zoo, prompts) if context is None else context
-    t_buckets, n, num_t = t_buckets.float(), context.shape[0], len(t_buckets)
-    unet = zoo.load_sol()
+    t_buckets, num_t = t_buckets.float(), len(t_buckets)
     if batch_timesteps:
         rows, t = _every_bucket(context, t_buckets)
-        stats, spatial = sol_from_context(
-            unet, rows, t, [seed] * len(t), zoo.dtype, batch_size * num_t, spatial_size, teacher_grid
-        )
+        stats, spatial = zoo.sol_of_context(rows, t, seed, batch_size * num_t, spatial_size, teacher_grid)
         stats = rearrange(stats, "(t n) c -> n t c", t=num_t)
         return stats, rearrange(spatial, "(t n) h w -> n t h w", t=num_t)
-    per_t = [
-        sol_from_context(unet, context, t.expand(n), [seed] * n, zoo.dtype, batch_size, spatial_size, teacher_grid)
-        for t in t_buckets
-    ]
+    per_t = [zoo.sol_of_context(context, t, seed, batch_size, spatial_size, teacher_grid) for t in t_buckets]
     return torch.stack([s for s, _ in per_t], dim=1), torch.stack([m for _, m in per_t], dim=1)
 
 
@@ -237,7 +226,7 @@ def encode_batch(
     sol: bool = True,
     seed: int = 0,
     t_buckets: torch.Tensor = T_BUCKETS,
-    spatial_size: int = 8,
+    spatial_size: int = SOL_SPATIAL_SIZE,
     text_regime: str = "masked",
     latent_shift: bool = True,
     teacher_grid: tuple[int, int] | None = None,

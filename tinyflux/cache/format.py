@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,29 @@ REPORT_NAME = "report.json"
 REPORT_TEXT_NAME = "report.txt"
 SHARD_DIR = "shards"
 # Tensors of one sample, in the order the docs list them; lune / sol entries are absent when the build skipped them.
-SAMPLE_TENSORS = ("latents", "t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
+ENCODING_TENSORS = ("latents", "t5_embeds", "clip_pooled")
+TEACHER_TENSORS = {"lune": ("lune",), "sol": ("sol_stats", "sol_spatial")}
+SAMPLE_TENSORS = ENCODING_TENSORS + TEACHER_TENSORS["lune"] + TEACHER_TENSORS["sol"]
 # Fixed tar header fields make a rebuilt shard byte-identical to the first build of it.
 _TAR_FIELDS = dict(user="tinyflux", group="tinyflux", mode=0o444, mtime=0)  # int: a float mtime costs a pax header
+
+
+def interpolate_buckets(features: torch.Tensor, t_buckets: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Features (B, T, ...) cached at t_buckets (T,) ascending -> features at t (B,): (B, ...) float32.
+
+    Linear between the two neighbouring buckets, clamped to the first / last bucket outside them; exact at a bucket.
+    """
+    features = features.float()
+    t_buckets = t_buckets.to(features.device, torch.float32)
+    if features.shape[1] == 1:
+        return features[:, 0]
+    t = t.to(features.device, torch.float32).clamp(t_buckets[0], t_buckets[-1])  # (B,)
+    lo = (torch.searchsorted(t_buckets, t, right=True) - 1).clamp(0, len(t_buckets) - 2)  # (B,)
+    w = (t - t_buckets[lo]) / (t_buckets[lo + 1] - t_buckets[lo])  # (B,) in [0, 1]
+    w = w.view(-1, *([1] * (features.dim() - 2)))
+    rows = torch.arange(features.shape[0], device=features.device)
+    # (1 - w) * a + w * b, not lerp's a + w * (b - a): the form that gives a exactly at w=0 and b exactly at w=1
+    return (1 - w) * features[rows, lo] + w * features[rows, lo + 1]
 
 
 class CacheFormatError(TinyFluxError, ValueError):
@@ -155,6 +175,33 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]], sidecar: di
         raise
     os.replace(tmp, path)
     return sidecar
+
+
+def write_cache_shard(
+    path: str | Path,
+    samples: Sequence[tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]],
+    input_keys: Sequence[str],
+    feature_hash: str,
+    *,
+    skipped: Sequence[dict[str, Any]] = (),
+    bucketed: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one writer of a cache's shards (build_cache.py, DatasetCache.to_shards, a streamed build's empty shards):
+    samples (key, caption, tensors, meta) in stream order, and a sidecar of the input keys the shard was built from,
+    the inputs skipped, the feature hash, the fields of a sample and its T5 lengths, then `extra` (bucket_counts,
+    stream_state). Returns the sidecar as written (write_shard)."""
+    lengths = [tensors["t5_embeds"].shape[0] for _, _, tensors, _ in samples]
+    sidecar = {
+        "input_keys": list(input_keys),
+        "skipped": list(skipped),
+        "feature_hash": feature_hash,
+        "fields": fields_of(samples[-1][2], bucketed=bucketed) if samples else {},
+        "t5_length_sum": sum(lengths),
+        "t5_length_max": max(lengths, default=0),
+        **extra,
+    }
+    return write_shard(path, [encode_sample(*sample) for sample in samples], sidecar)
 
 
 def read_sidecar(tar_path: str | Path) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import count, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import webdataset as wds
 from PIL import Image
@@ -37,12 +37,23 @@ from tinyflux.cache.encode import (
 from tinyflux.cache.source import RETRIED, is_remote, open_url, tar_samples
 from tinyflux.errors import TinyFluxError
 
-if TYPE_CHECKING:
-    from tinyflux.cache.build import BuildCacheArgs
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # In an --images folder: captions for the images without a same-stem .txt, one line for all or one line per image.
 PROMPTS_FILE = "prompts.txt"
+
+
+class InputArgs(Protocol):
+    """Where a build's inputs come from: the fields of build_cache.py's arguments (BuildCacheArgs) read here."""
+
+    images: str | None
+    follow_symlinks: bool
+    dataset: str | None
+    dataset_config: str | None
+    split: str
+    streaming: bool
+    wds: list[str] | None
+    image_column: str | None
+    caption_column: str | None
 
 
 class BuildError(TinyFluxError, ValueError):
@@ -134,7 +145,7 @@ def _load_row(ds: Any, i: int, image_column: str, caption_column: str) -> tuple[
     return load_image(value), caption
 
 
-def dataset_items(args: BuildCacheArgs) -> list[InputItem]:
+def dataset_items(args: InputArgs) -> list[InputItem]:
     """Rows of a `datasets` dataset in row order, keys = zero-padded row numbers."""
     import datasets
 
@@ -172,7 +183,7 @@ class StreamedRows:
     chunk c is shard c * world + rank. state_dict() is datasets' own resumable position in the part; a re-run that
     loads the one saved after its last complete shard continues there (docs/CACHE_FORMAT.md, "Streamed inputs")."""
 
-    def __init__(self, args: BuildCacheArgs, rank: int, world: int):
+    def __init__(self, args: InputArgs, rank: int, world: int):
         import datasets
         from datasets.distributed import split_dataset_by_node
 
@@ -321,7 +332,7 @@ def _load_indexed(
     return load(tars.sample(url, key))
 
 
-def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
+def wds_items(args: InputArgs) -> Iterator[InputItem]:
     """Samples of webdataset tars (local, http(s)://, pipe:, s3:// / gs:// through fsspec) in tar order, streamed:
     each process reads them all and decodes only its own shards' images.
 
@@ -346,7 +357,7 @@ def wds_items(args: BuildCacheArgs) -> Iterator[InputItem]:
         yield from _img2dataset_failures(url, rows, set())
 
 
-def list_inputs(args: BuildCacheArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
+def list_inputs(args: InputArgs, rank: int = 0, world: int = 1) -> tuple[Iterable[InputItem], int | None]:
     """The inputs in shard order, and how many there are when known without reading them all. With --streaming,
     process `rank` of `world`'s own part of the dataset (StreamedRows)."""
     if args.images:

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tinyflux.cache.bucket_loader import bucket_batch_sizes
 from tinyflux.cache.buckets import manifest_buckets
 from tinyflux.cache.format import (
+    SAMPLE_TENSORS,
+    TEACHER_TENSORS,
     CacheFormatError,
     CacheMismatchError,
     Manifest,
@@ -49,12 +51,10 @@ from tinyflux.cache.source import CacheLocation, ReadAhead
 from tinyflux.cache.stream_buckets import BucketStream, shape_table
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 from tinyflux.model.config import TinyFluxConfig
-from tinyflux.trainer.runtime import WorkerInit, stop_signals_blocked
-from tinyflux.util.dtypes import parse_dtype
+from tinyflux.util.workers import WorkerInit, stop_signals_blocked
 
 logger = logging.getLogger(__name__)
 
-TEACHER_TENSORS = {"lune": ("lune",), "sol": ("sol_stats", "sol_spatial")}
 _MIX_BLOCK = 1024  # mixing draws are generated in seeded blocks, so draw d is computable without the ones before it
 _STATE_VERSION = 1
 
@@ -160,8 +160,11 @@ def _check_sources_agree(sources: list[_Source]) -> None:
         m = src.manifest
         problems = [
             f"{name} {m.fields[name].shape} vs {first.fields[name].shape}"
-            for name in ("t5_embeds", "clip_pooled", "lune", "sol_stats", "sol_spatial")
-            if name in m.fields and name in first.fields and m.fields[name].shape != first.fields[name].shape
+            for name in SAMPLE_TENSORS
+            if name != "latents"  # resolutions mix (a shape a batch); their channels are checked below
+            and name in m.fields
+            and name in first.fields
+            and m.fields[name].shape != first.fields[name].shape
         ]
         if m.latent_shape[0] != first.latent_shape[0]:
             problems.append(f"latent channels {m.latent_shape[0]} vs {first.latent_shape[0]}")
@@ -741,46 +744,3 @@ def make_stream_loader(
         bucket_batch=bucket_batch,
     )
     return StreamingLoader(dataset, pin_memory=pin_memory)
-
-
-def build_loader(args: Any, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None) -> Any:
-    """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
-    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
-    `held_out` samples of each cache. With --resolution_schedule, a ScheduledLoader over one stream per cache set."""
-    script = args.script
-    if getattr(script, "resolution_schedule", None) is None:
-        return _stream_loader(args, model_config, script.cache, script.cache_weights or None, held_out)
-    from tinyflux.trainer.resolution_schedule import ScheduledLoader, parse_resolution_schedule
-
-    loaders = [
-        _stream_loader(args, model_config, [cache], None, None if held_out is None else [held_out[i]])
-        for i, cache in enumerate(script.cache)
-    ]
-    return ScheduledLoader(loaders, parse_resolution_schedule(script.resolution_schedule, script.cache))
-
-
-def _stream_loader(
-    args: Any,
-    model_config: TinyFluxConfig,
-    caches: Sequence[str],
-    weights: Sequence[float] | None,
-    held_out: Sequence[Sequence[int]] | None,
-) -> StreamingLoader:
-    script, trainer = args.script, args.trainer
-    # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
-    # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
-    stored = {CacheLocation.of(d).manifest().storage_dtype for d in caches}
-    return make_stream_loader(
-        caches,
-        weights,
-        batch_size=trainer.batch_size,
-        num_workers=trainer.num_workers,
-        seed=trainer.seed,
-        shuffle_buffer=trainer.shuffle_buffer,
-        model_config=model_config,
-        pin_memory=torch.cuda.is_available(),
-        dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
-        verify_shards=trainer.verify_shards,
-        held_out=held_out,
-        bucket_batch=getattr(script, "bucket_batch", "samples"),
-    )

@@ -1,8 +1,9 @@
 """In-memory feature caches: encodings (VAE latents, T5, CLIP), Lune and Sol teacher features at timestep buckets.
 
 Teacher features vary with the timestep, so they are cached at T_BUCKETS (10 values of t) and interpolated linearly in
-between (interpolate_buckets). Every class saves to and loads from one safetensors file (never pickle); a DatasetCache
-also converts to and from the sharded on-disk format of tinyflux.cache.format (to_shards / from_shards).
+between (cache_format.interpolate_buckets, re-exported here). Every class saves to and loads from one safetensors file
+(never pickle); a DatasetCache also converts to and from the sharded on-disk format of tinyflux.cache.format
+(to_shards / from_shards).
 Several datasets' caches are routed by dataset id in tinyflux.cache.multi_source (re-exported here).
 """
 
@@ -27,19 +28,19 @@ from tinyflux.cache.format import (
     Manifest,
     assemble_manifest,
     decode_sample,
-    encode_sample,
     feature_hash,
     feature_settings,
-    fields_of,
+    interpolate_buckets,
     load_manifest,
     shard_path,
     shard_paths,
+    write_cache_shard,
     write_manifest,
     write_report,
-    write_shard,
 )
 from tinyflux.cache.multi_source import MultiSourceCache
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE
+from tinyflux.model.config import SOL_SPATIAL_SIZE
 from tinyflux.util.dtypes import dtype_name
 
 if TYPE_CHECKING:
@@ -55,24 +56,6 @@ __all__ = [
 ]
 
 _FILE_FORMAT = "tinyflux-memory-cache"
-
-
-def interpolate_buckets(features: torch.Tensor, t_buckets: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Features (B, T, ...) cached at t_buckets (T,) ascending -> features at t (B,): (B, ...) float32.
-
-    Linear between the two neighbouring buckets, clamped to the first / last bucket outside them; exact at a bucket.
-    """
-    features = features.float()
-    t_buckets = t_buckets.to(features.device, torch.float32)
-    if features.shape[1] == 1:
-        return features[:, 0]
-    t = t.to(features.device, torch.float32).clamp(t_buckets[0], t_buckets[-1])  # (B,)
-    lo = (torch.searchsorted(t_buckets, t, right=True) - 1).clamp(0, len(t_buckets) - 2)  # (B,)
-    w = (t - t_buckets[lo]) / (t_buckets[lo + 1] - t_buckets[lo])  # (B,) in [0, 1]
-    w = w.view(-1, *([1] * (features.dim() - 2)))
-    rows = torch.arange(features.shape[0], device=features.device)
-    # (1 - w) * a + w * b, not lerp's a + w * (b - a): the form that gives a exactly at w=0 and b exactly at w=1
-    return (1 - w) * features[rows, lo] + w * features[rows, lo + 1]
 
 
 def _save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -254,7 +237,7 @@ class SolFeatureCache:
         zoo: ModelZoo,
         prompts: list[str],
         t_buckets: torch.Tensor = T_BUCKETS,
-        spatial_size: int = 8,
+        spatial_size: int = SOL_SPATIAL_SIZE,
         batch_size: int = 64,
         batch_timesteps: bool = True,
         *,
@@ -407,22 +390,13 @@ class DatasetCache:
         num_shards = max(1, -(-len(self) // shard_size))
         for j in range(num_shards):
             rows = range(j * shard_size, min(len(self), (j + 1) * shard_size))
-            samples, lengths = [], []
+            samples = []
             for i in rows:
                 s = self.sample(i)
                 tensors = {k: v for k, v in s.items() if isinstance(v, torch.Tensor) and k != "t_buckets"}
-                lengths.append(tensors["t5_embeds"].shape[0])
-                meta = {"input_index": i, "t5_length": lengths[-1]}
-                samples.append(encode_sample(s["key"], s["caption"], tensors, meta))
-            sidecar = {
-                "input_keys": [self.encodings.keys[i] for i in rows],
-                "skipped": [],
-                "feature_hash": fhash,
-                "fields": fields_of(tensors) if rows else {},
-                "t5_length_sum": sum(lengths),
-                "t5_length_max": max(lengths, default=0),
-            }
-            write_shard(shard_path(cache_dir, j), samples, sidecar)
+                meta = {"input_index": i, "t5_length": tensors["t5_embeds"].shape[0]}
+                samples.append((s["key"], s["caption"], tensors, meta))
+            write_cache_shard(shard_path(cache_dir, j), samples, [self.encodings.keys[i] for i in rows], fhash)
         manifest = assemble_manifest(cache_dir, num_shards, self.name, settings)
         write_manifest(cache_dir, manifest)
         write_report(cache_dir, shard_paths(cache_dir, manifest))

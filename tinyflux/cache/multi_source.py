@@ -6,21 +6,26 @@ Sol features get zeros, and lune_available / sol_available tell them apart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from tinyflux.cache.memory import DatasetCache
+
+class TeacherFeatures(Protocol):
+    """What MultiSourceCache reads of a dataset's cache (cache_experts.DatasetCache): its Lune and Sol feature
+    caches (LuneFeatureCache / SolFeatureCache, each with get_features(indices, t)), None where it has none."""
+
+    lune: Any
+    sol: Any
 
 
 class MultiSourceCache:
     """Routes feature lookups by dataset id to the DatasetCache registered under it."""
 
     def __init__(self):
-        self.caches: dict[int, DatasetCache] = {}
+        self.caches: dict[int, TeacherFeatures] = {}
 
-    def add(self, cache: DatasetCache, dataset_id: int) -> MultiSourceCache:
+    def add(self, cache: TeacherFeatures, dataset_id: int) -> MultiSourceCache:
         self.caches[int(dataset_id)] = cache
         return self
 

@@ -16,7 +16,7 @@ from einops import rearrange
 
 from tinyflux.frozen.sol_stats import attention_spatial_map, attention_stats, combine_layers, grid_hw
 from tinyflux.frozen.sources import ZooError
-from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.config import SOL_SPATIAL_SIZE
 
 
 def teacher_noise_level(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class SolAttentionRecorder:
     probabilities (at least one sample); every sample's numbers are its own, whatever the chunk.
     """
 
-    def __init__(self, spatial_size: int = TinyFluxConfig().sol_spatial_size, max_chunk_bytes: int = 1 << 30):
+    def __init__(self, spatial_size: int = SOL_SPATIAL_SIZE, max_chunk_bytes: int = 1 << 30):
         self.max_chunk_bytes = max_chunk_bytes  # attention probabilities held at once per layer (1 GiB; >= 1 sample)
         self.reset(spatial_size)
 

@@ -58,7 +58,8 @@ from tinyflux.frozen.teachers import (
     seeded_noise,
     sol_from_context,
 )
-from tinyflux.model.config import TinyFluxConfig
+from tinyflux.model.config import SOL_SPATIAL_SIZE, TinyFluxConfig
+from tinyflux.util.dtypes import cuda_missing
 
 __all__ = ["MODEL_NAMES", "ModelZoo", "ZooError", "seeded_noise"]
 
@@ -67,7 +68,7 @@ MODEL_NAMES = ("vae", "t5", "clip", "lune", "sol")
 
 def _check_device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cuda_missing(device):
         raise ZooError(
             f"device={str(device)!r} was asked for but CUDA is not available here. "
             "Pass device='cpu' (with dtype=torch.float32), or run on a machine with a GPU."
@@ -424,12 +425,26 @@ class ModelZoo:
         """
         prompts = _check_prompts(prompts)
         t, seeds = per_sample_timesteps(timesteps, len(prompts)), per_sample_seeds(seed, len(prompts))
-        unet = self.load_lune()
         features = []
         for batch in _batches(len(prompts), batch_size, "Lune features"):
             context = self._clip_outputs(prompts[batch])[0]  # (B, 77, D)
-            features.append(lune_from_context(unet, context, t[batch], seeds[batch], self.dtype, batch_size))
+            features.append(self.lune_of_context(context, t[batch], seeds[batch], batch_size))
         return torch.cat(features)
+
+    @torch.no_grad()
+    def lune_of_context(
+        self,
+        context: torch.Tensor,
+        timesteps: float | torch.Tensor,
+        seed: int | Sequence[int] = 0,
+        batch_size: int = 64,
+        teacher_grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """extract_lune of prompts given by their teacher context (B, 77, D) (encode_clip_context), `batch_size` rows
+        per UNet call, on the noise grid `teacher_grid` (h, w) or the teacher's square: the one place the Lune teacher
+        runs, for extract_lune and for a cache's features at its t-buckets (cache_encode.lune_features)."""
+        t, seeds = per_sample_timesteps(timesteps, len(context)), per_sample_seeds(seed, len(context))
+        return lune_from_context(self.load_lune(), context, t, seeds, self.dtype, batch_size, teacher_grid)
 
     @torch.no_grad()
     def extract_sol(
@@ -438,21 +453,36 @@ class ModelZoo:
         timesteps: float | torch.Tensor,
         seed: int | Sequence[int] = 0,
         batch_size: int = 64,
-        spatial_size: int = TinyFluxConfig().sol_spatial_size,
+        spatial_size: int = SOL_SPATIAL_SIZE,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sol features, float32 on the CPU: stats (B, 4) (locality, entropy, clustering, sparsity; each in [0, 1])
         and spatial (B, S, S) summing to 1, averaged over the teacher's self-attention layers. Inputs as extract_lune.
         """
         prompts = _check_prompts(prompts)
         t, seeds = per_sample_timesteps(timesteps, len(prompts)), per_sample_seeds(seed, len(prompts))
-        unet = self.load_sol()
         stats, spatial = [], []
         for batch in _batches(len(prompts), batch_size, "Sol features"):
             context = self._clip_outputs(prompts[batch])[0]  # (B, 77, D)
-            out = sol_from_context(unet, context, t[batch], seeds[batch], self.dtype, batch_size, spatial_size)
+            out = self.sol_of_context(context, t[batch], seeds[batch], batch_size, spatial_size)
             stats.append(out[0])
             spatial.append(out[1])
         return torch.cat(stats), torch.cat(spatial)
+
+    @torch.no_grad()
+    def sol_of_context(
+        self,
+        context: torch.Tensor,
+        timesteps: float | torch.Tensor,
+        seed: int | Sequence[int] = 0,
+        batch_size: int = 64,
+        spatial_size: int = SOL_SPATIAL_SIZE,
+        teacher_grid: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """extract_sol of prompts given by their teacher context, as lune_of_context: the one place the Sol teacher
+        runs, for extract_sol and for a cache's features at its t-buckets (cache_encode.sol_features)."""
+        t, seeds = per_sample_timesteps(timesteps, len(context)), per_sample_seeds(seed, len(context))
+        unet = self.load_sol()
+        return sol_from_context(unet, context, t, seeds, self.dtype, batch_size, spatial_size, teacher_grid)
 
 
 def _print_zoo(root: Path, what: str, seed: int) -> None:

@@ -18,8 +18,11 @@ class ConfigError(TinyFluxError, ValueError):
 
 
 TEXT_REGIMES = ("masked", "padded")
+# Attention kernels the model can run (TinyFluxDeep.set_attention_backend); a runtime choice, not architecture.
+ATTENTION_BACKENDS = ("sdpa", "flex")
 # The released v4.2 Sol prior predicts 3 statistics; caches hold 4 (docs/EXPERT_CACHE.md), in this order.
 SOL_STATS = ("locality", "entropy", "clustering", "sparsity")
+SOL_SPATIAL_SIZE = 8  # side of the Sol map: the released prior's, and the one every cache stores
 
 
 def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -57,7 +60,7 @@ class TinyFluxConfig:
     lune_predictor_dropout: float = 0.1  # dropout in the Lune predictor MLP (the original's lune_dropout)
     freeze_lune: bool = False  # exclude the Lune predictor from get_trainable_parameters()
     use_sol_prior: bool = True  # Sol prior: attention temperature + 8x8 spatial map that scales image q/k
-    sol_spatial_size: int = 8  # side of the Sol spatial importance map
+    sol_spatial_size: int = SOL_SPATIAL_SIZE  # side of the Sol spatial importance map
     sol_hidden_dim: int = 256  # Sol prior MLP width
     sol_num_stats: int = 4  # statistics the Sol prior predicts: the first n of SOL_STATS (released: 3)
     sol_geometric_weight: float = 0.7  # initial weight of the geometric prior against the learned one, in [0, 1]

@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import PRESETS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, released_shapes
+from tinyflux.util.dtypes import cuda_missing
 
+# The files of a model directory (a checkpoint is one): every module that names them imports them from here.
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_WEIGHTS_NAME = "ema.safetensors"  # the EMA's weights, same keys (EMA.save)
 CONFIG_METADATA_KEY = "tinyflux_config"
 # Name components that DDP, torch.compile, FSDP1 and activation-checkpoint wrappers insert into parameter names.
 WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -153,7 +156,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
 def _device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cuda_missing(device):
         warnings.warn("CUDA is not available: loading the model on CPU instead", stacklevel=3)
         return torch.device("cpu")
     return device

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-# Attention kernels the model can run (TinyFluxDeep.set_attention_backend); a runtime choice, not architecture.
-ATTENTION_BACKENDS = ("sdpa", "flex")
 # FlexAttention's tile: the BlockMask marks each (query tile, key tile) pair as skipped, masked or full.
 FLEX_BLOCK_SIZE = 128
 

@@ -14,10 +14,10 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
+from tinyflux.model.config import ATTENTION_BACKENDS, PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.experts import LunePredictor, SolPrior
 from tinyflux.model.layers import AttentionContext, DoubleStreamBlock, RMSNorm, SingleStreamBlock, TextProjections
-from tinyflux.model.math import ATTENTION_BACKENDS, key_padding_block_mask, rope, rope_frequencies, timestep_embedding
+from tinyflux.model.math import key_padding_block_mask, rope, rope_frequencies, timestep_embedding
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep embedding (128 sin + 128 cos)
 

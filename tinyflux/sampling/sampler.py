@@ -12,9 +12,8 @@ import re
 import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
@@ -22,8 +21,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from tinyflux.model.model import TinyFluxDeep, pack_latents, unpack_latents
+from tinyflux.sampling.conditioning import NULL_TEXT_TOKENS, TextConditioning, drop_text, null_text  # noqa: F401
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.schedules import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DEFAULT_SHIFT, get_schedule
+from tinyflux.util.dtypes import cuda_missing
 
 if TYPE_CHECKING:  # the zoo imports diffusers and transformers (seconds): a training process without grids skips them
     from tinyflux.frozen.zoo import ModelZoo
@@ -31,39 +32,6 @@ if TYPE_CHECKING:  # the zoo imports diffusers and transformers (seconds): a tra
 
 DEFAULT_LATENT_SIZE = 64  # latent pixels: 64 -> 512 px images with the Flux VAE
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality"
-NULL_TEXT_TOKENS = 1  # the null conditioning: this many all-zero T5 tokens (mask True), zero CLIP pooled
-
-
-@dataclass
-class TextConditioning:
-    """What the model reads of a prompt: T5 states (B, L, K, D), their mask (B, L) (True = real), CLIP pooled (B, P)."""
-
-    t5: Tensor
-    mask: Tensor
-    pooled: Tensor
-
-
-def null_text(batch_size: int, length: int, t5_shape: tuple[int, int], pooled_dim: int) -> TextConditioning:
-    """The null conditioning that CFG contrasts with: zero T5 states (only the first NULL_TEXT_TOKENS marked real),
-    zero CLIP pooled. The trainer's text dropout must produce the same thing (see drop_text)."""
-    mask = torch.zeros(batch_size, length, dtype=torch.bool)
-    mask[:, :NULL_TEXT_TOKENS] = True
-    t5 = torch.zeros(batch_size, length, *t5_shape)
-    return TextConditioning(t5, mask, torch.zeros(batch_size, pooled_dim))
-
-
-def drop_text(t5: Tensor, mask: Tensor, pooled: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Text dropout for CFG training: replace the samples where drop (B,) is True by the null conditioning.
-
-    t5 (B, L, K, D) or (B, L, D), mask (B, L) bool, pooled (B, P) -> the same shapes; L must be >= NULL_TEXT_TOKENS.
-    """
-    d = drop.bool()
-    t5 = torch.where(d.view(-1, *[1] * (t5.dim() - 1)), 0.0, t5)
-    null_mask = torch.zeros_like(mask, dtype=torch.bool)
-    null_mask[:, :NULL_TEXT_TOKENS] = True
-    mask = torch.where(d[:, None], null_mask, mask.bool())
-    pooled = torch.where(d[:, None], 0.0, pooled)
-    return t5, mask, pooled
 
 
 def _slug(text: str, max_len: int = 40) -> str:
@@ -93,7 +61,7 @@ class Sampler:
         loras: Sequence[Adapter] = (),
     ):
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if cuda_missing(self.device):
             raise ValueError("Sampler(device='cuda') but CUDA is not available; pass device='cpu'")
         self.peft_model = None
         if loras:
@@ -245,6 +213,24 @@ class Sampler:
                 v = v_neg + guidance_scale * (v_cond - v_neg)
             x = x + (t_next - t_cur) * v
         return unpack_latents(x, height, width, p).cpu()  # (B, C, H, W)
+
+    def save_grid(
+        self,
+        prompts: list[str],
+        shapes: Sequence[tuple[int, int]],
+        output_dir: str,
+        step: int | None = None,
+        **generate: Any,
+    ) -> str:
+        """Generate every prompt at every latent (height, width) of `shapes` (keyword arguments: generate's) and save
+        them as save_samples does; several shapes share one grid, letterboxed, each tile captioned with its size in
+        pixels. Returns the grid's path."""
+        generated = [self.generate(prompts, height=h, width=w, **generate) for h, w in shapes]
+        if len(shapes) == 1:
+            return self.save_samples(generated[0], prompts, output_dir, step=step)
+        images = letterbox([image for batch in generated for image in batch])
+        tiles = [f"{p} ({h * 8}x{w * 8})" for h, w in shapes for p in prompts]
+        return self.save_samples(images, tiles, output_dir, step=step)
 
     def save_samples(
         self,

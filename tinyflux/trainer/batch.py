@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tinyflux.cache.memory import interpolate_buckets
+from tinyflux.cache.format import TEACHER_TENSORS, interpolate_buckets
 from tinyflux.errors import TinyFluxError
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.trainer.config import TrainerConfig
@@ -108,8 +108,13 @@ def teacher_features(
     device = t.device
     out = Teacher()
     if "t_buckets" in batch:
-        keys = ["lune"] if lune and "lune" in batch else []
-        keys += ["sol_stats", "sol_spatial"] if sol and "sol_stats" in batch and "sol_spatial" in batch else []
+        wanted = {"lune": lune, "sol": sol}
+        keys = [  # a teacher's tensors when it is wanted and the batch holds all of them
+            name
+            for teacher, names in TEACHER_TENSORS.items()
+            if wanted[teacher] and all(n in batch for n in names)
+            for name in names
+        ]
         at_t = _interpolated(batch, keys, to_device(batch["t_buckets"], device, torch.float32), t)
         # A batch mixing caches with and without a teacher marks the real rows in "lune_mask" / "sol_mask".
         if "lune" in at_t:

@@ -38,10 +38,11 @@ import torch
 from accelerate import Accelerator
 
 from tinyflux.errors import TinyFluxError, os_error_message
+from tinyflux.model.loader import EMA_WEIGHTS_NAME
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
-EMA_WEIGHTS = "ema.safetensors"
+EMA_WEIGHTS = EMA_WEIGHTS_NAME
 TRAINER_CONFIG = "trainer_config.json"  # the TrainerConfig of the run that wrote the checkpoint
 TMP_SUFFIX = ".tmp"
 KINDS = ("step", "epoch")

@@ -12,8 +12,7 @@ from typing import Any, Optional
 import torch
 
 from tinyflux.errors import TinyFluxError
-from tinyflux.model.math import ATTENTION_BACKENDS
-from tinyflux.trainer.losses import LUNE_MODES
+from tinyflux.model.config import ATTENTION_BACKENDS
 from tinyflux.trainer.schedules import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_STEPS,
@@ -24,6 +23,7 @@ from tinyflux.trainer.schedules import (
 from tinyflux.util import dtypes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+LUNE_MODES = ("cosine", "mse", "huber")  # the Lune distillation loss (losses.compute_lune_loss)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOG_WITH = ("tensorboard", "wandb", "all", "none")
 

@@ -16,20 +16,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from tinyflux.model.loader import CONFIG_NAME, EMA_WEIGHTS_NAME, WEIGHTS_NAME
+from tinyflux.trainer.checkpoint import TRAINER_STATE
 from tinyflux.trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
 # What a checkpoint upload sends: the loadable model directory (load_model("user/repo")), not the optimizer state.
 # A LoRA checkpoint has the adapter's two files instead of model.safetensors: the repo is then a peft adapter repo.
-MODEL_FILES = (
-    "model.safetensors",
-    "ema.safetensors",
-    "config.json",
-    "trainer_state.json",
-    ADAPTER_WEIGHTS,
-    ADAPTER_CONFIG,
-)
+MODEL_FILES = (WEIGHTS_NAME, EMA_WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 STAGING_DIR = ".upload"
 
 

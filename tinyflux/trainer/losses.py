@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from tinyflux.trainer.config import LUNE_MODES
+
 REDUCTIONS = ("mean", "none")
-LUNE_MODES = ("cosine", "mse", "huber")
 SOL_LOSS_TERMS = ("stats", "spatial")
 
 

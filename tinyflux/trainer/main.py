@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tinyflux.cache.bucket_loader import BucketBatchSampler, BucketLoader, Bucke
 from tinyflux.cache.buckets import manifest_buckets
 from tinyflux.cache.format import check_compatible, load_manifest
 from tinyflux.cache.memory import DatasetCache
-from tinyflux.cache.source import is_remote
+from tinyflux.cache.source import CacheLocation, is_remote
 from tinyflux.errors import TinyFluxError, message
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE, ZooError
 from tinyflux.model.config import PRESETS, ConfigError, TinyFluxConfig
@@ -33,9 +34,11 @@ from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.config import TrainerConfigError
 from tinyflux.trainer.folder import prepare_folder_cache
 from tinyflux.trainer.lora import ADAPTER_NAME
+from tinyflux.trainer.resolution_schedule import ScheduledLoader, parse_resolution_schedule
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.validation import Validator, held_out_indices, read_samples
+from tinyflux.util.dtypes import parse_dtype
 
 logger = logging.getLogger("tinyflux.train")
 
@@ -115,7 +118,7 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
                 "(https://host/cache/, s3://bucket/cache/, 'pipe:COMMAND {name}')"
             )
     if not args.script.in_memory:
-        return data.build_loader(args, config, held_out)
+        return build_stream_loader(args, config, held_out)
     manifests = [load_manifest(d) for d in caches]
     for cache_dir, manifest in zip(caches, manifests, strict=True):
         check_compatible(manifest, config, where=f"cache {cache_dir}")
@@ -133,6 +136,49 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
         collate_fn=data.collate_fn,
         pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
         worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
+    )
+
+
+def build_stream_loader(
+    args: RunArgs, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None
+) -> Any:
+    """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
+    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
+    `held_out` samples of each cache. With --resolution_schedule, a ScheduledLoader over one stream per cache set."""
+    script = args.script
+    if getattr(script, "resolution_schedule", None) is None:
+        return _stream_loader(args, model_config, script.cache, script.cache_weights or None, held_out)
+    loaders = [
+        _stream_loader(args, model_config, [cache], None, None if held_out is None else [held_out[i]])
+        for i, cache in enumerate(script.cache)
+    ]
+    return ScheduledLoader(loaders, parse_resolution_schedule(script.resolution_schedule, script.cache))
+
+
+def _stream_loader(
+    args: RunArgs,
+    model_config: TinyFluxConfig,
+    caches: Sequence[str],
+    weights: Sequence[float] | None,
+    held_out: Sequence[Sequence[int]] | None,
+) -> data.StreamingLoader:
+    script, trainer = args.script, args.trainer
+    # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
+    # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
+    stored = {CacheLocation.of(d).manifest().storage_dtype for d in caches}
+    return data.make_stream_loader(
+        caches,
+        weights,
+        batch_size=trainer.batch_size,
+        num_workers=trainer.num_workers,
+        seed=trainer.seed,
+        shuffle_buffer=trainer.shuffle_buffer,
+        model_config=model_config,
+        pin_memory=torch.cuda.is_available(),
+        dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
+        verify_shards=trainer.verify_shards,
+        held_out=held_out,
+        bucket_batch=getattr(script, "bucket_batch", "samples"),
     )
 
 

@@ -12,7 +12,8 @@ the global batch, each process taking its slice: a run is reproducible, resumes 
 B draw the same numbers as one process with batch N * B.
 
 The engine (one process, DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) is the `accelerate launch` config's; what differs
-between them (sharded EMA, exports, DeepSpeed's settings) is in engines.py, checkpoints in trainer_checkpointing.py.
+between them (sharded EMA, exports, DeepSpeed's settings) is in engines.py. The Trainer holds its components: the
+Checkpointer (trainer_checkpointing.py) and a TrainingLoader (training_loader.py), whichever kind of loader it is.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import closing
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tinyflux.cache.buckets import sample_shapes
 from tinyflux.model.model import TinyFluxDeep, pack_latents
-from tinyflux.sampling.sampler import drop_text, letterbox
+from tinyflux.sampling.conditioning import drop_text
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer import engines
 from tinyflux.trainer.batch import (
@@ -49,6 +49,7 @@ from tinyflux.trainer.batch import (
     teacher_features,
     to_device,
 )
+from tinyflux.trainer.checkpointer import Checkpointer
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.hub import HubUploader
@@ -68,7 +69,7 @@ from tinyflux.trainer.runtime import (
     workers_ignore_stop_signals,
 )
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
-from tinyflux.trainer.trainer_checkpointing import CheckpointingMixin
+from tinyflux.trainer.training_loader import TrainingLoader, prepare_for_training
 from tinyflux.trainer.validation import Validator
 from tinyflux.trainer.verdict import Flags, NonFiniteLossError, StepVerdicts, book, fused_adam
 from tinyflux.util.predictions import flow_velocity, flow_x_t
@@ -78,7 +79,7 @@ __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
 logger = logging.getLogger(__name__)
 
 
-class Trainer(CheckpointingMixin):
+class Trainer:
     """Trains a TinyFluxDeep: Trainer(model, config); setup(dataloader, cache, sampler); train(epochs)."""
 
     def __init__(self, model: TinyFluxDeep, config: TrainerConfig):
@@ -98,7 +99,6 @@ class Trainer(CheckpointingMixin):
                     "(accelerate_configs/multi_gpu.yaml) or FSDP2 (fsdp.yaml); an adapter's optimizer state is small"
                 )
             _, lr_scales = apply_lora(model, self.lora)
-            self.register_lora_hooks()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         if config.attention_backend == "flex" and self.accelerator.device.type == "cpu":
@@ -116,21 +116,28 @@ class Trainer(CheckpointingMixin):
         self.scheduler = build_scheduler(self.optimizer, config)
         self._ema = EMA(model, config.ema_decay, warmup=config.ema_warmup, trainable_only=self.lora is not None)
         self.progress = ckpt.TrainingProgress()
-        self.uploader = HubUploader(config.hf_repo_id, config.checkpoint_dir) if config.hf_repo_id else None
-        self.dataloader: Any = None
+        uploader = HubUploader(config.hf_repo_id, config.checkpoint_dir) if config.hf_repo_id else None
+        self.checkpointer = Checkpointer(
+            self.accelerator,
+            self.engine,
+            self.model,
+            self._ema,
+            root=config.checkpoint_dir,
+            keep_last_n_steps=config.keep_last_n_steps,
+            keep_last_n_epochs=config.keep_last_n_epochs,
+            resume=config.resume,
+            settings=config.to_dict(),
+            lora=self.lora is not None,
+            uploader=uploader,
+        )
+        self.dataloader: TrainingLoader | None = None  # set by setup()
         self.cache: Any = None
         self.sampler: Any = None
         self.validator: Validator | None = None  # the held-out loss, every validation_every steps (run.py sets it)
-        self.last_checkpoint: Path | None = None
-        self._saved_step: int | None = None  # step of the newest checkpoint this trainer saved or loaded
         self._stop_at = config.total_steps
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1" when a signal ended train()
-        self.save_failures = 0
         self._model: nn.Module | None = None  # the prepared model (DDP / DeepSpeed wrapper, or FSDP2 in place)
         self._input_dtype = torch.float32  # of the model's floating inputs: its parameters' dtype after setup()
-        self._prepared_loader = False
-        self._stateful_loader = False  # the loader saves / restores its own position (state_dict)
-        self._pending_resume: Path | None = None
         self._signal: int | None = None
         # A stop signal that came before train() (during setup: run.py notes it): the first step then saves and stops.
         self.pending_signal: int | None = None
@@ -150,6 +157,38 @@ class Trainer(CheckpointingMixin):
     def current_step(self) -> int:
         return self.progress.step
 
+    @property
+    def uploader(self) -> HubUploader | None:
+        """Uploads checkpoints and sample grids to the Hub (hf_repo_id); the checkpointer's."""
+        return self.checkpointer.uploader
+
+    @uploader.setter
+    def uploader(self, uploader: HubUploader | None) -> None:
+        self.checkpointer.uploader = uploader
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint this trainer saved or loaded."""
+        return self.checkpointer.last
+
+    @property
+    def save_failures(self) -> int:
+        """Periodic saves that failed (training went on)."""
+        return self.checkpointer.failures
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Save everything needed to resume (and to sample) into directory `path`, atomically: written into
+        `path.tmp`, marked COMPLETE, renamed. On failure the .tmp is removed, earlier checkpoints are untouched and
+        CheckpointError says what happened; the training state in memory is unchanged either way."""
+        return self.checkpointer.save(path, self.progress, self.dataloader)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG (accelerate), EMA and progress from a complete checkpoint.
+        Before setup() the load is deferred to setup(); under FSDP2 / ZeRO-3 it must be (resume= in the config)."""
+        progress = self.checkpointer.load(path, self.dataloader)
+        if progress is not None:
+            self.progress = progress
+
     def setup(self, dataloader: DataLoader, cache: Any = None, sampler: Any = None) -> None:
         """Prepare model, optimizer, scheduler and data with accelerate; start the tracker; resume if configured.
 
@@ -158,29 +197,17 @@ class Trainer(CheckpointingMixin):
         `cache` (MultiSourceCache) supplies teacher features for batches that carry none; `sampler` (Sampler built on
         trainer.model and trainer.ema) draws the periodic sample grids.
         """
-        acc, cfg = self.accelerator, self.config
-        resume = self._pending_resume or ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
-        if resume is None and cfg.resume is None and ckpt.list_checkpoints(cfg.checkpoint_dir):
-            # a fresh run would overwrite same-named checkpoints and prune by step number across both runs
-            raise ckpt.CheckpointError(
-                f"{cfg.checkpoint_dir} already holds checkpoints of another run; continue it with --resume latest, "
-                "or train into a new --checkpoint_dir"
-            )
+        acc, cfg, checkpointer = self.accelerator, self.config, self.checkpointer
+        resume = checkpointer.to_resume()
         if resume is not None:  # before prepare, while every parameter is whole on every process
-            resume = self._resume_falling_back(resume, self._load_ema, self._load_ema)
+            resume = checkpointer.resume_falling_back(resume, checkpointer.load_ema, checkpointer.load_ema)
         workers_ignore_stop_signals(dataloader)  # before prepare, which copies it (the streaming loader has its own)
-        # A loader that splits the data by rank and keeps its own position (the streaming and the bucket loaders)
-        # is used as it is; a plain DataLoader goes through accelerate, which shards and resumes it.
-        self._prepared_loader = not isinstance(getattr(dataloader, "dataset", None), IterableDataset) and not callable(
-            getattr(dataloader, "state_dict", None)
+        # A loader that keeps its own position (the streaming and the bucket loaders) is used as it is; a plain
+        # DataLoader goes through accelerate, which shards it, in an EpochLoader, which resumes at the progress.
+        self._model, self.optimizer, self.scheduler, self.dataloader = prepare_for_training(
+            acc, self.model, self.optimizer, self.scheduler, dataloader, lambda: self.progress
         )
-        if self._prepared_loader:
-            self._model, self.optimizer, self.scheduler, self.dataloader = acc.prepare(
-                self.model, self.optimizer, self.scheduler, dataloader
-            )
-        else:
-            self._model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
-            self.dataloader = dataloader
+        checkpointer.prepared = self._model
         # FSDP2 shards in place: the parameters are new (DTensor) objects that clipping and the EMA must use.
         self._params = self.model.get_trainable_parameters()
         if self.engine.name == "fsdp2":
@@ -197,7 +224,6 @@ class Trainer(CheckpointingMixin):
                 self.engine,
             )
             sampler = None
-        self._stateful_loader = not self._prepared_loader and callable(getattr(self.dataloader, "state_dict", None))
         if callable(getattr(self.dataloader, "follow_steps", None)):  # a --resolution_schedule switches by step
             self.dataloader.follow_steps(lambda: self.progress.step)
         self._pad_text = has_compiled_blocks(self.model)  # config.compile_mode, or blocks compiled by the caller
@@ -208,7 +234,11 @@ class Trainer(CheckpointingMixin):
             ckpt.clean_stale_tmp(cfg.checkpoint_dir)
         acc.wait_for_everyone()
         if resume is not None:  # a fallback after prepare reloads the older checkpoint's EMA too (weights are whole)
-            self._resume_falling_back(resume, self._load_training_state, self.load_checkpoint)
+            self.progress = checkpointer.resume_falling_back(
+                resume,
+                lambda path: checkpointer.load_training_state(path, self.dataloader),
+                lambda path: checkpointer.load(path, self.dataloader),
+            )
         elif cfg.resume == "latest":
             logger.info("resume=latest: no complete checkpoint in %s yet, starting from scratch", cfg.checkpoint_dir)
 
@@ -217,7 +247,7 @@ class Trainer(CheckpointingMixin):
 
         Samples t (logit-normal + shift), noise and x_t; predicts v = data - noise; adds the Lune / Sol distillation
         losses (weights ramped over their warmups) against the teacher features of the batch or the cache. Per sample:
-        text dropout swaps in the null conditioning (sampling.drop_text: zero T5 states and CLIP pooled, the same
+        text dropout swaps in the null conditioning (conditioning.drop_text: zero T5 states and CLIP pooled, the same
         conditioning the Sampler contrasts with for an empty negative prompt); teacher dropout hides a teacher from the
         conditioning (the model uses its own prediction there) while its distillation loss still counts.
         """
@@ -348,11 +378,10 @@ class Trainer(CheckpointingMixin):
                                 )
                             self._end_epoch()
         finally:
-            if callable(getattr(self.dataloader, "close", None)):  # the streaming loader's run-long workers
-                self.dataloader.close()
+            self.dataloader.close()  # the streaming loader's run-long workers
         bar.close()
         self._settle()
-        if self._saved_step != p.step:
+        if self.checkpointer.saved_step != p.step:
             self._save("step", p.step, periodic=False)
         self.accelerator.wait_for_everyone()
         return p
@@ -361,30 +390,16 @@ class Trainer(CheckpointingMixin):
         """After a resume: the stream had already ended this epoch when the checkpoint was taken (its last batch closed
         the step), but the loop never saw the end; the uninterrupted run would close the epoch now."""
         p = self.progress
-        return self._stateful_loader and p.batches_in_epoch > 0 and getattr(self.dataloader, "epoch", p.epoch) > p.epoch
+        return p.batches_in_epoch > 0 and self.dataloader.epoch > p.epoch
 
     def _on_signal(self, signum: int) -> None:
         """Only a flag: the loop saves at the next step boundary and returns (exit code 0 from the script)."""
         self._signal = signum
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        """This epoch's micro-batches, skipping those a resumed run already consumed."""
-        loader = self.dataloader
-        # A loader with its own state (the streaming loader) was restored to its position by load_checkpoint.
-        skip = 0 if self._stateful_loader else self._batches_to_skip()
-        for owner in (loader, getattr(loader, "dataset", None)):  # a prepared loader, or a streaming dataset
-            if hasattr(owner, "set_epoch"):
-                owner.set_epoch(self.progress.epoch)
-                break
-        if skip and self._prepared_loader:
-            loader = self.accelerator.skip_first_batches(loader, skip)
-        elif skip:
-            loader = islice(loader, skip, None)
-        return started(loader)  # DataLoader workers must ignore the stop signals from their first instant
-
-    def _batches_to_skip(self) -> int:
-        total = getattr(self.dataloader, "total_batch_size", None) if self._prepared_loader else None
-        return ckpt.batches_to_skip(self.progress, total)
+        """This epoch's micro-batches, from where the loader stands (a resume restored its position)."""
+        self.dataloader.set_epoch(self.progress.epoch)
+        return started(self.dataloader)  # DataLoader workers must ignore the stop signals from their first instant
 
     def _micro_step(self, batch: dict[str, Any], bar: tqdm) -> bool:
         """One micro-batch; at the end of an accumulation cycle the optimizer step. Returns True to stop."""
@@ -472,8 +487,9 @@ class Trainer(CheckpointingMixin):
         return p.step >= self._stop_at
 
     def _save(self, kind: str, index: int, periodic: bool = True) -> Path | None:
+        """Checkpoint kind_index, keeping the newest N; a periodic save that fails is logged and training goes on."""
         self._settle()  # a checkpoint's progress books every verdict up to its step
-        return super()._save(kind, index, periodic)
+        return self.checkpointer.save_numbered(kind, index, self.progress, self.dataloader, periodic)
 
     def _settle(self) -> None:
         """Book the verdict still pending on the deferred path (before a checkpoint records the progress)."""
@@ -492,7 +508,7 @@ class Trainer(CheckpointingMixin):
         if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or upload_due:
             saved = self._save("step", step)
         if saved is not None and self.uploader is not None and (upload_due or not cfg.upload_every_steps):
-            self._upload(saved)
+            self.checkpointer.upload(saved, step)
         if self.sampler is not None and cfg.sample_every and step % cfg.sample_every == 0:
             self._sample()
 
@@ -513,7 +529,7 @@ class Trainer(CheckpointingMixin):
         if (cfg.save_every_epochs and epoch % cfg.save_every_epochs == 0) or upload_due:
             saved = self._save("epoch", epoch)
             if saved is not None and self.uploader is not None and (upload_due or not cfg.upload_every_epochs):
-                self._upload(saved)
+                self.checkpointer.upload(saved, self.progress.step)
 
     def _reset_cycle(self) -> None:
         self._cycle: dict[str, Tensor] = {}
@@ -566,24 +582,16 @@ class Trainer(CheckpointingMixin):
         buckets = getattr(self.dataloader, "bucket_shapes", [])
         shapes = sample_shapes(buckets) if buckets and cfg.sample_size is None else [(size, size)]
         try:
-            generated = [
-                self.sampler.generate(
-                    prompts,
-                    num_steps=cfg.sample_steps,
-                    guidance_scale=cfg.sample_guidance_scale,
-                    height=h,
-                    width=w,
-                    seed=cfg.seed,
-                    use_ema=True,
-                )
-                for h, w in shapes
-            ]
-            if len(shapes) > 1:
-                images = letterbox([image for batch in generated for image in batch])
-                tiles = [f"{p} ({h * 8}x{w * 8})" for h, w in shapes for p in prompts]
-            else:
-                images, tiles = generated[0], prompts
-            grid = self.sampler.save_samples(images, tiles, cfg.sample_dir, step=step)
+            grid = self.sampler.save_grid(
+                prompts,
+                shapes,
+                cfg.sample_dir,
+                step=step,
+                num_steps=cfg.sample_steps,
+                guidance_scale=cfg.sample_guidance_scale,
+                seed=cfg.seed,
+                use_ema=True,
+            )
         except Exception:
             logger.exception("sample grid at step %d failed (training goes on)", step)
             return

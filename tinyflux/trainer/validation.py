@@ -24,8 +24,8 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from tinyflux.cache.format import decode_sample, load_manifest, shard_paths
-from tinyflux.cache.loaders import TEACHER_TENSORS, collate_fn
+from tinyflux.cache.format import TEACHER_TENSORS, decode_sample, load_manifest, shard_paths
+from tinyflux.cache.loaders import collate_fn
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import to_device
 from tinyflux.util.predictions import flow_velocity, flow_x_t

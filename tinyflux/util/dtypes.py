@@ -1,4 +1,4 @@
-"""The dtype names TinyFlux accepts on command lines and in files, in one place."""
+"""The dtype names TinyFlux accepts on command lines and in files, and what "auto" picks, in one place."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+AUTO = "auto"  # --device auto / --dtype auto: pick_device / pick_dtype
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -27,3 +28,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32: the canonical name written to manifests and configs."""
     return str(dtype).removeprefix("torch.")
+
+
+def pick_device(name: str | torch.device = AUTO) -> torch.device:
+    """ "auto": the GPU when CUDA is available, else the CPU; any other name as it is (see cuda_missing)."""
+    if str(name) == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cuda_missing(device: str | torch.device) -> bool:
+    """A CUDA device asked for on a machine without CUDA (each caller says what to do instead)."""
+    return torch.device(device).type == "cuda" and not torch.cuda.is_available()
+
+
+def pick_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """ "auto": bfloat16 on a GPU, float32 elsewhere (the CPU has no fast bf16 matmul); else parse_dtype(name)."""
+    if str(name) == AUTO:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return parse_dtype(name)
