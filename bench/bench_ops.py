@@ -7,8 +7,9 @@ ops split into forward, backward, optimizer and the rest of the step.
 
 On a GPU each such op is (at least) one kernel launch, 5-10 us of host time; at the sizes users train, the step is
 bound by them (bench/NOTES.md). The count does not depend on batch or resolution, so a small latent keeps the CPU run
-short. An op counts when it is a leaf aten op (no aten op below it) and not a view (its schema returns an alias of an
-input), or a kernel inductor generated for a compiled region; a multi-tensor op (_foreach_*, _fused_*) counts once, as on CUDA (the CPU loops over its tensors). TinyFlux's step is the real one (Trainer.train: text padding, draws, teacher interpolation, forward with both
+short. An op counts when it is an aten op that is not a view (its schema returns an alias of an input) nor pure
+metadata, or a kernel inductor generated for a compiled region, and no such op runs below it (until 2026-12-06 any aten
+op below it, an `empty` included, hid it: matmuls and attention were not counted); a multi-tensor op (_foreach_*, _fused_*) counts once, as on CUDA (the CPU loops over its tensors). TinyFlux's step is the real one (Trainer.train: text padding, draws, teacher interpolation, forward with both
 expert heads, three losses, backward, gradient clipping, verdict, fused AdamW, LR schedule, EMA) on one pre-collated
 batch; the peer's is forward, MSE, backward, AdamW on tensors already on the device.
 """
@@ -36,8 +37,10 @@ from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
 OP_NAMESPACES = ("aten::", "mkldnn::", "onednn::")  # the last two: the CPU matmuls compiled regions call
-NO_KERNEL = {  # allocate, relabel or answer a question: no kernel
-    "aten::empty", "aten::empty_strided", "aten::resize_", "aten::set_", "aten::result_type", "aten::_nnpack_available",
+NO_KERNEL = {  # allocate, relabel or answer a question: no kernel (_unsafe_view: a view whose schema does not say so;
+    # type_as to its own dtype returns its input, and to another one it calls a copy, which counts instead)
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::set_", "aten::result_type",
+    "aten::_nnpack_available", "aten::_unsafe_view", "aten::type_as",
 }  # fmt: skip
 
 
@@ -68,21 +71,35 @@ def _multi_tensor(name: str) -> bool:
     return name.startswith(("aten::_foreach_", "aten::_fused_"))
 
 
+def _launching(e: Any) -> bool:
+    """A kernel of a compiled region ("graph_N_cpp_fused_...", profiled: see main), or an aten op that is not a view
+    and not pure metadata."""
+    if "cpp_fused" in e.name:
+        return True
+    return e.name.startswith(OP_NAMESPACES) and e.name not in NO_KERNEL and not _is_view(e.name)
+
+
+def _launches_below(e: Any, memo: dict[int, bool]) -> bool:
+    if id(e) not in memo:
+        memo[id(e)] = any(_launching(c) or _launches_below(c, memo) for c in e.cpu_children)
+    return memo[id(e)]
+
+
 def launching_ops(prof: Any, by_name: Counter | None = None) -> Counter:
-    """Leaf, non-view aten ops of a profile, by phase (and into by_name, by (phase, op name)). A multi-tensor op
-    (_foreach_*, _fused_*) counts once: on CUDA it is one launch per chunk of tensors, where the CPU loops over them
-    one aten call each."""
+    """Leaf launching ops of a profile (no launching op below them: an `mm` that only allocates its output counts),
+    by phase (and into by_name, by (phase, op name)). A multi-tensor op (_foreach_*, _fused_*) counts once: on CUDA
+    it is one launch per chunk of tensors, where the CPU loops over them one aten call each."""
     counts: Counter = Counter()
+    memo: dict[int, bool] = {}
     for e in prof.events():
-        inductor = "cpp_fused" in e.name  # a kernel of a compiled region, "graph_N_cpp_fused_..." (profiled: see main)
-        if not inductor and (not e.name.startswith(OP_NAMESPACES) or e.name in NO_KERNEL or _is_view(e.name)):
+        if not _launching(e):
             continue
         parent, inside_multi = e.cpu_parent, False
         while parent is not None and not inside_multi:
             inside_multi, parent = _multi_tensor(parent.name), parent.cpu_parent
         if inside_multi:
             continue
-        if not _multi_tensor(e.name) and any(c.name.startswith(OP_NAMESPACES) for c in e.cpu_children):
+        if not _multi_tensor(e.name) and _launches_below(e, memo):
             continue
         counts[_phase(e)] += 1
         if by_name is not None:

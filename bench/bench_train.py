@@ -59,6 +59,7 @@ from tinyflux.cache.loaders import make_stream_loader
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.math import ATTENTION_BACKENDS
 from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.trainer.config import COMPILE_MODES
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
@@ -123,7 +124,7 @@ def trainer_config(
         gradient_accumulation=1,
         total_steps=10**9,
         dtype=dtype,
-        compile_mode="default" if compile else None,
+        compile_mode=args.compile_mode if compile else None,
         gradient_checkpointing=args.grad_ckpt,
         attention_backend=args.attention_backend,
         save_every_steps=None,
@@ -218,7 +219,7 @@ def run_peer(
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
     if compile:
-        model.compile_repeated_blocks()
+        model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as the Trainer
 
     def step() -> None:
@@ -489,6 +490,12 @@ def main() -> None:
     )
     ap.add_argument("--warm_cache", action="store_true", help="let compilation use the on-disk caches of earlier runs")
     ap.add_argument("--compile", action="store_true", help="also run both models with each block compiled")
+    ap.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode of --compile on both sides (reduce-overhead: CUDA graphs, static shapes only)",
+    )
     ap.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
     ap.add_argument("--find_max_batch", action="store_true", help="GPU: the largest batch that fits (see --memory_gib)")
     ap.add_argument("--memory_gib", type=float, default=80.0, help="memory budget of --find_max_batch")

@@ -2,13 +2,15 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tinyflux.model.config import ConfigError, TinyFluxConfig
 from tinyflux.model.experts import geometric_spatial, geometric_temperature
-from tinyflux.model.math import apply_rope, rope, timestep_embedding
+from tinyflux.model.layers import RMSNorm
+from tinyflux.model.math import apply_rope, apply_rope_pairs, rope, rope_pairs, timestep_embedding
 from tinyflux.model.model import TinyFluxDeep, count_parameters, pack_latents, unpack_latents
 
 B, H, W, L = 2, 8, 8, 5
@@ -262,6 +264,53 @@ def test_sol_map_is_identity_on_q_k_at_init_and_geometric_prior_closed_forms(mod
     r = torch.linspace(-1, 1, 8)
     torch.testing.assert_close(spatial[0, 0, 0], torch.exp(-2 * (2 * r[0] ** 2).sqrt()))
     assert spatial[0].max() < 1 and spatial[0, 3, 3] > spatial[0, 0, 0]  # centre-biased at noise
+
+
+def test_fused_conditioning_and_four_op_rope_keep_the_numbers():
+    # RoPE in 4 ops equals the 7-op form bit for bit (same products, same sums), q and k at once.
+    cos, sin = rope(torch.rand(2, 6, 3) * 10, (4, 6, 6), 10000)
+    qk = torch.randn(2, 2, 3, 6, 16)
+    torch.testing.assert_close(apply_rope_pairs(qk, *rope_pairs(cos, sin)), apply_rope(qk, cos, sin), atol=0, rtol=0)
+    # Every block's adaLN and Sol scales in one call: the same outputs bit for bit; gradients to float rounding (the
+    # conditioning vector's gradient is one sum over all blocks instead of 55 added up); a text mask and a wrapped
+    # adaLN linear (which falls back to the per-block path) included.
+    cfg = tiny_config(num_double_layers=2, num_single_layers=2)
+    x, tf = inputs(cfg), teacher(cfg)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 3:] = False
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        m = TinyFluxDeep(cfg)
+        perturb(m)
+        m.set_fused_conditioning(fused)
+        v, expert = m(**x, **tf, return_expert_pred=True, encoder_attention_mask=mask)
+        (v.square().sum() + sum(e.sum() for e in expert.values())).backward()
+        results.append((v, {n: p.grad for n, p in m.named_parameters()}))
+        assert (m._block_inputs(torch.zeros(B, cfg.hidden_size), SimpleNamespace(sol_scale=None)) is None) != fused
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, atol=0, rtol=0)
+    for name, grad in g0.items():
+        torch.testing.assert_close(g1[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    m.double_blocks[0].img_norm1.linear = torch.nn.Sequential(m.double_blocks[0].img_norm1.linear)
+    assert m._block_inputs(torch.zeros(B, cfg.hidden_size), SimpleNamespace(sol_scale=None)) is None
+
+
+def test_cpu_rms_norm_backward_is_the_closed_form_of_autograds():
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    g = torch.randn(2, 5, 16)
+    y = norm(x)  # the closed-form backward: eager float32 on the CPU
+    y.backward(g)
+    grads = x.grad, norm.weight.grad
+    x.grad = norm.weight.grad = None
+    ref = torch.nn.functional.rms_norm(x, (16,), eps=norm.eps) * norm.weight  # autograd through the decomposition
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], norm.weight.grad)
 
 
 def test_model_code_never_imports_accelerate():

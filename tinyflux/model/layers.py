@@ -5,6 +5,7 @@ double-stream and single-stream blocks. Module and parameter names are the relea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from tinyflux.model.math import apply_rope, attention, flex_masked_attention
+from tinyflux.model.math import apply_rope_pairs, attention, flex_masked_attention
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +23,48 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _closed_form_backward(x, self.weight):
+            return _CpuRMSNorm.apply(x, self.weight, self.eps)
         # Normalise in float32 (bf16 sums of squares over 512 dims lose too much), back to x's dtype, then the weight.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight.type_as(x)
+
+
+def _closed_form_backward(x: Tensor, weight: Tensor) -> bool:
+    """Eager float32 training on the CPU, where torch has no fused RMSNorm backward: autograd would run the backward of
+    its decomposition (pow, mean, add, rsqrt, mul and the weight's mul: 14 ops per norm). CUDA has the fused kernel
+    and compiled blocks fuse the decomposition themselves."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and hasattr(torch.ops.aten, "_fused_rms_norm")
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _CpuRMSNorm(torch.autograd.Function):
+    """RMSNorm's forward as F.rms_norm computes it (the same numbers), and its closed-form backward in 9 ops.
+
+    y = x_hat * w with x_hat = x * r, r = (mean(x^2) + eps)^-1/2: dL/dx = r * (g_hat - x_hat * mean(g_hat * x_hat))
+    with g_hat = g * w, and dL/dw = sum over tokens of g * x_hat.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x_hat, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)  # F.rms_norm's own kernel on CPU
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_hat, rstd, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g_hat = grad * weight
+            grad_x = (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)) * rstd
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * x_hat).flatten(0, -2).sum(0)
+        return grad_x, grad_w, None
 
 
 class MLP(nn.Module):
@@ -60,8 +101,12 @@ class AdaRMSNorm(nn.Module):
         self.linear = nn.Linear(dim, 3 * sets * dim)
         self.norm = RMSNorm(dim)
 
-    def forward(self, x: Tensor, vec: Tensor) -> tuple[Tensor, list[ModulationOut]]:
-        out = self.linear(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1)  # each (B, 1, D)
+    def forward(
+        self, x: Tensor, vec: Tensor, mod: tuple[Tensor, ...] | None = None
+    ) -> tuple[Tensor, list[ModulationOut]]:
+        """x (B, N, D), vec (B, D); mod: the 3 * sets chunks (B, 1, D) of linear(silu(vec)) when computed already
+        (BlockInputs)."""
+        out = self.linear(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1) if mod is None else mod  # (B, 1, D)
         mods = [ModulationOut(*out[i : i + 3]) for i in range(0, 3 * self.sets, 3)]
         return mods[0].modulate(self.norm(x)), mods
 
@@ -70,8 +115,9 @@ class AdaRMSNorm(nn.Module):
 class AttentionContext:
     """What every block's attention needs, computed once per forward.
 
-    rope_double / rope_single: (cos, sin) over text then image tokens (B, 1, L + N, Dh / 2). Double blocks rotate
-    image tokens only (their text angles are 0, an exact identity); single blocks rotate text by its ids too.
+    rope_double / rope_single: math.rope_pairs factors (c, s) over text then image tokens (B, 1, L + N, Dh). Double
+    blocks rotate image tokens only (their text angles are 0, an exact identity); single blocks rotate text by its ids
+    too.
     mask: keys to keep (B, 1, 1, L + N) or None; backend "sdpa" (mask) or "flex" (block_mask, the same keys).
     sol_map: the blended Sol map on the image token grid (B, 1, h, w); sol_scale: the logit scale under the Sol
     temperature, head_dim^-0.5 / T (B,). Both None when the Sol prior is off.
@@ -87,34 +133,66 @@ class AttentionContext:
     sol_map: Tensor | None = None
     sol_scale: Tensor | None = None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, single: bool, spatial_to_mod: nn.Conv2d | None) -> Tensor:
-        """q, k, v (B, H, L + N, Dh) of text then image tokens -> (B, L + N, H * Dh).
+    def attend(
+        self, qkv: Tensor, single: bool, spatial_to_mod: nn.Conv2d | None, qk_scale: Tensor | None = None
+    ) -> Tensor:
+        """qkv (3, B, H, L + N, Dh) of text then image tokens -> (B, L + N, H * Dh).
 
         With the Sol prior, image queries and keys are scaled per head by exp(clamp(spatial_to_mod(map), -2, 2)),
         and the temperature T divides the logits of image queries (of every query in a single block); text queries
         of a double block keep the plain scale. Each query's logit scale is folded into q, so one attention call
-        with scale 1 serves all: (q * s) . k = s (q . k).
+        with scale 1 serves all: (q * s) . k = s (q . k). qk_scale (2, B, H, L + N, 1): those q and k scales when
+        computed already for every block at once (TinyFluxDeep.set_fused_conditioning), else from spatial_to_mod.
         """
-        cos, sin = self.rope_single if single else self.rope_double
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        c, s = self.rope_single if single else self.rope_double
+        qk = apply_rope_pairs(qkv[:2], c, s)  # (2, B, H, L + N, Dh): q and k rotated in one call
         scale = None
         if self.sol_scale is not None:
-            b, h = q.shape[:2]
-            img_mod = spatial_to_mod(self.sol_map).clamp(-2, 2).exp().flatten(2)[..., None]  # (B, H, N, 1)
-            txt_one = img_mod.new_ones(b, h, self.txt_len, 1)  # (B, H, L, 1)
-            temp = self.sol_scale.view(b, 1, 1, 1).to(img_mod.dtype)
-            txt_q = txt_one * temp if single else txt_one * self.head_scale
-            q = q * torch.cat([txt_q, img_mod * temp], dim=2).to(q.dtype)
-            k = k * torch.cat([txt_one, img_mod], dim=2).to(k.dtype)
+            if qk_scale is None:
+                img_mod = spatial_to_mod(self.sol_map).clamp(-2, 2).exp().flatten(2)  # (B, H, N)
+                counts = (0, 1) if single else (1, 0)
+                qk_scale = sol_qk_scales(img_mod[:, None], counts, self.sol_scale, self.head_scale, self.txt_len)[
+                    :, :, 0
+                ]
+            qk = qk * qk_scale.to(qk.dtype)
             scale = 1.0
+        q, k = qk.unbind(0)
         if self.backend == "flex":
-            return flex_masked_attention(q, k, v, self.block_mask, scale=scale)
-        return attention(q, k, v, self.mask, scale=scale)
+            return flex_masked_attention(q, k, qkv[2], self.block_mask, scale=scale)
+        return attention(q, k, qkv[2], self.mask, scale=scale)
 
 
-def _heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, L, 3 * H * Dh) -> q, k, v each (B, H, L, Dh)."""
-    return rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=num_heads).unbind(0)
+def sol_qk_scales(
+    img_mod: Tensor, counts: tuple[int, int], sol_scale: Tensor, head_scale: float, txt_len: int
+) -> Tensor:
+    """The Sol prior's q and k scales of blocks laid side by side: (2, B, n, H, L + N, 1), n = double + single.
+
+    img_mod (B, n, H, N): exp(clamp(spatial_to_mod(map), -2, 2)) of each block, its `counts` = (double, single) blocks
+    in that order. k: 1 on text, img_mod on image tokens. q: the temperature-scaled img_mod on image tokens; on text
+    head_dim^-0.5 in a double block, sol_scale (B,) in a single one (each value as 1 * that scale gives it, exactly).
+    """
+    b, n, h, _ = img_mod.shape
+    temp = sol_scale.view(b, 1, 1, 1).to(img_mod.dtype)
+    double, single = counts
+    txt_q = torch.cat(
+        [img_mod.new_full((b, double, h, txt_len), head_scale), temp.expand(b, single, h, txt_len)], dim=1
+    )  # (B, n, H, L)
+    q = torch.cat([txt_q, img_mod * temp], dim=-1)  # (B, n, H, L + N)
+    k = torch.cat([img_mod.new_ones(b, n, h, txt_len), img_mod], dim=-1)  # (B, n, H, L + N)
+    return torch.stack([q, k])[..., None]  # (2, B, n, H, L + N, 1)
+
+
+class BlockInputs(NamedTuple):
+    """What TinyFluxDeep.forward computes ahead for one block, in one call for all blocks (set_fused_conditioning).
+    A NamedTuple: checkpoint, compile and DeepSpeed see through tuples."""
+
+    mods: tuple[tuple[Tensor, ...], ...]  # per AdaRMSNorm (img, txt / the one): linear(silu(vec))'s chunks (B, 1, D)
+    qk_scale: Tensor | None  # (2, B, H, L + N, 1) the Sol q / k scales (sol_qk_scales); None without the Sol prior
+
+
+def _heads(qkv: Tensor, num_heads: int) -> Tensor:
+    """(B, L, 3 * H * Dh) -> q, k, v stacked (3, B, H, L, Dh) (a view)."""
+    return rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=num_heads)
 
 
 class TextProjections(nn.Module):
@@ -146,19 +224,17 @@ class JointAttention(nn.Module):
         self.spatial_to_mod = _sol_conv(num_heads, use_sol_prior)
 
     def forward(
-        self, txt: Tensor, img: Tensor, ctx: AttentionContext, shared: TextProjections | None = None
+        self,
+        txt: Tensor,
+        img: Tensor,
+        ctx: AttentionContext,
+        shared: TextProjections | None = None,
+        qk_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """txt (B, L, D), img (B, N, D) -> their attention outputs, the same shapes."""
+        """txt (B, L, D), img (B, N, D) -> their attention outputs, the same shapes. qk_scale: see ctx.attend."""
         text = shared if shared is not None else self
-        txt_q, txt_k, txt_v = _heads(text.txt_qkv(txt), self.num_heads)  # (B, H, L, Dh)
-        img_q, img_k, img_v = _heads(self.img_qkv(img), self.num_heads)  # (B, H, N, Dh)
-        out = ctx.attend(
-            torch.cat([txt_q, img_q], dim=2),
-            torch.cat([txt_k, img_k], dim=2),
-            torch.cat([txt_v, img_v], dim=2),
-            single=False,
-            spatial_to_mod=self.spatial_to_mod,
-        )  # (B, L + N, D)
+        qkv = torch.cat([text.txt_qkv(txt), self.img_qkv(img)], dim=1)  # (B, L + N, 3D): one cat for q, k and v
+        out = ctx.attend(_heads(qkv, self.num_heads), False, self.spatial_to_mod, qk_scale)  # (B, L + N, D)
         return text.txt_out(out[:, : ctx.txt_len]), self.img_out(out[:, ctx.txt_len :])
 
 
@@ -172,9 +248,9 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.spatial_to_mod = _sol_conv(num_heads, use_sol_prior)
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
-        q, k, v = _heads(self.qkv(x), self.num_heads)  # (B, H, L + N, Dh)
-        return self.out_proj(ctx.attend(q, k, v, single=True, spatial_to_mod=self.spatial_to_mod))
+    def forward(self, x: Tensor, ctx: AttentionContext, qk_scale: Tensor | None = None) -> Tensor:
+        qkv = _heads(self.qkv(x), self.num_heads)  # (3, B, H, L + N, Dh)
+        return self.out_proj(ctx.attend(qkv, True, self.spatial_to_mod, qk_scale))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -200,10 +276,12 @@ class DoubleStreamBlock(nn.Module):
         vec: Tensor,  # (B, D)
         ctx: AttentionContext,
         shared: TextProjections | None = None,
+        pre: BlockInputs | None = None,
     ) -> tuple[Tensor, Tensor]:
-        img_in, (img_attn, img_ff) = self.img_norm1(img, vec)
-        txt_in, (txt_attn, txt_ff) = self.txt_norm1(txt, vec)
-        txt_out, img_out = self.attn(txt_in, img_in, ctx, shared)
+        mods, qk_scale = pre if pre is not None else ((None, None), None)
+        img_in, (img_attn, img_ff) = self.img_norm1(img, vec, mods[0])
+        txt_in, (txt_attn, txt_ff) = self.txt_norm1(txt, vec, mods[1])
+        txt_out, img_out = self.attn(txt_in, img_in, ctx, shared, qk_scale)
         img = img + img_attn.gate * img_out
         txt = txt + txt_attn.gate * txt_out
         img = img + img_ff.gate * self.img_mlp(img_ff.modulate(self.img_norm2(img)))
@@ -222,8 +300,9 @@ class SingleStreamBlock(nn.Module):
         self.mlp = MLP(dim, mlp_hidden_dim)
         self.norm2 = RMSNorm(dim)
 
-    def forward(self, x: Tensor, vec: Tensor, ctx: AttentionContext) -> Tensor:
-        """x: (B, L + N, D) -> (B, L + N, D)."""
-        x_in, (mod,) = self.norm(x, vec)
-        x = x + mod.gate * self.attn(x_in, ctx)
+    def forward(self, x: Tensor, vec: Tensor, ctx: AttentionContext, pre: BlockInputs | None = None) -> Tensor:
+        """x: (B, L + N, D) -> (B, L + N, D). pre: this block's share of what the model computed for all blocks."""
+        mods, qk_scale = pre if pre is not None else ((None,), None)
+        x_in, (mod,) = self.norm(x, vec, mods[0])
+        x = x + mod.gate * self.attn(x_in, ctx, qk_scale)
         return x + self.mlp(self.norm2(x))

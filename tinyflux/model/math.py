@@ -54,6 +54,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def rope_pairs(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rope()'s (cos, sin) (B, 1, N, D/2) as the per-channel factors (c, s) (B, 1, N, D) of apply_rope_pairs: c holds
+    each angle's cosine twice, s its sine as (-sin, sin). Computed once per forward for every block."""
+    c = torch.stack([cos, cos], dim=-1).flatten(-2)  # (B, 1, N, D)
+    s = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (B, 1, N, D)
+    return c, s
+
+
+def apply_rope_pairs(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """apply_rope in 4 elementwise ops instead of 7: x * c + swap(x) * s, swap exchanging each pair (x[2i], x[2i+1]).
+
+    Equal to apply_rope bit for bit: each output is the sum of the same two rounded products, x0 cos + x1 (-sin) =
+    x0 cos - x1 sin (negation is exact) and x1 cos + x0 sin (a sum does not depend on its order). x (..., N, D) with
+    any leading dims that broadcast against c, s (B, 1, N, D): q and k rotate in one call.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., N, D): (x1, x0) per pair
+    return (xf * c + swapped * s).type_as(x)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """Scaled dot-product attention over heads. q, k, v: (B, H, N, D); mask: bool (B, 1, 1, N) keys to keep;
     scale: the logits' factor (None: D^-0.5). Returns (B, N, H * D).

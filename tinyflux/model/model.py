@@ -16,8 +16,22 @@ from torch.utils.checkpoint import checkpoint
 
 from tinyflux.model.config import ATTENTION_BACKENDS, PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.experts import LunePredictor, SolPrior
-from tinyflux.model.layers import AttentionContext, DoubleStreamBlock, RMSNorm, SingleStreamBlock, TextProjections
-from tinyflux.model.math import key_padding_block_mask, rope, rope_frequencies, timestep_embedding
+from tinyflux.model.layers import (
+    AttentionContext,
+    BlockInputs,
+    DoubleStreamBlock,
+    RMSNorm,
+    SingleStreamBlock,
+    TextProjections,
+    sol_qk_scales,
+)
+from tinyflux.model.math import (
+    key_padding_block_mask,
+    rope,
+    rope_frequencies,
+    rope_pairs,
+    timestep_embedding,
+)
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep embedding (128 sin + 128 cos)
 
@@ -88,6 +102,7 @@ class TinyFluxDeep(nn.Module):
         self.final_linear = nn.Linear(d, c.token_channels)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
+        self.fused_conditioning = True
         self._register_state_dict_hook(_released_scalar_shapes)
         self._register_load_state_dict_pre_hook(_scalar_parameters_as_vectors)
         self.initialize_weights()
@@ -164,6 +179,18 @@ class TinyFluxDeep(nn.Module):
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.attention_backend = name
+
+    def set_fused_conditioning(self, enabled: bool) -> None:
+        """Whether the forward computes every block's adaLN modulation (one linear over all blocks' adaLN weights laid
+        side by side) and Sol q / k scales (one conv) before the first block, instead of each block its own.
+
+        A runtime choice: the same parameters and state dict, and the same numbers (tests/test_model.py); ~30 ops
+        fewer per block and step. Off where an engine shards the parameters (FSDP2, DeepSpeed ZeRO-3): they gather a
+        block's weights only for that block's forward. Blocks whose adaLN linear is wrapped (a LoRA adapter) or whose
+        weights are sharded tensors (FSDP2's DTensors, however the model was sharded) run the unfused path by
+        themselves.
+        """
+        self.fused_conditioning = enabled
 
     def get_trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train: all but the Lune predictor / Sol prior when freeze_lune / freeze_sol."""
@@ -276,11 +303,12 @@ class TinyFluxDeep(nn.Module):
             ctx.sol_map = F.interpolate(sol.spatial[:, None], size=grid, mode="bilinear", align_corners=False)
             ctx.sol_scale = ctx.head_scale / sol.temperature.mean(dim=1).clamp(min=0.1)  # (B,)
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, ctx, self.shared_txt_attn)
+        pre = self._block_inputs(vec, ctx)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run(block, img, txt, vec, ctx, self.shared_txt_attn, pre and pre[i])
         x = torch.cat([txt, img], dim=1)  # (B, L + N, D)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, ctx)
+        for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+            x = self._run(block, x, vec, ctx, pre and pre[i])
         v_pred = self.final_linear(self.final_norm(x[:, txt_len:]))  # (B, N, C*p*p)
         return (v_pred, expert) if return_expert_pred else v_pred
 
@@ -299,7 +327,7 @@ class TinyFluxDeep(nn.Module):
         keep = None
         if mask is not None:
             keep = torch.cat([mask.bool(), mask.new_ones(b, img_ids.shape[1], dtype=torch.bool)], dim=1)  # (B, L+N)
-        ctx = AttentionContext(rope_double, rope_single, txt_len, c.attention_head_dim**-0.5)
+        ctx = AttentionContext(rope_pairs(*rope_double), rope_pairs(*rope_single), txt_len, c.attention_head_dim**-0.5)
         if self.attention_backend == "flex":
             # One BlockMask serves every block; without a text mask flex attends to all keys, as SDPA does.
             ctx.backend = "flex"
@@ -307,6 +335,41 @@ class TinyFluxDeep(nn.Module):
         elif keep is not None:
             ctx.mask = keep[:, None, None, :]  # (B, 1, 1, L + N)
         return ctx
+
+    def _block_inputs(self, vec: Tensor, ctx: AttentionContext) -> list[BlockInputs] | None:
+        """Every block's adaLN outputs and Sol q / k scales, each computed in one call over all blocks: one linear
+        whose weight is the adaLN weights laid end to end (each output the same dot product as its own linear's),
+        one conv over all spatial_to_mod convs. None when fused conditioning is off or an adaLN linear is wrapped."""
+        blocks = [*self.double_blocks, *self.single_blocks]
+        norms = [n for blk in self.double_blocks for n in (blk.img_norm1, blk.txt_norm1)]
+        norms += [blk.norm for blk in self.single_blocks]
+        if not self.fused_conditioning or not blocks or any(type(n.linear) is not nn.Linear for n in norms):
+            return None
+        if any(type(n.linear.weight) not in (nn.Parameter, Tensor) for n in norms):
+            return None  # sharded (FSDP2's DTensor): gathered only inside each block's own forward
+        weight = torch.cat([n.linear.weight for n in norms])  # (sum of 3 * sets * D, D)
+        bias = torch.cat([n.linear.bias for n in norms])
+        # Every shift, scale and gate of every block as a (B, 1, D) view: one split, so one op in backward
+        chunks = F.linear(F.silu(vec), weight, bias)[:, None].unflatten(-1, (-1, self.config.hidden_size)).unbind(-2)
+        mods, start = [], 0
+        for n in norms:
+            mods.append(chunks[start : start + 3 * n.sets])
+            start += 3 * n.sets
+        nd = len(self.double_blocks)
+        per_block = [mods[2 * i : 2 * i + 2] for i in range(nd)] + [
+            mods[2 * nd + i : 2 * nd + i + 1] for i in range(len(self.single_blocks))
+        ]
+        scales: list[Tensor | None] = [None] * len(blocks)
+        if ctx.sol_scale is not None:
+            convs = [blk.attn.spatial_to_mod for blk in blocks]
+            w = torch.cat([conv.weight for conv in convs])  # (n * H, 1, 1, 1)
+            b, h = vec.shape[0], self.config.num_attention_heads
+            img_mod = F.conv2d(ctx.sol_map, w, torch.cat([conv.bias for conv in convs]))  # (B, n * H, h, w)
+            img_mod = img_mod.clamp(-2, 2).exp().view(b, len(blocks), h, -1)  # (B, n, H, N)
+            counts = (len(self.double_blocks), len(self.single_blocks))
+            qk = sol_qk_scales(img_mod, counts, ctx.sol_scale, ctx.head_scale, ctx.txt_len)  # (2, B, n, H, L + N, 1)
+            scales = list(qk.unbind(2))
+        return [BlockInputs(tuple(m), s) for m, s in zip(per_block, scales, strict=True)]
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -107,6 +107,9 @@ class Trainer:
                 "Use attention_backend='sdpa' (the same attention), or train on a GPU"
             )
         model.set_attention_backend(config.attention_backend)
+        # Every block's adaLN and Sol scales in one call before the blocks: not where the blocks' weights are gathered
+        # only for their own forward.
+        model.set_fused_conditioning(not self.engine.shards_parameters)
         check_compile_mode(config.compile_mode, self.engine)
         if config.compile_mode is not None:
             logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
