@@ -13,7 +13,7 @@ B draw the same numbers as one process with batch N * B.
 
 The engine (one process, DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) is the `accelerate launch` config's; what differs
 between them (sharded EMA, exports, DeepSpeed's settings) is in engines.py. The Trainer holds its components: the
-Checkpointer (trainer_checkpointing.py) and a TrainingLoader (training_loader.py), whichever kind of loader it is.
+Checkpointer (checkpointer.py) and a TrainingLoader (training_loader.py), whichever kind of loader it is.
 """
 
 from __future__ import annotations
@@ -136,13 +136,13 @@ class Trainer:
         self.dataloader: TrainingLoader | None = None  # set by setup()
         self.cache: Any = None
         self.sampler: Any = None
-        self.validator: Validator | None = None  # the held-out loss, every validation_every steps (run.py sets it)
+        self.validator: Validator | None = None  # the held-out loss, every validation_every steps (main.py sets it)
         self._stop_at = config.total_steps
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1" when a signal ended train()
         self._model: nn.Module | None = None  # the prepared model (DDP / DeepSpeed wrapper, or FSDP2 in place)
         self._input_dtype = torch.float32  # of the model's floating inputs: its parameters' dtype after setup()
         self._signal: int | None = None
-        # A stop signal that came before train() (during setup: run.py notes it): the first step then saves and stops.
+        # A stop signal that came before train() (during setup: main.py notes it): the first step then saves and stops.
         self.pending_signal: int | None = None
         self._latent_side: int | None = None  # of the training latents, seen on the first batch
         self._epoch_actions_due = False
