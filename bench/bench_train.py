@@ -56,8 +56,7 @@ from common import (
 )
 
 from tinyflux.cache.loaders import make_stream_loader
-from tinyflux.model.config import TinyFluxConfig
-from tinyflux.model.math import ATTENTION_BACKENDS
+from tinyflux.model.config import ATTENTION_BACKENDS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.config import COMPILE_MODES
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES

@@ -151,3 +151,21 @@ print(json.dumps({{"trainer_alone": trainer_alone, "after_zoo": after_zoo, "afte
     assert result == {"trainer_alone": [], "after_zoo": False, "after_all": False}
     noise = [line for line in (run.stdout + run.stderr).splitlines() if any(w in line for w in BNB_NOISE)]
     assert noise == []
+
+
+def test_the_scripts_and_benchmarks_import_names_that_exist():
+    """What no other test imports (bench/) names tinyflux modules and names that exist: a package move or a rename
+    fails here, not on the day a GPU is lent."""
+    import importlib
+
+    missing = []
+    for path in sorted([*ROOT.glob("*.py"), *(ROOT / "bench").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tinyflux":
+                module = importlib.import_module(node.module)
+                missing += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in MODULES
+                ]
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)
