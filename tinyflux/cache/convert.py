@@ -33,15 +33,13 @@ from tinyflux.cache.format import (
     CacheFormatError,
     Manifest,
     assemble_manifest,
-    encode_sample,
     feature_hash,
     feature_settings,
-    fields_of,
     shard_path,
     shard_paths,
+    write_cache_shard,
     write_manifest,
     write_report,
-    write_shard,
 )
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE
 from tinyflux.util.dtypes import dtype_name
@@ -277,21 +275,11 @@ def convert_original_cache(
     stream = _samples(chained(), flip, teacher["t_buckets"].float().cpu() if teacher is not None else t_buckets)
     num_shards = max(1, -(-num // shard_size))
     for j in range(num_shards):
-        encoded, keys, fields, length_sum, length_max = [], [], {}, 0, 0
-        for key, caption, tensors in _take(stream, shard_size):
-            length = tensors["t5_embeds"].shape[0]
-            encoded.append(encode_sample(key, caption, tensors, {"input_index": int(key), "t5_length": length}))
-            keys.append(key)
-            fields, length_sum, length_max = fields_of(tensors), length_sum + length, max(length_max, length)
-        sidecar = {
-            "input_keys": keys,
-            "skipped": [],
-            "feature_hash": fhash,
-            "fields": fields,
-            "t5_length_sum": length_sum,
-            "t5_length_max": length_max,
-        }
-        write_shard(shard_path(output, j), encoded, sidecar)
+        samples = [
+            (key, caption, tensors, {"input_index": int(key), "t5_length": tensors["t5_embeds"].shape[0]})
+            for key, caption, tensors in _take(stream, shard_size)
+        ]
+        write_cache_shard(shard_path(output, j), samples, [key for key, *_ in samples], fhash)
     manifest = assemble_manifest(output, num_shards, name or original_name, settings)
     write_manifest(output, manifest)
     write_report(output, shard_paths(output, manifest))
