@@ -243,6 +243,8 @@ def run_training(args: RunArgs) -> Trainer:
         if trainer.lora is not None:  # adapter_config.json names the base its adapter was trained on
             trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = args.script.model
         trainer.validator = validator
+        if isinstance(loader, ScheduledLoader):  # a --resolution_schedule switches cache sets by the run's step
+            loader.follow_steps(lambda: trainer.progress.step)
         trainer.setup(loader, sampler=build_sampler(args, trainer))
     trainer.pending_signal = early[0] if early else None
     trainer.train(epochs=args.script.epochs)

@@ -71,8 +71,9 @@ def parse_resolution_schedule(spec: str, caches: Sequence[str]) -> list[tuple[in
 class ScheduledLoader:
     """The StreamingLoader of the scheduled cache set of the current step (module docstring).
 
-    The trainer tells it the step (follow_steps); before each batch it checks whether the schedule has moved on, and
-    if so ends the iteration (the epoch) after closing the old set's workers; the next iteration streams the new set.
+    The run tells it the step (follow_steps, trainer/main.py); before each batch it checks whether the schedule has
+    moved on, and if so ends the iteration (the epoch) after closing the old set's workers; the next iteration streams
+    the new set.
     """
 
     def __init__(self, loaders: Sequence[Any], schedule: Sequence[tuple[int, int]]):

@@ -227,8 +227,6 @@ class Trainer:
                 self.engine,
             )
             sampler = None
-        if callable(getattr(self.dataloader, "follow_steps", None)):  # a --resolution_schedule switches by step
-            self.dataloader.follow_steps(lambda: self.progress.step)
         self._pad_text = has_compiled_blocks(self.model)  # config.compile_mode, or blocks compiled by the caller
         self.cache, self.sampler = cache, sampler
         if cfg.log_with != "none":
@@ -582,7 +580,7 @@ class Trainer:
         size = cfg.sample_size or self._latent_side or 64
         # On aspect buckets (and no --sample_size): each prompt square, landscape and portrait, at the buckets' shapes;
         # on one shape (a streamed cache, or a --resolution_schedule's current set), at that shape
-        buckets = getattr(self.dataloader, "bucket_shapes", [])
+        buckets = self.dataloader.bucket_shapes
         shapes = sample_shapes(buckets) if buckets and cfg.sample_size is None else [(size, size)]
         try:
             grid = self.sampler.save_grid(

@@ -26,6 +26,9 @@ class TrainingLoader(Protocol):
     """Batches of one epoch per iteration, with a position a checkpoint saves and restores."""
 
     epoch: int  # the epoch the next batch belongs to
+    # (height, width) in pixels of the batches' shapes where they vary (aspect buckets, caches of several
+    # resolutions): the sample grid shows each aspect; empty where every batch has the cache's one shape
+    bucket_shapes: list[tuple[int, int]]
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -65,6 +68,10 @@ class EpochLoader:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    @property
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        return []  # one shape: a plain DataLoader over one cache's square samples
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch."""
