@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from tests.trainer_helpers import (
     TEXT_LEN,
@@ -36,7 +37,13 @@ from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import BatchMismatchError
 from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.engines import Engine
-from tinyflux.trainer.optim import OptimizerUnavailableError, build_optimizer, build_scheduler
+from tinyflux.trainer.optim import (
+    OptimizerUnavailableError,
+    build_optimizer,
+    build_scheduler,
+    clip_in_fused_step,
+    torch_optimizer,
+)
 from tinyflux.trainer.runtime import check_compile_mode, make_accelerator
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.training_loader import EpochLoader
@@ -371,26 +378,53 @@ def test_ema_follows_decay_every_and_warmup(tmp_path):
     assert trainer.ema.num_updates == 2
 
 
-def test_grad_clip_bounds_the_gradient_norm(tmp_path, monkeypatch):
-    for clip in (1e-3, 0.0):
-        trainer = make_trainer(tmp_path / str(clip), total_steps=2, grad_clip=clip)
-        real, calls = trainer.accelerator.clip_grad_norm_, []
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_grad_clip_bounds_the_gradient_norm(tmp_path, optimizer, clip):
+    """adamw: the fused step clips as it reads the gradients (clip_in_fused_step), leaving them clipped in place;
+    adafactor: accelerate's clip_grad_norm_ before the step. Either way the step uses gradients of norm grad_clip."""
+    trainer = make_trainer(tmp_path, total_steps=2, grad_clip=clip, optimizer=optimizer)
+    assert trainer._verdicts.deferred == (optimizer == "adamw")
+    params = trainer.model.get_trainable_parameters()
+    norms = []
 
-        def spy(parameters, max_norm, real=real, calls=calls):
-            parameters = list(parameters)
-            norm = real(parameters, max_norm)
-            after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
-            calls.append((max_norm, norm.item(), after.item()))
-            return norm
+    def grad_norm() -> float:
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
 
-        monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", spy)
-        trainer.train(epochs=None)
-        assert len(calls) == 2
-        for max_norm, norm, after in calls:
-            if clip:
-                assert max_norm == clip and norm > clip and after == pytest.approx(clip, rel=1e-3)
-            else:
-                assert max_norm == math.inf and after == pytest.approx(norm, rel=1e-5)
+    inner = torch_optimizer(trainer.optimizer)
+    inner.register_step_pre_hook(lambda *_: norms.append([grad_norm()]))
+    inner.register_step_post_hook(lambda *_: norms[-1].append(grad_norm()))
+    trainer.train(epochs=None)
+    assert len(norms) == 2
+    for before, after in norms:
+        if not clip:
+            assert after == pytest.approx(before, rel=1e-6) and after > 1e-3
+        elif optimizer == "adamw":  # raw before the step, clipped by it
+            assert before > clip and after == pytest.approx(clip, rel=1e-3)
+        else:  # clipped before the step
+            assert before == pytest.approx(clip, rel=1e-3)
+
+
+def test_clip_in_fused_step_updates_as_clip_grad_norm_does():
+    torch.manual_seed(0)
+    for max_norm in (0.5, 1e3, None):
+        a, b = (nn.Linear(8, 4) for _ in range(2))
+        b.load_state_dict(a.state_dict())
+        opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (a, b))
+        for _ in range(3):
+            x = torch.randn(16, 8)
+            for m in (a, b):
+                m.zero_grad()
+                m(x).square().sum().backward()
+            expected = torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm or math.inf)
+            opt_a.step()
+            norm = clip_in_fused_step(opt_b, list(b.parameters()), max_norm)
+            opt_b.step()
+            torch.testing.assert_close(norm, expected)
+            for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+                torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-8)  # clipped in place by the step
+        assert max_norm is None or (expected > max_norm) == (max_norm == 0.5)
 
 
 def test_optimizer_gets_lr_betas_and_decays_matrices_only(tmp_path):

@@ -85,7 +85,8 @@ def test_the_deferred_and_the_immediate_verdict_train_the_same_weights(tmp_path,
     data = SyntheticCache(16, nan_at=(5,))
     deferred = trainer_for(tmp_path / "deferred", data, "adamw", total_steps=4)
     deferred.train(epochs=2)
-    monkeypatch.setattr(trainer_module, "fused_adam", lambda optimizer: False)  # same fused AdamW, verdict read at once
+    # The same fused AdamW (clipping in its step), the verdict read at once
+    monkeypatch.setattr(trainer_module, "StepVerdicts", lambda *a, deferred, **k: StepVerdicts(*a, deferred=False, **k))
     immediate = trainer_for(tmp_path / "immediate", data, "adamw", total_steps=4)
     assert deferred._verdicts.deferred and not immediate._verdicts.deferred
     immediate.train(epochs=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tinyflux.errors import TinyFluxError
@@ -98,6 +98,27 @@ def build_optimizer(
             groups, lr=config.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, beta1=None
         )
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (AcceleratedOptimizer.optimizer)."""
+    while hasattr(optimizer, "optimizer") and optimizer is not optimizer.optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def clip_in_fused_step(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float | None
+) -> Tensor:
+    """The gradients' total L2 norm (as clip_grad_norm_ returns it), with the clipping itself left to the next step of
+    a fused torch Adam / AdamW: its kernel divides each gradient by the optimizer's `grad_scale` as it reads it (the
+    hook GradScaler unscales through), so clipping costs no pass over the gradients of its own. The divisor
+    max(1, (norm + 1e-6) / max_norm) is clip_grad_norm_'s factor inverted: the same update to float rounding.
+    max_norm None or 0: no clipping, the norm only. For one process or DDP (whole, already reduced gradients)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    torch_optimizer(optimizer).grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm else None
+    return norm
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> LambdaLR:

@@ -56,7 +56,7 @@ from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.lora import LoraSpec, apply_lora
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
-from tinyflux.trainer.optim import build_optimizer, build_scheduler
+from tinyflux.trainer.optim import build_optimizer, build_scheduler, clip_in_fused_step
 from tinyflux.trainer.runtime import (
     check_compile_mode,
     compile_blocks,
@@ -218,8 +218,12 @@ class Trainer:
         self._input_dtype = engines.input_dtype(self.model)
         # The optimizer skips a bad step on the device where it can (one process or DDP: whole parameters, torch's
         # fused AdamW, no fp16 loss scaler): then no step waits for the host to read its verdict.
-        deferred = self.engine.name in ("single", "ddp") and fused_adam(self.optimizer) and cfg.dtype != torch.float16
-        self._verdicts = StepVerdicts(self.optimizer, acc.device, deferred=deferred, num_processes=acc.num_processes)
+        # The same step clips the gradients as it reads them (optim.clip_in_fused_step): no pass of its own.
+        self._fused_step = self.engine.name in ("single", "ddp") and fused_adam(self.optimizer)
+        self._fused_step &= cfg.dtype != torch.float16
+        self._verdicts = StepVerdicts(
+            self.optimizer, acc.device, deferred=self._fused_step, num_processes=acc.num_processes
+        )
         if sampler is not None and self.engine.shards_parameters:
             logger.warning(
                 "no sample grids under %s: the sampler needs the whole model in one process. Sample from a "
@@ -418,10 +422,12 @@ class Trainer:
             self._count_batch(batch, b)
             if not acc.sync_gradients:
                 return False
-            # DeepSpeed clips inside its own step (at backward) and only reports the norm here.
-            grad_norm = engines.plain_norm(
-                acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf), acc.device
-            )
+            if self._fused_step:
+                grad_norm = clip_in_fused_step(self.optimizer, self._params, self.config.grad_clip)
+            else:  # DeepSpeed clips inside its own step (at backward) and only reports the norm here.
+                grad_norm = engines.plain_norm(
+                    acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf), acc.device
+                )
             flags = self._verdicts.measure(
                 self._cycle["loss"],
                 grad_norm,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from tinyflux.errors import TinyFluxError
+from tinyflux.trainer.optim import torch_optimizer
 
 __all__ = ["Flags", "NonFiniteLossError", "StepVerdicts", "book", "fused_adam"]
 
@@ -43,16 +44,9 @@ class Flags:
     stop: bool
 
 
-def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's wrapper (AcceleratedOptimizer.optimizer)."""
-    while hasattr(optimizer, "optimizer") and optimizer is not optimizer.optimizer:
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def fused_adam(optimizer: torch.optim.Optimizer) -> bool:
     """A torch Adam / AdamW with fused=True: its step reads `found_inf` and leaves everything unchanged when it is 1."""
-    inner = _torch_optimizer(optimizer)
+    inner = torch_optimizer(optimizer)
     return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
 
 
@@ -64,7 +58,7 @@ class StepVerdicts:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, *, deferred: bool, num_processes: int):
         self.device = device
         self.deferred = deferred
-        self._optimizer = _torch_optimizer(optimizer)
+        self._optimizer = torch_optimizer(optimizer)
         self._num_processes = num_processes
         self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
 
