@@ -23,11 +23,10 @@ from transformers import HfArgumentParser
 import sample
 from tinyflux.errors import TinyFluxError, message
 from tinyflux.frozen.sources import VAE_DOWNSAMPLE
-from tinyflux.frozen.zoo import ModelZoo, ZooError
-from tinyflux.model.loader import LoadError, load_config, load_model
+from tinyflux.frozen.zoo import ZooError
+from tinyflux.model.loader import LoadError
 from tinyflux.sampling import sampler as sampling
 from tinyflux.sampling.sampler import Sampler
-from tinyflux.trainer.ema import EMA
 from tinyflux.trainer.lora import parse_adapters, set_scales
 
 MAX_STEPS = 60
@@ -59,22 +58,16 @@ class AppArgs:
 
 
 def load_sampler(args: AppArgs) -> Sampler:
-    """The checkpoint, its EMA if given, and the encoders of the zoo: loaded once, on the device."""
-    as_sample = sample.SampleArgs(
-        model=args.model, ema=args.ema, zoo=args.zoo, config=args.config, device=args.device, dtype=args.dtype
-    )
-    device, dtype = sample.resolve_device(as_sample)
-    config = load_config(args.config) if args.config else None
-    model = load_model(args.model, config=config, device=device, dtype=dtype)
-    ema = EMA.load(args.ema, model) if args.ema else None
-    adapters = parse_adapters(args.lora, args.lora_scale) if args.lora else []
-    if adapters and ema is not None:
-        ema.copy_to(model)  # the base's EMA weights first; the adapters then apply on top of them (as sample.py)
-        ema = None
-    zoo = ModelZoo(device=device, dtype=dtype, zoo=args.zoo, t5_layers=model.config.t5_layers)
-    zoo.load_t5(), zoo.load_clip(), zoo.load_vae()  # now, not on the first visitor's click
-    shift = sample.training_shift(as_sample)
-    return Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=shift, loras=adapters)
+    """sample.py's Sampler for the checkpoint, its EMA, adapters and zoo, with the encoders loaded now, not on the
+    first visitor's click."""
+    sampler = sample.load_sampler(
+        sample.SampleArgs(
+            model=args.model, ema=args.ema, zoo=args.zoo, config=args.config, device=args.device, dtype=args.dtype,
+            lora=args.lora, lora_scale=args.lora_scale,
+        )
+    )  # fmt: skip
+    sampler.zoo.load_t5(), sampler.zoo.load_clip(), sampler.zoo.load_vae()
+    return sampler
 
 
 def build_demo(sampler: Sampler, lora_scales: list[float] | None = None) -> Any:

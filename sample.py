@@ -145,22 +145,12 @@ def latent_size(pixels: int, name: str, patch_size: int) -> int:
     return pixels // VAE_DOWNSAMPLE
 
 
-def main(args: SampleArgs) -> list[str]:
-    """Generate and save; returns the written paths (grid first)."""
-    prompts = read_prompts(args)
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise UsageError(f"--output {args.output} is a file; --output names a directory for the grid and the images")
+def load_sampler(args: SampleArgs) -> Sampler:
+    """The --model checkpoint on the device, its --ema weights, --lora adapters and the --zoo encoders (loaded when
+    first used): what sample.py and the Space (app.py) generate with."""
     device, dtype = resolve_device(args)
     config = load_config(args.config) if args.config else None
     model = load_model(args.model, config=config, device=device, dtype=dtype)
-    pixels = (args.height, args.width)
-    if args.aspect is not None:
-        try:
-            pixels = aspect_size(args.aspect, *pixels, VAE_DOWNSAMPLE * model.config.patch_size)
-        except BucketError as e:
-            raise UsageError(str(e)) from None
-    height = latent_size(pixels[0], "height", model.config.patch_size)
-    width = latent_size(pixels[1], "width", model.config.patch_size)
     ema = None
     if args.ema:
         if not Path(args.ema).is_file():
@@ -181,7 +171,23 @@ def main(args: SampleArgs) -> list[str]:
         zoo=args.zoo,
         t5_layers=model.config.t5_layers,
     )
-    sampler = Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=training_shift(args), loras=adapters)
+    return Sampler(zoo, model, ema=ema, device=device, dtype=dtype, shift=training_shift(args), loras=adapters)
+
+
+def main(args: SampleArgs) -> list[str]:
+    """Generate and save; returns the written paths (grid first)."""
+    prompts = read_prompts(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a file; --output names a directory for the grid and the images")
+    sampler = load_sampler(args)
+    patch = sampler.model.config.patch_size
+    pixels = (args.height, args.width)
+    if args.aspect is not None:
+        try:
+            pixels = aspect_size(args.aspect, *pixels, VAE_DOWNSAMPLE * patch)
+        except BucketError as e:
+            raise UsageError(str(e)) from None
+    height, width = latent_size(pixels[0], "height", patch), latent_size(pixels[1], "width", patch)
     images = sampler.generate(
         prompts,
         num_steps=args.num_steps,
@@ -189,7 +195,7 @@ def main(args: SampleArgs) -> list[str]:
         height=height,
         width=width,
         seed=args.seed,
-        use_ema=ema is not None,
+        use_ema=sampler.ema is not None,
         negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
     )
