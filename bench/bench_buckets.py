@@ -75,7 +75,13 @@ def train_rate(cache: Path, out: Path, args: argparse.Namespace, loader: str) ->
 def loader_rate(cache: Path, work: Path, args: argparse.Namespace, loader: str) -> float:
     """Samples/s of the second and third epochs of the loader alone (the first carries its start-up)."""
     run = parse_args(train_argv(cache, work / "loader", args, 1, loader))
-    batches = build_dataloader(run, run.model_config)
+    batches = build_dataloader(
+        run.script.cache,
+        run.model_config,
+        run.trainer,
+        in_memory=run.script.in_memory,
+        bucket_batch=run.script.bucket_batch,
+    )
     for _ in batches:
         pass
     start, count = time.perf_counter(), 0

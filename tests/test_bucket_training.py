@@ -65,7 +65,7 @@ def _epoch(loader: BucketLoader) -> list[dict]:
 def test_every_batch_is_one_bucket_and_every_sample_comes_once_per_epoch(mixed_cache: Path, tmp_path: Path) -> None:
     for mode, sizes in (("samples", {(8, 8): 4, (6, 10): 4, (10, 6): 4, (6, 12): 4}), ("tokens", None)):
         args = parse_args(run_argv(mixed_cache, tmp_path, "--in_memory", "--bucket_batch", mode))
-        loader = build_dataloader(args, args.model_config)
+        loader = build_dataloader(args.script.cache, args.model_config, args.trainer, in_memory=True, bucket_batch=mode)
         assert isinstance(loader, BucketLoader)
         if sizes is not None:
             assert loader.sampler.batch_sizes == sizes
@@ -92,7 +92,7 @@ def _bucket_loss(model: TinyFluxDeep, cache: Path, tmp_path: Path) -> float:
     args = parse_args(run_argv(cache, tmp_path, "--in_memory", "--batch_size", "16"))
     g, total, count = torch.Generator().manual_seed(123), 0.0, 0
     with torch.no_grad():
-        for batch in build_dataloader(args, args.model_config):
+        for batch in build_dataloader(args.script.cache, args.model_config, args.trainer, in_memory=True):
             data = batch["latents"].float()
             n, _, h, w = data.shape
             noise, t = torch.randn(data.shape, generator=g), torch.linspace(0.1, 0.9, n)
@@ -241,7 +241,7 @@ def test_a_restored_bucket_stream_continues_with_the_same_batches(mixed_cache: P
 
 def test_samples_of_several_buckets_do_not_collate_into_one_batch(mixed_cache: Path, tmp_path: Path) -> None:
     args = parse_args(run_argv(mixed_cache, tmp_path, "--in_memory"))
-    loader = build_dataloader(args, args.model_config)
+    loader = build_dataloader(args.script.cache, args.model_config, args.trainer, in_memory=True)
     samples = [loader.dataset[i] for i in range(15)]
     with pytest.raises(RuntimeError):  # why every batch must be one bucket: shapes do not stack
         collate_fn(samples)

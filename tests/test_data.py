@@ -162,15 +162,11 @@ def test_stream_refuses_a_cache_that_does_not_fit_the_model(synthetic_shards: Pa
 
 
 def test_the_training_script_streams_batches_in_the_caches_storage_dtype(synthetic_shards: Path) -> None:
-    from types import SimpleNamespace
-
+    from tinyflux.trainer.config import TrainerConfig
     from tinyflux.trainer.main import build_stream_loader
 
-    args = SimpleNamespace(
-        script=SimpleNamespace(cache=[str(synthetic_shards)], cache_weights=None),
-        trainer=SimpleNamespace(batch_size=4, num_workers=0, seed=3, shuffle_buffer=6, verify_shards=True),
-    )
-    stored = next(iter(build_stream_loader(args, TINY)))
+    cfg = TrainerConfig(batch_size=4, num_workers=0, seed=3, shuffle_buffer=6, verify_shards=True)
+    stored = next(iter(build_stream_loader([str(synthetic_shards)], TINY, cfg)))
     wide = next(iter(make_stream_loader(synthetic_shards, batch_size=4, seed=3, shuffle_buffer=6, model_config=TINY)))
     assert stored["latents"].dtype == torch.float16 and wide["latents"].dtype == torch.float32
     assert stored["key"] == wide["key"]

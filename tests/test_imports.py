@@ -88,6 +88,18 @@ def test_training_reaches_neither_the_sampler_nor_the_cache_builder():
     assert not reached & {"tinyflux.sampling.sampler", "tinyflux.cache.build", "tinyflux.cache.inputs"}
 
 
+def test_the_training_script_loads_neither_the_sampler_nor_the_cache_builder():
+    """In a fresh interpreter, importing the training run (tinyflux.trainer.main) loads no cache builder, encoder,
+    sampler or zoo: --images and --zoo runs import those where they use them."""
+    script = "import sys, tinyflux.trainer.main; print(sorted(m for m in sys.modules if m.startswith('tinyflux')))"
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = set(ast.literal_eval(run.stdout.strip().splitlines()[-1]))
+    assert "tinyflux.trainer.main" in loaded and "tinyflux.cache.memory" in loaded  # the import went through
+    unwanted = {"tinyflux.cache.build", "tinyflux.cache.encode", "tinyflux.sampling.sampler", "tinyflux.frozen.zoo"}
+    assert loaded & unwanted == set()
+
+
 # Which packages each package may import (docs/ARCHITECTURE.md, "Package layout"), besides itself, tinyflux.util,
 # tinyflux.errors and the root. Sampling shares training's EMA (EMA weights), schedules (the timestep grid) and LoRA
 # (adapters); the zoo's command line writes the tools' zoos (a function-level import).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,12 +16,26 @@ from tests.fixtures_cache import make_synthetic_cache
 from tests.test_train_script import ROOT, assert_same_weights, run_argv
 from tinyflux.cache.bucket_loader import BucketLoader
 from tinyflux.cache.loaders import make_stream_loader
-from tinyflux.trainer.args import ArgsError, parse_args
+from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
 from tinyflux.trainer.main import build_dataloader, main, run_training
 from tinyflux.trainer.resolution_schedule import ScheduledLoader
 from tinyflux.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def loader_of(args: RunArgs) -> Any:
+    """The loader run_training builds from these arguments: every loader flag of the command line passed on."""
+    script = args.script
+    return build_dataloader(
+        script.cache,
+        args.model_config,
+        args.trainer,
+        in_memory=script.in_memory,
+        weights=script.cache_weights,
+        bucket_batch=script.bucket_batch,
+        resolution_schedule=script.resolution_schedule,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +68,7 @@ def test_caches_of_two_resolutions_mix_by_weight_one_shape_a_batch(two_resolutio
     assert sum(counts.values()) == 20 * 24 and 0.2 < counts[(4, 4)] / (20 * 24) < 0.3  # weight 1 of 4
     # --in_memory batches them shape by shape too (each sample once an epoch)
     args = parse_args(both(low, high, Path("unused"), "--in_memory"))
-    in_memory = build_dataloader(args, args.model_config)
+    in_memory = loader_of(args)
     assert isinstance(in_memory, BucketLoader) and in_memory.bucket_shapes == [(4, 4), (8, 8)]
     assert sorted(len(b["key"]) for b in in_memory) == [4, 4, 4, 4, 4, 4]
 
@@ -145,11 +160,11 @@ def test_the_documented_schedule_example_parses_and_switches_at_its_step(
     (tmp_path / "caches" / "mine-512").symlink_to(two_resolutions[1])
     monkeypatch.chdir(tmp_path)
     args = parse_args([*argv[2:], "--model", "tiny"])  # the synthetic caches are the tiny preset's
-    loader = build_dataloader(args, args.model_config)
+    loader = loader_of(args)
     assert isinstance(loader, ScheduledLoader) and loader.schedule == [(0, 0), (20000, 1)]
     assert [loader.set_at(s) for s in (0, 19999, 20000, 29999)] == [0, 0, 1, 1]
     readme = (ROOT / "README.md").read_text()  # the README's mixing example: both caches, weights 3 and 1
     mixing = re.search(r"`(--cache caches/mine-256[^`]*)`", readme).group(1)
     args = parse_args([*shlex.split(mixing), "--model", "tiny"])
-    mixed = build_dataloader(args, args.model_config)
+    mixed = loader_of(args)
     assert mixed.dataset.weights == [3.0, 1.0] and mixed.bucket_shapes == [(4, 4), (8, 8)]

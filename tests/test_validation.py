@@ -80,11 +80,19 @@ def test_the_split_leaves_the_in_memory_loader_too(built_cache):
         ["--cache", str(built_cache.output), "--model", "tiny", "--in_memory", "--num_workers", "0"]
         + ["--validation_fraction", "0.25", "--validation_samples", "2"]
     )
-    held_out = held_out_split(args)
-    loader = build_dataloader(args, args.model_config, held_out)
+    caches, script = args.script.cache, args.script
+    held_out = held_out_split(caches, script.validation_fraction)
+    loader = build_dataloader(caches, args.model_config, args.trainer, in_memory=True, held_out=held_out)
     trained = sorted(int(i) for batch in loader for i in batch["index"])
     assert trained == sorted(set(range(built_cache.manifest.num_samples)) - set(held_out[0]))
-    validator = build_validator(args, args.model_config, held_out)
+    validator = build_validator(
+        caches,
+        args.model_config,
+        args.trainer,
+        validation_cache=script.validation_cache,
+        max_samples=script.validation_samples,
+        held_out=held_out,
+    )
     assert [s["index"] for s in validator.samples] == held_out[0][:2]  # at most --validation_samples
 
 

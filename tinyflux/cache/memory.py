@@ -21,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tinyflux.cache.buckets import manifest_buckets
-from tinyflux.cache.encode import lune_features, prepare_image, sol_features, text_features
 from tinyflux.cache.format import (
     T_BUCKETS,
     CacheFormatError,
@@ -120,6 +119,9 @@ class EncodingCache:
         dtype: torch.dtype = torch.float16,
     ) -> EncodingCache:
         """Encode images (resized / centre-cropped to `resolution` when given) and prompts with the zoo."""
+        # Here, not at the top: training reads caches through this module and loads no encoder code.
+        from tinyflux.cache.encode import prepare_image, text_features
+
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if resolution is not None:
@@ -194,6 +196,8 @@ class LuneFeatureCache:
         seed: int = 0,
         dtype: torch.dtype = torch.float16,
     ) -> LuneFeatureCache:
+        from tinyflux.cache.encode import lune_features  # here: training loads no encoder code (EncodingCache.build)
+
         return cls(lune_features(zoo, prompts, t_buckets, seed, batch_size, batch_timesteps), t_buckets, dtype)
 
     def __len__(self) -> int:
@@ -244,6 +248,8 @@ class SolFeatureCache:
         seed: int = 0,
         dtype: torch.dtype = torch.float16,
     ) -> SolFeatureCache:
+        from tinyflux.cache.encode import sol_features  # here: training loads no encoder code (EncodingCache.build)
+
         stats, spatial = sol_features(zoo, prompts, t_buckets, seed, batch_size, batch_timesteps, spatial_size)
         return cls(stats, spatial, t_buckets, dtype)
 

@@ -31,8 +31,7 @@ from tinyflux.model.loader import LoadError, load_config, load_model
 from tinyflux.model.model import TinyFluxDeep
 from tinyflux.trainer import checkpoint as ckpt
 from tinyflux.trainer.args import ArgsError, RunArgs, parse_args
-from tinyflux.trainer.config import TrainerConfigError
-from tinyflux.trainer.folder import prepare_folder_cache
+from tinyflux.trainer.config import TrainerConfig, TrainerConfigError
 from tinyflux.trainer.lora import ADAPTER_NAME
 from tinyflux.trainer.resolution_schedule import ScheduledLoader, parse_resolution_schedule
 from tinyflux.trainer.runtime import WorkerInit, stop_signals
@@ -49,90 +48,112 @@ RUN_ERRORS = (TinyFluxError, ConfigError, LoadError, ZooError)
 USAGE_ERRORS = (ArgsError, TrainerConfigError)
 
 
-def model_config_for(args: RunArgs) -> TinyFluxConfig:
-    """The architecture to build: a resumed checkpoint's own (the only one its state fits), else what args say."""
-    path = ckpt.resolve_resume(args.trainer.resume, args.trainer.checkpoint_dir)
+def model_config_for(resume: str | None, checkpoint_dir: str, model_config: TinyFluxConfig) -> TinyFluxConfig:
+    """The architecture to build: the checkpoint's that `resume` names (the only one its state fits), else
+    `model_config` (what --model and the model flags describe)."""
+    path = ckpt.resolve_resume(resume, checkpoint_dir)
     if path is None:
-        return args.model_config
+        return model_config
     saved = load_config(str(path))
-    if saved != args.model_config:
+    if saved != model_config:
         logger.warning("resuming %s: using its architecture, not the one --model / model flags describe", path)
     return saved
 
 
-def build_model(args: RunArgs, config: TinyFluxConfig) -> TinyFluxDeep:
-    """A fresh model, or the weights of the checkpoint --model names ("start from": fine-tuning, optimizer anew).
-    A LoRA run's checkpoints hold only the adapter: its base is loaded from --model on resume too."""
-    source = args.script.model
-    resumed = config is not args.model_config and not args.trainer.is_lora
-    if source in PRESETS or source.endswith(".json") or resumed:
+def build_model(source: str, config: TinyFluxConfig, *, resumed: bool, lora: bool) -> TinyFluxDeep:
+    """A fresh model, or the weights of the checkpoint `source` (--model) names ("start from": fine-tuning, optimizer
+    anew). `resumed`: the run resumes a checkpoint, whose state overwrites the weights; but a LoRA run's (`lora`)
+    checkpoints hold only the adapter, so its base is loaded from `source` on resume too."""
+    if source in PRESETS or source.endswith(".json") or (resumed and not lora):
         return TinyFluxDeep(config)  # fresh, or about to be overwritten by the resumed state
     return load_model(source, config=config, device="cpu", dtype=torch.float32)
 
 
-def held_out_split(args: RunArgs) -> list[list[int]] | None:
-    """Per --cache set, the sample indices --validation_fraction keeps out of training (None without a split)."""
-    fraction = args.script.validation_fraction
+def held_out_split(caches: Sequence[str], fraction: float | None) -> list[list[int]] | None:
+    """Per cache set, the sample indices --validation_fraction `fraction` keeps out of training (None without one)."""
     if fraction is None:
         return None
     try:
-        return [held_out_indices(load_manifest(d).num_samples, fraction) for d in args.script.cache]
+        return [held_out_indices(load_manifest(d).num_samples, fraction) for d in caches]
     except ValueError as e:
         raise ArgsError(f"--validation_fraction: {e}") from None
 
 
-def build_validator(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None) -> Validator | None:
-    """The held-out samples of --validation_cache or of the --validation_fraction split (each cache once, however
-    often --repeats lists it), at most --validation_samples of them."""
-    script, cfg = args.script, args.trainer
-    limit = script.validation_samples
-    if script.validation_cache is not None:
-        check_compatible(load_manifest(script.validation_cache), config, where="--validation_cache")
-        samples = read_samples(script.validation_cache, None, limit)
+def build_validator(
+    caches: Sequence[str],
+    config: TinyFluxConfig,
+    cfg: TrainerConfig,
+    *,
+    validation_cache: str | None,
+    max_samples: int,
+    held_out: Sequence[Sequence[int]] | None = None,
+) -> Validator | None:
+    """The held-out samples of `validation_cache` or of the `held_out` split of `caches` (each cache once, however
+    often --repeats lists it), at most `max_samples` (--validation_samples) of them; None without either."""
+    if validation_cache is not None:
+        check_compatible(load_manifest(validation_cache), config, where="--validation_cache")
+        samples = read_samples(validation_cache, None, max_samples)
     elif held_out is not None:
         samples, seen = [], set()
-        for dataset_id, (cache_dir, indices) in enumerate(zip(script.cache, held_out, strict=True)):
-            if cache_dir not in seen and len(samples) < limit:
+        for dataset_id, (cache_dir, indices) in enumerate(zip(caches, held_out, strict=True)):
+            if cache_dir not in seen and len(samples) < max_samples:
                 seen.add(cache_dir)
-                samples += read_samples(cache_dir, indices, limit - len(samples), dataset_id)
+                samples += read_samples(cache_dir, indices, max_samples - len(samples), dataset_id)
     else:
         return None
     logger.info("validation loss on %d held-out samples every %d steps", len(samples), cfg.validation_every)
     return Validator(samples, cfg.batch_size, cfg.validation_timesteps)
 
 
-def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None = None) -> Any:
-    """The --cache shard sets, each checked against the model config: streamed and mixed by --cache_weights, or with
-    --in_memory loaded into RAM behind a shuffling DataLoader that accelerate shards across processes; without the
-    `held_out` samples of each set."""
-    caches = args.script.cache
+def build_dataloader(
+    caches: Sequence[str],
+    config: TinyFluxConfig,
+    cfg: TrainerConfig,
+    *,
+    in_memory: bool = False,
+    weights: Sequence[float] | None = None,
+    bucket_batch: str = "samples",
+    resolution_schedule: str | None = None,
+    held_out: Sequence[Sequence[int]] | None = None,
+) -> Any:
+    """The `caches` shard sets (--cache), each checked against the model config: streamed and mixed by `weights`, or
+    with `in_memory` loaded into RAM behind a shuffling DataLoader that accelerate shards across processes; without the
+    `held_out` samples of each set. `cfg`: batch_size, num_workers, seed, shuffle_buffer, verify_shards."""
     if not caches:
         raise ArgsError("no training data: pass --cache DIR [DIR ...] (directories written by build_cache.py)")
     for cache_dir in caches:
         if is_remote(cache_dir):
-            if args.script.in_memory:
+            if in_memory:
                 raise ArgsError(f"--cache {cache_dir}: --in_memory loads local caches; stream a remote one (drop it)")
         elif not Path(cache_dir).is_dir():
             raise ArgsError(
                 f"--cache {cache_dir}: not a directory; pass a cache directory written by build_cache.py, or its URL "
                 "(https://host/cache/, s3://bucket/cache/, 'pipe:COMMAND {name}')"
             )
-    if not args.script.in_memory:
-        return build_stream_loader(args, config, held_out)
+    if not in_memory:
+        return build_stream_loader(
+            caches,
+            config,
+            cfg,
+            weights=weights,
+            bucket_batch=bucket_batch,
+            resolution_schedule=resolution_schedule,
+            held_out=held_out,
+        )
     manifests = [load_manifest(d) for d in caches]
     for cache_dir, manifest in zip(caches, manifests, strict=True):
         check_compatible(manifest, config, where=f"cache {cache_dir}")
     shapes = {(b["height"], b["width"]) for m in manifests for b in manifest_buckets(m) if b["count"]}
     if len(shapes) > 1 or any(m.buckets for m in manifests):  # buckets, or several resolutions: a shape a batch
-        return build_bucket_loader(args, config, held_out)
+        return build_bucket_loader(caches, config, cfg, bucket_batch=bucket_batch, held_out=held_out)
     datasets: list[Any] = [data.CachedDataset(DatasetCache.from_shards(d), dataset_id=i) for i, d in enumerate(caches)]
     if held_out is not None:
         datasets = [Subset(ds, sorted(set(range(len(ds))) - set(h))) for ds, h in zip(datasets, held_out, strict=True)]
     return DataLoader(
         ConcatDataset(datasets),
-        batch_size=args.trainer.batch_size,
+        batch_size=cfg.batch_size,
         shuffle=True,
-        num_workers=args.trainer.num_workers,
+        num_workers=cfg.num_workers,
         collate_fn=data.collate_fn,
         pin_memory=torch.cuda.is_available(),  # accelerate then copies each batch to the GPU without blocking
         worker_init_fn=WorkerInit(),  # a stop signal to the process group is the main process's to handle
@@ -140,75 +161,98 @@ def build_dataloader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[
 
 
 def build_stream_loader(
-    args: RunArgs, model_config: TinyFluxConfig, held_out: Sequence[Sequence[int]] | None = None
+    caches: Sequence[str],
+    config: TinyFluxConfig,
+    cfg: TrainerConfig,
+    *,
+    weights: Sequence[float] | None = None,
+    bucket_batch: str = "samples",
+    resolution_schedule: str | None = None,
+    held_out: Sequence[Sequence[int]] | None = None,
 ) -> Any:
-    """make_stream_loader from train_tinyflux.py's parsed arguments (args.script.cache / cache_weights, args.trainer's
-    batch_size, num_workers, shuffle_buffer, seed): one pass per epoch, checked against `model_config`, without the
-    `held_out` samples of each cache. With --resolution_schedule, a ScheduledLoader over one stream per cache set."""
-    script = args.script
-    if getattr(script, "resolution_schedule", None) is None:
-        return _stream_loader(args, model_config, script.cache, script.cache_weights or None, held_out)
+    """make_stream_loader on the `caches` mixed by `weights` (None or empty: equally), with `cfg`'s batch_size,
+    num_workers, seed, shuffle_buffer and verify_shards: one pass per epoch, checked against `config`, without the
+    `held_out` samples of each cache. With a `resolution_schedule`, a ScheduledLoader over one stream per cache set."""
+    if resolution_schedule is None:
+        return _stream_loader(
+            caches, config, cfg, weights=weights or None, bucket_batch=bucket_batch, held_out=held_out
+        )
     loaders = [
-        _stream_loader(args, model_config, [cache], None, None if held_out is None else [held_out[i]])
-        for i, cache in enumerate(script.cache)
+        _stream_loader(
+            [cache],
+            config,
+            cfg,
+            weights=None,
+            bucket_batch=bucket_batch,
+            held_out=None if held_out is None else [held_out[i]],
+        )
+        for i, cache in enumerate(caches)
     ]
-    return ScheduledLoader(loaders, parse_resolution_schedule(script.resolution_schedule, script.cache))
+    return ScheduledLoader(loaders, parse_resolution_schedule(resolution_schedule, caches))
 
 
 def _stream_loader(
-    args: RunArgs,
-    model_config: TinyFluxConfig,
     caches: Sequence[str],
+    config: TinyFluxConfig,
+    cfg: TrainerConfig,
+    *,
     weights: Sequence[float] | None,
+    bucket_batch: str,
     held_out: Sequence[Sequence[int]] | None,
 ) -> data.StreamingLoader:
-    script, trainer = args.script, args.trainer
     # Batches in the caches' storage dtype (float16 / bfloat16) are exact and half the bytes of float32 to collate,
     # pin and copy; the trainer casts them on the device. Caches stored in different dtypes meet in float32.
     stored = {CacheLocation.of(d).manifest().storage_dtype for d in caches}
     return data.make_stream_loader(
         caches,
         weights,
-        batch_size=trainer.batch_size,
-        num_workers=trainer.num_workers,
-        seed=trainer.seed,
-        shuffle_buffer=trainer.shuffle_buffer,
-        model_config=model_config,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        model_config=config,
         pin_memory=torch.cuda.is_available(),
         dtype=parse_dtype(stored.pop()) if len(stored) == 1 else torch.float32,
-        verify_shards=trainer.verify_shards,
+        verify_shards=cfg.verify_shards,
         held_out=held_out,
-        bucket_batch=getattr(script, "bucket_batch", "samples"),
+        bucket_batch=bucket_batch,
     )
 
 
-def build_bucket_loader(args: RunArgs, config: TinyFluxConfig, held_out: list[list[int]] | None = None) -> Any:
-    """--in_memory on caches of aspect buckets: every batch one bucket (BucketLoader), `--bucket_batch` samples or
-    tokens per batch, this process's share of each epoch's batches."""
-    parts = [BucketSamples(d, dataset_id=i) for i, d in enumerate(args.script.cache)]
+def build_bucket_loader(
+    caches: Sequence[str],
+    config: TinyFluxConfig,
+    cfg: TrainerConfig,
+    *,
+    bucket_batch: str = "samples",
+    held_out: Sequence[Sequence[int]] | None = None,
+) -> Any:
+    """In-memory `caches` of aspect buckets: every batch one bucket (BucketLoader), `bucket_batch` ("samples" or
+    "tokens") per batch, this process's share of each epoch's batches."""
+    parts = [BucketSamples(d, dataset_id=i) for i, d in enumerate(caches)]
     kept = [sorted(set(range(len(p))) - set(held_out[i] if held_out else ())) for i, p in enumerate(parts)]
     dataset = ConcatDataset([Subset(p, k) for p, k in zip(parts, kept, strict=True)])
     shapes = [p.shapes[i] for p, k in zip(parts, kept, strict=True) for i in k]
     square = parts[0].resolution // VAE_DOWNSAMPLE
-    sizes = bucket_batch_sizes(shapes, args.trainer.batch_size, args.script.bucket_batch, square, config.patch_size)
+    sizes = bucket_batch_sizes(shapes, cfg.batch_size, bucket_batch, square, config.patch_size)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logger.info(
         "aspect buckets (latent h x w: batch size): %s", ", ".join(f"{h}x{w}: {n}" for (h, w), n in sizes.items())
     )
     return BucketLoader(
         dataset,
-        BucketBatchSampler(shapes, sizes, seed=args.trainer.seed, rank=rank, world_size=world),
+        BucketBatchSampler(shapes, sizes, seed=cfg.seed, rank=rank, world_size=world),
         data.collate_fn,
-        num_workers=args.trainer.num_workers,
+        num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
 
 
-def build_sampler(args: RunArgs, trainer: Trainer) -> Any:
-    """A Sampler on the trainer's model and EMA for the periodic grids (main process, when --zoo is given; not under
-    FSDP2 / ZeRO-3, where no process holds the whole model)."""
-    cfg = args.trainer
-    if args.script.zoo is None or cfg.sample_every is None or not trainer.accelerator.is_main_process:
+def build_sampler(zoo: str | None, trainer: Trainer) -> Any:
+    """A Sampler on the trainer's model and EMA for the periodic grids, its encoders from `zoo` (--zoo: a zoo directory
+    or "hub"; None: no grids). Main process only; not under FSDP2 / ZeRO-3, where no process holds the whole model."""
+    cfg = trainer.config
+    if zoo is None or cfg.sample_every is None or not trainer.accelerator.is_main_process:
         return None
     if trainer.engine.shards_parameters:
         logger.warning(
@@ -221,33 +265,54 @@ def build_sampler(args: RunArgs, trainer: Trainer) -> Any:
     from tinyflux.sampling.sampler import Sampler
 
     device = str(trainer.accelerator.device)
-    where: dict[str, Any] = {} if args.script.zoo == "hub" else {"zoo": args.script.zoo}
-    zoo = ModelZoo(device=device, dtype=cfg.dtype, t5_layers=trainer.model.config.t5_layers, **where)
-    return Sampler(zoo, trainer.model, trainer.ema, device=device, dtype=cfg.dtype, shift=cfg.shift)
+    where: dict[str, Any] = {} if zoo == "hub" else {"zoo": zoo}
+    encoders = ModelZoo(device=device, dtype=cfg.dtype, t5_layers=trainer.model.config.t5_layers, **where)
+    return Sampler(encoders, trainer.model, trainer.ema, device=device, dtype=cfg.dtype, shift=cfg.shift)
 
 
 def run_training(args: RunArgs) -> Trainer:
     """Build everything from parsed arguments, train, wait for Hub uploads. Returns the Trainer: .last_checkpoint is
     the final checkpoint directory, .progress the counters, .stopped_by the signal that ended the run (or None)."""
-    set_seed(args.trainer.seed)  # the model init; the training draws have their own seeded generators
+    script, cfg = args.script, args.trainer
+    set_seed(cfg.seed)  # the model init; the training draws have their own seeded generators
     early: list[int] = []  # SIGTERM / SIGUSR1 while setting up (SLURM's come at any time): stop after one step
     with stop_signals(early.append):
-        config = model_config_for(args)
-        if args.script.images is not None:  # the folder's cache, built or reused; --repeats lists it that often
-            folder_cache = prepare_folder_cache(args.script, config, args.trainer.ddp_timeout)
-            args.script.cache = [str(folder_cache)] * args.script.repeats
-        held_out = held_out_split(args)
-        loader = build_dataloader(args, config, held_out)  # first: a cache that does not fit fails before anything
-        validator = build_validator(args, config, held_out)
-        trainer = Trainer(build_model(args, config), args.trainer)
+        config = model_config_for(cfg.resume, cfg.checkpoint_dir, args.model_config)
+        caches = script.cache
+        if script.images is not None:  # the folder's cache, built or reused; --repeats lists it that often
+            # Here, not at the top: only --images runs load the cache builder and the encoders' code.
+            from tinyflux.trainer.folder import prepare_folder_cache
+
+            caches = [str(prepare_folder_cache(script, config, cfg.ddp_timeout))] * script.repeats
+        held_out = held_out_split(caches, script.validation_fraction)
+        loader = build_dataloader(  # first: a cache that does not fit fails before anything
+            caches,
+            config,
+            cfg,
+            in_memory=script.in_memory,
+            weights=script.cache_weights,
+            bucket_batch=script.bucket_batch,
+            resolution_schedule=script.resolution_schedule,
+            held_out=held_out,
+        )
+        validator = build_validator(
+            caches,
+            config,
+            cfg,
+            validation_cache=script.validation_cache,
+            max_samples=script.validation_samples,
+            held_out=held_out,
+        )
+        resumed = config is not args.model_config  # model_config_for found a checkpoint to resume
+        trainer = Trainer(build_model(script.model, config, resumed=resumed, lora=cfg.is_lora), cfg)
         if trainer.lora is not None:  # adapter_config.json names the base its adapter was trained on
-            trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = args.script.model
+            trainer.model.peft_config[ADAPTER_NAME].base_model_name_or_path = script.model
         trainer.validator = validator
         if isinstance(loader, ScheduledLoader):  # a --resolution_schedule switches cache sets by the run's step
             loader.follow_steps(lambda: trainer.progress.step)
-        trainer.setup(loader, sampler=build_sampler(args, trainer))
+        trainer.setup(loader, sampler=build_sampler(script.zoo, trainer))
     trainer.pending_signal = early[0] if early else None
-    trainer.train(epochs=args.script.epochs)
+    trainer.train(epochs=script.epochs)
     trainer.finish()
     if trainer.accelerator.is_main_process:  # once per run, not once per process
         if trainer.stopped_by:
