@@ -281,9 +281,10 @@ def run_training(args: RunArgs) -> Trainer:
         caches = script.cache
         if script.images is not None:  # the folder's cache, built or reused; --repeats lists it that often
             # Here, not at the top: only --images runs load the cache builder and the encoders' code.
-            from tinyflux.trainer.folder import prepare_folder_cache
+            from tinyflux.trainer.folder import ImageFolder, prepare_folder_cache
 
-            caches = [str(prepare_folder_cache(script, config, cfg.ddp_timeout))] * script.repeats
+            folder = ImageFolder(script.images, script.resolution, script.zoo, script.cache_dir, script.buckets)
+            caches = [str(prepare_folder_cache(folder, config, cfg.ddp_timeout))] * script.repeats
         held_out = held_out_split(caches, script.validation_fraction)
         loader = build_dataloader(  # first: a cache that does not fit fails before anything
             caches,
