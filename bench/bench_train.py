@@ -7,6 +7,7 @@ fraction of the measured matmul ceiling.
     python bench/bench_train.py --preset deep --batch 16 --latent 64 --compile            # GPU, 512px
     python bench/bench_train.py --preset deep --latent 32 --grad_ckpt --find_max_batch    # GPU: batch that fits
     python bench/bench_train.py --preset tiny --batch 8 --latent 8 --text_len 16 --profile   # where a step's time goes
+    python bench/bench_train.py --preset tiny --batch 8 --latent 8 --text_len 16 --phases    # each phase, both sides
 
 TinyFlux's step is the real one: Trainer.train on a streaming cache of synthetic samples written by the real shard
 writer (Lune and Sol teacher features included), read by make_stream_loader with --workers DataLoader workers, so it
@@ -28,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,6 +389,126 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     print(f"Python functions by own time (cProfile, {n} steps):\n{out.getvalue()[-6000:]}")
 
 
+@contextmanager
+def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[None]:
+    """Wall seconds spent in each phase of the Trainer's step, summed into `totals` (the device synchronised at
+    each edge, so on a GPU a phase's own kernels are in it): methods patched for the duration of the block."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    import tinyflux.trainer.trainer as trainer_module
+
+    patched = [
+        (Trainer, "_micro_step", "step"),
+        (TinyFluxDeep, "forward", "model forward"),
+        (Trainer, "train_step", "train_step"),
+        (Trainer, "_draws", "draws and teacher features"),
+        (Trainer, "_teacher", "draws and teacher features"),
+        (Accelerator, "backward", "backward"),
+        (trainer_module, "clip_in_fused_step", "gradient norm (and clipping)"),
+        (Accelerator, "clip_grad_norm_", "gradient norm (and clipping)"),
+        (AcceleratedOptimizer, "step", "optimizer step"),
+        (AcceleratedOptimizer, "zero_grad", "zero_grad"),
+        (trainer_module.EMA, "update", "EMA"),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+
+    def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            start = now(device)
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + now(device) - start
+
+        return call
+
+    try:
+        for (owner, name, label), (_, _, fn) in zip(patched, originals, strict=True):
+            setattr(owner, name, timed(fn, label))
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def phases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Where the time of a whole step goes, TinyFlux's Trainer beside the peer's plain loop: each phase's mean wall
+    time over `steps` steps after `warmup`. Every edge synchronises the device (so this is no throughput figure)."""
+    cfg = make_config(args.preset)
+    n, w = args.steps * args.rounds, args.warmup
+    totals: dict[str, float] = {}
+    marks: dict[str, float] = {}
+    counted: dict[str, float] = {}  # totals of the n steps between the marks
+    events = {
+        w: lambda: (totals.clear(), marks.__setitem__("t0", now(device))),
+        w + n: lambda: (marks.__setitem__("t1", now(device)), counted.update(totals)),
+    }
+    with scratch_dir(args.workdir) as work:
+        cache = write_synthetic_shards(cfg, work / "cache", args.cache_samples, args.latent, args.text_len)
+        with timed_phases(totals, device):
+            run_trainer(cfg, cache, args, device, dtype, work, batch=args.batch, compile=args.compile, steps=n + 1,
+                        warmup=w, profile_events=events)  # fmt: skip
+    ours = {k: v / n for k, v in counted.items()}
+    ours["whole step (data included)"] = (marks["t1"] - marks["t0"]) / n
+    ours["losses and inputs"] = ours["train_step"] - ours["model forward"] - ours["draws and teacher features"]
+    ours["data"] = ours["whole step (data included)"] - ours["step"]
+    accounted = ("backward", "gradient norm (and clipping)", "optimizer step", "zero_grad", "EMA", "train_step")
+    ours["bookkeeping (accumulation, verdict, meter, schedule)"] = ours["step"] - sum(ours.get(k, 0) for k in accounted)
+    peer = run_peer_phases(cfg, args, device, dtype, n, w)
+    rows = [
+        Row(name, ours.get(name, 0.0) * 1e3, peer.get(name, 0.0) * 1e3, "ms")
+        for name in (
+            "whole step (data included)", "data", "draws and teacher features", "model forward", "losses and inputs",
+            "backward", "gradient norm (and clipping)", "optimizer step", "zero_grad", "EMA",
+            "bookkeeping (accumulation, verdict, meter, schedule)",
+        )
+    ]  # fmt: skip
+    print_table(
+        f"Where a step's time goes: preset={args.preset} batch={args.batch} latent={args.latent} text={args.text_len}"
+        f" compile={args.compile}, mean of {n} steps after {w}, every phase's edges synchronised",
+        rows, float("nan"), describe_device(device),
+        "diffusers FluxTransformer2DModel, plain loop (its forward row holds the MSE, its optimizer row zero_grad)",
+    )  # fmt: skip
+
+
+def run_peer_phases(
+    cfg: TinyFluxConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, n: int, w: int
+) -> dict[str, float]:
+    """The peer's plain loop of run_peer, each of its three phases timed."""
+    b, s, p = args.batch, args.latent, cfg.patch_size
+    g = torch.Generator().manual_seed(0)
+    x = pack_latents(torch.randn(b, cfg.in_channels, s, s, generator=g), p).to(device)
+    txt = torch.randn(b, args.text_len, cfg.t5_hidden_size, generator=g).to(device)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device)
+    t = torch.rand(b, generator=g).to(device)
+    img_ids = TinyFluxDeep.create_img_ids(1, s // p, s // p, device)[0]
+    txt_ids = torch.zeros(args.text_len, 3, device=device)
+    target = torch.randn_like(x)
+    model = diffusers_twin(cfg).to(device)
+    if args.compile:
+        model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
+    totals = dict.fromkeys(("model forward", "backward", "optimizer step"), 0.0)
+    for i in range(w + n):
+        t0 = now(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            v = model(x, txt, pooled, t, img_ids, txt_ids, return_dict=False)[0]
+        loss = (v.float() - target).square().mean()
+        t1 = now(device)
+        loss.backward()
+        t2 = now(device)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = now(device)
+        if i >= w:
+            for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                totals[k] += dt
+    out = {k: v / n for k, v in totals.items()}
+    out["whole step (data included)"] = sum(out.values())
+    return out
+
+
 def attention_check(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """SDPA forward + backward at the step's attention shape, with the text key mask the Trainer always passes and
     without one (diffusers' call), for each SDPA backend that accepts the call. The cuDNN backend is never tried.
@@ -499,6 +621,7 @@ def main() -> None:
     ap.add_argument("--find_max_batch", action="store_true", help="GPU: the largest batch that fits (see --memory_gib)")
     ap.add_argument("--memory_gib", type=float, default=80.0, help="memory budget of --find_max_batch")
     ap.add_argument("--profile", action="store_true", help="profile the Trainer step instead of the side-by-side table")
+    ap.add_argument("--phases", action="store_true", help="time each phase of both steps instead (edges synchronised)")
     ap.add_argument(
         "--attention", action="store_true", help="time SDPA backends and FlexAttention with and without the text mask"
     )
@@ -525,6 +648,8 @@ def main() -> None:
         if args.attention
         else profile
         if args.profile
+        else phases
+        if args.phases
         else None
     )
     with cold_compile_caches(args.compile and not args.warm_cache):
