@@ -424,7 +424,7 @@ class Trainer:
                 return False
             if self._fused_step:
                 grad_norm = clip_in_fused_step(self.optimizer, self._params, self.config.grad_clip)
-            else:  # DeepSpeed clips inside its own step (at backward) and only reports the norm here.
+            else:  # accelerate's clip (FSDP2, fp16, other optimizers); DeepSpeed clips in its step, reports the norm
                 grad_norm = engines.plain_norm(
                     acc.clip_grad_norm_(self._params, self.config.grad_clip or math.inf), acc.device
                 )
