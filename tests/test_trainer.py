@@ -395,6 +395,7 @@ def test_grad_clip_bounds_the_gradient_norm(tmp_path, optimizer, clip):
     inner.register_step_pre_hook(lambda *_: norms.append([grad_norm()]))
     inner.register_step_post_hook(lambda *_: norms[-1].append(grad_norm()))
     trainer.train(epochs=None)
+    assert not hasattr(inner, "grad_scale") and not hasattr(inner, "found_inf")  # no scale outlives train()
     assert len(norms) == 2
     for before, after in norms:
         if not clip:
@@ -403,6 +404,16 @@ def test_grad_clip_bounds_the_gradient_norm(tmp_path, optimizer, clip):
             assert before > clip and after == pytest.approx(clip, rel=1e-3)
         else:  # clipped before the step
             assert before == pytest.approx(clip, rel=1e-3)
+
+
+def test_clip_in_fused_step_runs_where_the_device_has_no_foreach_kernels():
+    """MPS has fused AdamW but no foreach kernels (nor has `meta`, which stands in for it here): the norm falls back to
+    one norm a tensor, as clip_grad_norm_ does, instead of raising."""
+    param = nn.Parameter(torch.ones(3, device="meta"))
+    param.grad = torch.ones(3, device="meta")
+    optimizer = torch.optim.AdamW([param], fused=True)
+    norm = clip_in_fused_step(optimizer, [param], 1.0)
+    assert norm.shape == () and norm.device.type == "meta" and optimizer.grad_scale.shape == ()
 
 
 def test_clip_in_fused_step_updates_as_clip_grad_norm_does():

@@ -116,9 +116,18 @@ def clip_in_fused_step(
     max(1, (norm + 1e-6) / max_norm) is clip_grad_norm_'s factor inverted: the same update to float rounding.
     max_norm None or 0: no clipping, the norm only. For one process or DDP (whole, already reduced gradients)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # foreach where the device has it
     torch_optimizer(optimizer).grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm else None
     return norm
+
+
+def clear_step_scales(optimizer: torch.optim.Optimizer) -> None:
+    """Forget the last step's `grad_scale` (clip_in_fused_step) and `found_inf` (the deferred verdict), so that a
+    later step outside the Trainer (a user's, a test's) is neither scaled nor skipped by them."""
+    inner = torch_optimizer(optimizer)
+    for name in ("grad_scale", "found_inf"):
+        if hasattr(inner, name):
+            delattr(inner, name)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> LambdaLR:

@@ -56,7 +56,7 @@ from tinyflux.trainer.hub import HubUploader
 from tinyflux.trainer.lora import LoraSpec, apply_lora
 from tinyflux.trainer.losses import compute_lune_loss, compute_main_loss, compute_sol_loss, min_snr_weight
 from tinyflux.trainer.metrics import StepMeter, StreamParams, device_peak_tflops, flops_per_sample, mfu
-from tinyflux.trainer.optim import build_optimizer, build_scheduler, clip_in_fused_step
+from tinyflux.trainer.optim import build_optimizer, build_scheduler, clear_step_scales, clip_in_fused_step
 from tinyflux.trainer.runtime import (
     check_compile_mode,
     compile_blocks,
@@ -384,6 +384,7 @@ class Trainer:
                             self._end_epoch()
         finally:
             self.dataloader.close()  # the streaming loader's run-long workers
+            clear_step_scales(self.optimizer)  # each step sets its own; none may outlive train() on the optimizer
         bar.close()
         self._settle()
         if self.checkpointer.saved_step != p.step:
