@@ -200,38 +200,56 @@ def run_trainer(
         gc.collect()
 
 
+class PeerLoop:
+    """diffusers' FluxTransformer2DModel of the same size in a plain loop: forward + MSE, backward, fused AdamW (as the
+    Trainer) on pre-made tensors already on the device; bf16 autocast over float32 weights, as the Trainer does."""
+
+    def __init__(
+        self, cfg: TinyFluxConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, compile: bool
+    ):
+        self.device, self.dtype = device, dtype
+        b, s, p = args.batch, args.latent, cfg.patch_size
+        g = torch.Generator().manual_seed(0)
+        self.inputs = (
+            pack_latents(torch.randn(b, cfg.in_channels, s, s, generator=g), p).to(device),  # (B, N, C*p*p)
+            torch.randn(b, args.text_len, cfg.t5_hidden_size, generator=g).to(device),  # (B, L, D)
+            torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device),
+            torch.rand(b, generator=g).to(device),  # diffusers scales by 1000 itself
+            TinyFluxDeep.create_img_ids(1, s // p, s // p, device)[0],  # (N, 3)
+            torch.zeros(args.text_len, 3, device=device),
+        )
+        self.target = torch.randn_like(self.inputs[0])
+        self.model = diffusers_twin(cfg).to(device)
+        if args.grad_ckpt:
+            self.model.enable_gradient_checkpointing()
+        if compile:
+            self.model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            v = self.model(*self.inputs, return_dict=False)[0]
+        return (v.float() - self.target).square().mean()
+
+    def optimizer_step(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.loss().backward()
+        self.optimizer_step()
+
+
 def run_peer(
     cfg: TinyFluxConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, *, compile: bool
 ) -> RunResult:
-    """diffusers' FluxTransformer2DModel: forward, MSE, backward, AdamW (fused, as the Trainer) on tensors already on the
-    device; bf16 autocast over float32 weights, as the Trainer does."""
+    """The PeerLoop's steps, timed as run_trainer times the Trainer's."""
     _reset_dynamo()
     reset_peak(device)
-    b, s, p = args.batch, args.latent, cfg.patch_size
-    g = torch.Generator().manual_seed(0)
-    x = pack_latents(torch.randn(b, cfg.in_channels, s, s, generator=g), p).to(device)  # (B, N, C*p*p)
-    txt = torch.randn(b, args.text_len, cfg.t5_hidden_size, generator=g).to(device)  # (B, L, D)
-    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device)
-    t = torch.rand(b, generator=g).to(device)  # diffusers scales by 1000 itself
-    img_ids = TinyFluxDeep.create_img_ids(1, s // p, s // p, device)[0]  # (N, 3)
-    txt_ids = torch.zeros(args.text_len, 3, device=device)
-    target = torch.randn_like(x)
-    model = diffusers_twin(cfg).to(device)
-    if args.grad_ckpt:
-        model.enable_gradient_checkpointing()
-    if compile:
-        model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as the Trainer
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            v = model(x, txt, pooled, t, img_ids, txt_ids, return_dict=False)[0]
-        (v.float() - target).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    first, _ = time_calls(step, 0, 1, device)
-    rest, step_s = best_of_rounds(step, args.steps, max(args.warmup - 1, 0), args.rounds, device)
+    peer = PeerLoop(cfg, args, device, dtype, compile)
+    first, _ = time_calls(peer.step, 0, 1, device)
+    rest, step_s = best_of_rounds(peer.step, args.steps, max(args.warmup - 1, 0), args.rounds, device)
+    b = args.batch
     return RunResult(b / step_s, step_s, first + rest, first, peak_gib(device), _unique_graphs() if compile else 0)
 
 
@@ -475,31 +493,16 @@ def phases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
 def run_peer_phases(
     cfg: TinyFluxConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, n: int, w: int
 ) -> dict[str, float]:
-    """The peer's plain loop of run_peer, each of its three phases timed."""
-    b, s, p = args.batch, args.latent, cfg.patch_size
-    g = torch.Generator().manual_seed(0)
-    x = pack_latents(torch.randn(b, cfg.in_channels, s, s, generator=g), p).to(device)
-    txt = torch.randn(b, args.text_len, cfg.t5_hidden_size, generator=g).to(device)
-    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device)
-    t = torch.rand(b, generator=g).to(device)
-    img_ids = TinyFluxDeep.create_img_ids(1, s // p, s // p, device)[0]
-    txt_ids = torch.zeros(args.text_len, 3, device=device)
-    target = torch.randn_like(x)
-    model = diffusers_twin(cfg).to(device)
-    if args.compile:
-        model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
+    """The PeerLoop's three phases, each timed: mean seconds over n steps after w."""
+    peer = PeerLoop(cfg, args, device, dtype, args.compile)
     totals = dict.fromkeys(("model forward", "backward", "optimizer step"), 0.0)
     for i in range(w + n):
         t0 = now(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            v = model(x, txt, pooled, t, img_ids, txt_ids, return_dict=False)[0]
-        loss = (v.float() - target).square().mean()
+        loss = peer.loss()
         t1 = now(device)
         loss.backward()
         t2 = now(device)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        peer.optimizer_step()
         t3 = now(device)
         if i >= w:
             for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2), strict=True):
