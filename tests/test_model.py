@@ -10,7 +10,18 @@ import torch
 from tinyflux.model.config import ConfigError, TinyFluxConfig
 from tinyflux.model.experts import geometric_spatial, geometric_temperature
 from tinyflux.model.layers import RMSNorm
-from tinyflux.model.math import apply_rope, apply_rope_pairs, rope, rope_pairs, timestep_embedding
+from tinyflux.model.math import (
+    RopeAngles,
+    apply_rope,
+    apply_rope_complex,
+    apply_rope_pairs,
+    rope,
+    rope_angles,
+    rope_factors,
+    rope_pairs,
+    rotate,
+    timestep_embedding,
+)
 from tinyflux.model.model import TinyFluxDeep, count_parameters, pack_latents, unpack_latents
 
 B, H, W, L = 2, 8, 8, 5
@@ -266,11 +277,25 @@ def test_sol_map_is_identity_on_q_k_at_init_and_geometric_prior_closed_forms(mod
     assert spatial[0].max() < 1 and spatial[0, 3, 3] > spatial[0, 0, 0]  # centre-biased at noise
 
 
-def test_fused_conditioning_and_four_op_rope_keep_the_numbers():
-    # RoPE in 4 ops equals the 7-op form bit for bit (same products, same sums), q and k at once.
+def test_fused_conditioning_and_fast_rope_keep_the_numbers():
+    # RoPE in 4 ops and as one complex product equal the 7-op form bit for bit (same products, same sums), q and k at
+    # once; so do the complex product's gradients, on a q / k slice of a wider tensor (as the blocks' fused qkv).
     cos, sin = rope(torch.rand(2, 6, 3) * 10, (4, 6, 6), 10000)
-    qk = torch.randn(2, 2, 3, 6, 16)
-    torch.testing.assert_close(apply_rope_pairs(qk, *rope_pairs(cos, sin)), apply_rope(qk, cos, sin), atol=0, rtol=0)
+    qkv = torch.randn(3, 2, 3, 6, 16, requires_grad=True)
+    qk = qkv[:2]
+    expected = apply_rope(qk, cos, sin)
+    torch.testing.assert_close(apply_rope_pairs(qk, *rope_pairs(cos, sin)), expected, atol=0, rtol=0)
+    torch.testing.assert_close(apply_rope_complex(qk, rope_factors(cos, sin)), expected, atol=0, rtol=0)
+    grad = torch.randn_like(expected)
+    (want,) = torch.autograd.grad(expected, qkv, grad)
+    (got,) = torch.autograd.grad(rotate(qk, rope_angles(cos, sin)), qkv, grad)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert rope_angles(cos, sin).factor is not None  # the CPU takes the complex product; other devices the real form:
+    torch.testing.assert_close(rotate(qk, RopeAngles(cos, sin, None)), expected, atol=0, rtol=0)
+    # A pair that is not 8-byte aligned (an odd offset) is copied first, not refused; a bf16 input comes back bf16.
+    odd = torch.randn(2, 3, 6, 17)[..., 1:]
+    torch.testing.assert_close(apply_rope_complex(odd, rope_factors(cos, sin)), apply_rope(odd, cos, sin))
+    assert apply_rope_complex(qk.detach().bfloat16(), rope_factors(cos, sin)).dtype == torch.bfloat16
     # Every block's adaLN and Sol scales in one call: the same outputs bit for bit; gradients to float rounding (the
     # conditioning vector's gradient is one sum over all blocks instead of 55 added up); a text mask and a wrapped
     # adaLN linear (which falls back to the per-block path) included.

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from tinyflux.model.math import apply_rope_pairs, attention, flex_masked_attention
+from tinyflux.model.math import RopeAngles, attention, flex_masked_attention, rotate
 
 
 class RMSNorm(nn.Module):
@@ -115,16 +115,15 @@ class AdaRMSNorm(nn.Module):
 class AttentionContext:
     """What every block's attention needs, computed once per forward.
 
-    rope_double / rope_single: math.rope_pairs factors (c, s) over text then image tokens (B, 1, L + N, Dh). Double
-    blocks rotate image tokens only (their text angles are 0, an exact identity); single blocks rotate text by its ids
-    too.
+    rope_double / rope_single: math.rope_angles over text then image tokens (B, 1, L + N, Dh / 2). Double blocks
+    rotate image tokens only (their text angles are 0, an exact identity); single blocks rotate text by its ids too.
     mask: keys to keep (B, 1, 1, L + N) or None; backend "sdpa" (mask) or "flex" (block_mask, the same keys).
     sol_map: the blended Sol map on the image token grid (B, 1, h, w); sol_scale: the logit scale under the Sol
     temperature, head_dim^-0.5 / T (B,). Both None when the Sol prior is off.
     """
 
-    rope_double: tuple[Tensor, Tensor]
-    rope_single: tuple[Tensor, Tensor]
+    rope_double: RopeAngles
+    rope_single: RopeAngles
     txt_len: int
     head_scale: float
     mask: Tensor | None = None
@@ -144,8 +143,7 @@ class AttentionContext:
         with scale 1 serves all: (q * s) . k = s (q . k). qk_scale (2, B, H, L + N, 1): those q and k scales when
         computed already for every block at once (TinyFluxDeep.set_fused_conditioning), else from spatial_to_mod.
         """
-        c, s = self.rope_single if single else self.rope_double
-        qk = apply_rope_pairs(qkv[:2], c, s)  # (2, B, H, L + N, Dh): q and k rotated in one call
+        qk = rotate(qkv[:2], self.rope_single if single else self.rope_double)  # (2, B, H, L + N, Dh): q, k in one call
         scale = None
         if self.sol_scale is not None:
             if qk_scale is None:

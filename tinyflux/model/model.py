@@ -28,8 +28,8 @@ from tinyflux.model.layers import (
 from tinyflux.model.math import (
     key_padding_block_mask,
     rope,
+    rope_angles,
     rope_frequencies,
-    rope_pairs,
     timestep_embedding,
 )
 
@@ -318,16 +318,15 @@ class TinyFluxDeep(nn.Module):
         c = self.config
         b = img_ids.shape[0]
         zero_ids = torch.zeros(b, txt_len, 3, device=img_ids.device, dtype=img_ids.dtype)
-        rope_double = rope(torch.cat([zero_ids, img_ids], dim=1), c.axes_dims_rope, c.theta)
+        rope_double = rope_angles(*rope(torch.cat([zero_ids, img_ids], dim=1), c.axes_dims_rope, c.theta))
         rope_single = rope_double
         if txt_ids is not None:
-            rope_single = rope(
-                torch.cat([txt_ids.to(img_ids).expand(b, -1, -1), img_ids], 1), c.axes_dims_rope, c.theta
-            )
+            ids = torch.cat([txt_ids.to(img_ids).expand(b, -1, -1), img_ids], 1)
+            rope_single = rope_angles(*rope(ids, c.axes_dims_rope, c.theta))
         keep = None
         if mask is not None:
             keep = torch.cat([mask.bool(), mask.new_ones(b, img_ids.shape[1], dtype=torch.bool)], dim=1)  # (B, L+N)
-        ctx = AttentionContext(rope_pairs(*rope_double), rope_pairs(*rope_single), txt_len, c.attention_head_dim**-0.5)
+        ctx = AttentionContext(rope_double, rope_single, txt_len, c.attention_head_dim**-0.5)
         if self.attention_backend == "flex":
             # One BlockMask serves every block; without a text mask flex attends to all keys, as SDPA does.
             ctx.backend = "flex"
