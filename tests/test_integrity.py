@@ -4,7 +4,9 @@ stream (a damaged shard stops it with the shard's name and the repair, not a bar
 from __future__ import annotations
 
 import errno
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from tests.fixtures_cache import BuiltCache
 from tinyflux.cache.build import BuildCacheArgs, BuildError, run_build
 from tinyflux.cache.format import CacheFormatError, load_manifest
 from tinyflux.cache.loaders import StreamingLoader, make_stream_loader
+from tinyflux.cache.source import plain_tar_samples, tar_samples
 
 
 def _flip_byte(path: Path, offset: int = 700) -> None:
@@ -126,3 +129,38 @@ def test_a_loader_read_in_process_then_with_workers_still_hashes(synthetic_shard
     _flip_byte(cache / "shards/shard-000005.tar")
     with pytest.raises(CacheFormatError, match="shard-000005.tar is damaged"):  # and does not hang
         sum(1 for _ in StreamingLoader(loader.dataset))
+
+
+def _wds_samples(path: Path) -> list[dict]:
+    with open(path, "rb") as f:
+        return list(tar_samples(str(path), f))
+
+
+def test_the_plain_tar_reader_gives_webdataset_s_samples_and_hands_other_headers_to_tarfile(
+    synthetic_shards: Path, tmp_path: Path
+) -> None:
+    shard = synthetic_shards / "shards/shard-000000.tar"
+    expected = _wds_samples(shard)
+    assert len(expected) == 5 and {"safetensors", "json"} <= expected[0].keys()
+    with open(shard, "rb") as f:
+        assert list(plain_tar_samples(str(shard), f)) == expected
+    # The same members rewritten with pax headers (an older cache), then with the format switching after two
+    # samples: tarfile reads what the plain parser does not know, and no sample is yielded twice or lost.
+    members = [(f"{s['__key__']}.{ext}", s[ext]) for s in expected for ext in s if not ext.startswith("__")]
+    split = sum(1 for s in expected[:2] for ext in s if not ext.startswith("__"))
+    for name, pax_from in (("pax.tar", 0), ("mixed.tar", split)):
+        path = tmp_path / name
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for i, (member, data) in enumerate(members):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime = len(data), 1.5 if i >= pax_from else 0  # a float mtime: a pax header
+                tar.addfile(info, io.BytesIO(data))
+        assert path.read_bytes()[156:157] == (b"x" if pax_from == 0 else b"0")  # the first header: pax or plain
+        with open(path, "rb") as f:
+            got = list(plain_tar_samples(str(path), f))
+        assert [{k: v for k, v in s.items() if k != "__url__"} for s in got] == [
+            {k: v for k, v in s.items() if k != "__url__"} for s in expected
+        ]
+    # Cut inside a member's data: tarfile's error type, which the stream turns into a CacheFormatError (above).
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(plain_tar_samples(str(shard), io.BytesIO(shard.read_bytes()[:1100])))

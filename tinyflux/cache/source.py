@@ -20,9 +20,11 @@ import io
 import json
 import logging
 import queue
+import re
 import select
 import ssl
 import subprocess
+import tarfile
 import threading
 import time
 import urllib.error
@@ -30,6 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -218,6 +221,66 @@ def tar_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
 
 
+class _NotPlain(Exception):
+    """A tar header that plain_tar_samples leaves to tarfile."""
+
+
+_BLOCK = 512
+_END = bytes(_BLOCK)  # an all-zero header block ends the archive
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members it never yields
+
+
+def plain_tar_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """tar_samples' dicts, equal to them, from a seekable stream, parsing each plain ustar header (a regular file,
+    no pax or GNU extension: what write_shard writes) with a few slices instead of tarfile's TarInfo, which is ~60%
+    of the time a 0-worker loader spends on data (bench/NOTES.md, 2026-12-06). At the first header of another kind
+    (an older cache's pax headers, say) the stream goes back to its start and tar_samples reads on, past the samples
+    already yielded. Header checksums are not checked (the shard's sha256 is, on first open, unless
+    verify_shards=False); a shard cut short raises tarfile.ReadError, as tarfile does."""
+    start, done = stream.tell(), 0
+    try:
+        for sample in _plain_samples(url, stream):
+            yield sample
+            done += 1
+    except _NotPlain:
+        stream.seek(start)
+        yield from islice(tar_samples(url, stream), done, None)
+
+
+def _plain_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    read, sample = stream.read, None
+    while True:
+        header = read(_BLOCK)
+        if not header or header == _END:
+            break
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(f"{url}: unexpected end of data in a tar header")
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0") or header[345:346] != b"\0":
+            raise _NotPlain  # pax / GNU headers, links, directories, a name split into prefix + name
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode()
+        except (ValueError, UnicodeDecodeError):
+            raise _NotPlain from None  # a base-256 size, a non-UTF-8 name: tarfile's to judge
+        data = read(size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"{url}: unexpected end of data in member {name}")
+        read(-size % _BLOCK)  # the member's padding to a whole block
+        key, ext = wds.tariterators.base_plus_ext(name)
+        if key is None or _META.match(name):
+            continue
+        ext = ext.lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if ext in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {url}")
+        sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
 @dataclass(frozen=True)
 class CacheLocation:
     """A cache directory, a URL prefix (`https://host/cache/`, `s3://bucket/cache/`) or a `pipe:` template with
@@ -303,8 +366,13 @@ class CacheLocation:
         """The raw samples of a shard readied by fetch_shard: parsed from `data`, or read from the local file."""
         url = self.url(entry["name"])
         if data is None:
-            return wds.tarfile_samples([{"url": url}])
-        return tar_samples(url, io.BytesIO(data))
+            return _file_samples(url)
+        return plain_tar_samples(url, io.BytesIO(data))
+
+
+def _file_samples(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as f:
+        yield from plain_tar_samples(path, f)
 
 
 class ReadAhead:
