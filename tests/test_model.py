@@ -9,7 +9,7 @@ import torch
 
 from tinyflux.model.config import ConfigError, TinyFluxConfig
 from tinyflux.model.experts import geometric_spatial, geometric_temperature
-from tinyflux.model.layers import RMSNorm
+from tinyflux.model.layers import ModulationOut, RMSNorm
 from tinyflux.model.math import (
     RopeAngles,
     apply_rope,
@@ -336,6 +336,27 @@ def test_cpu_rms_norm_backward_is_the_closed_form_of_autograds():
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
     torch.testing.assert_close(grads[0], x.grad)
     torch.testing.assert_close(grads[1], norm.weight.grad)
+
+
+def test_cpu_norm_and_modulation_in_one_function_match_autograd_of_the_two():
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    shift, scale = (torch.randn(2, 1, 16, requires_grad=True) for _ in range(2))
+    mod = ModulationOut(shift, scale, gate=torch.ones(2, 1, 16))
+    g = torch.randn(2, 5, 16)
+    leaves = (x, norm.weight, shift, scale)
+    fused = mod.norm_modulate(norm, x)  # the closed-form function: eager float32 on the CPU
+    assert type(fused.grad_fn).__name__ == "_CpuRMSNormModulateBackward"
+    got = torch.autograd.grad(fused, leaves, g)
+    ref = mod.modulate(torch.nn.functional.rms_norm(x, (16,), eps=norm.eps) * norm.weight)  # autograd of the parts
+    want = torch.autograd.grad(ref, leaves, g)
+    torch.testing.assert_close(fused, ref)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # sampling: the plain path
+        assert torch.equal(mod.norm_modulate(norm, x), mod.modulate(norm(x)))
 
 
 def test_model_code_never_imports_accelerate():
