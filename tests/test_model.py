@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from copy import deepcopy
 from types import SimpleNamespace
 
 import pytest
@@ -367,3 +368,22 @@ def test_model_code_never_imports_accelerate():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_compiled_prologue_computes_what_the_eager_one_does_and_a_copy_runs_its_own_weights():
+    cfg = tiny_config(num_double_layers=1, num_single_layers=1)
+    torch.manual_seed(0)
+    m = TinyFluxDeep(cfg)
+    perturb(m)
+    x, tf = inputs(cfg), teacher(cfg)
+    want, want_expert = m(**x, **tf, return_expert_pred=True)
+    # dynamo's graph run by the eager backend: what compilation captures, without inductor's C++ build
+    m.compile_prologue(backend="eager")
+    got, got_expert = m(**x, **tf, return_expert_pred=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_expert, want_expert)
+    copy = deepcopy(m)  # an EMA or sampling copy: the compiled function takes the model as an argument
+    with torch.no_grad():
+        copy.img_in.weight.add_(1.0)
+    assert not torch.allclose(copy(**x, **tf), want)
+    torch.testing.assert_close(m(**x, **tf), want)

@@ -132,6 +132,8 @@ def test_a_compiled_run_over_every_caption_length_compiles_once_per_bucket_and_n
     assert trainer.progress.step == steps and len(compiled_by_step) == steps
     assert len(lengths) > 40  # unpadded, most batches would be a new shape
     assert text_widths == {32, 64, 128} == {next(n for n in cfg.text_buckets if n >= length) for length in lengths}
-    assert 0 < counter.frame_count <= len(cfg.text_buckets) * len(block_types)
+    regions = len(block_types) + 1  # and the prologue, one more region
+    assert model._compiled_prologue is not None
+    assert 0 < counter.frame_count <= len(cfg.text_buckets) * regions
     warm = next(i for i, n in enumerate(compiled_by_step) if n == counter.frame_count)
     assert warm < 20 and compiled_by_step[-1] == counter.frame_count  # nothing after warm-up

@@ -88,8 +88,10 @@ class RopeAngles(NamedTuple):
 
 
 def rope_angles(cos: Tensor, sin: Tensor) -> RopeAngles:
-    """rope()'s (cos, sin) with their complex factor where the device has complex kernels."""
-    factor = rope_factors(cos, sin) if cos.device.type in COMPLEX_ROPE_DEVICES else None
+    """rope()'s (cos, sin) with their complex factor where the device has complex kernels (not in a compiled region:
+    dynamo breaks the graph at complex tensors)."""
+    complex_ok = cos.device.type in COMPLEX_ROPE_DEVICES and not torch.compiler.is_compiling()
+    factor = rope_factors(cos, sin) if complex_ok else None
     return RopeAngles(cos, sin, factor)
 
 

@@ -6,6 +6,7 @@ the outside (tinyflux/trainer/).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from tinyflux.model.config import ATTENTION_BACKENDS, PRESETS, ConfigError, TinyFluxConfig
 from tinyflux.model.experts import LunePredictor, SolPrior
 from tinyflux.model.layers import (
+    AdaRMSNorm,
     AttentionContext,
     BlockInputs,
     DoubleStreamBlock,
@@ -103,6 +105,7 @@ class TinyFluxDeep(nn.Module):
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
         self.fused_conditioning = True
+        self._compiled_prologue: Callable[..., Any] | None = None
         self._register_state_dict_hook(_released_scalar_shapes)
         self._register_load_state_dict_pre_hook(_scalar_parameters_as_vectors)
         self.initialize_weights()
@@ -179,6 +182,13 @@ class TinyFluxDeep(nn.Module):
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.attention_backend = name
+
+    def compile_prologue(self, **compile_kwargs: Any) -> None:
+        """torch.compile the prologue (everything forward does once before the blocks: embedders, experts, RoPE,
+        every block's adaLN and Sol inputs) as one region, beside the blocks that compile in place (regional
+        compilation: trainer.runtime.compile_regions). Eager, those are ~100 small ops and as many in backward. The
+        compiled function takes the model as an argument, so a copy of the model runs its own weights."""
+        self._compiled_prologue = torch.compile(TinyFluxDeep.prologue, **compile_kwargs)
 
     def set_fused_conditioning(self, enabled: bool) -> None:
         """Whether the forward computes every block's adaLN modulation (one linear over all blocks' adaLN weights laid
@@ -274,8 +284,54 @@ class TinyFluxDeep(nn.Module):
         (B, sol_num_stats), "sol_spatial_pred" (B, S, S)}.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        c = self.config
         b, n, _ = hidden_states.shape
+        grid = img_shape if img_shape is not None else _square_grid(n)
+        prologue = self._compiled_prologue or TinyFluxDeep.prologue
+        img, txt, vec, ctx, conditioning, expert = prologue(
+            self,
+            hidden_states,
+            encoder_hidden_states,
+            pooled_projections,
+            timestep,
+            img_ids,
+            lune_features,
+            sol_stats,
+            sol_spatial,
+            encoder_attention_mask,
+            lune_mask,
+            sol_mask,
+            grid,
+            txt_ids,
+        )
+        pre = None if conditioning is None else self._per_block(*conditioning)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run(block, img, txt, vec, ctx, self.shared_txt_attn, pre and pre[i])
+        x = torch.cat([txt, img], dim=1)  # (B, L + N, D)
+        for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+            x = self._run(block, x, vec, ctx, pre and pre[i])
+        v_pred = self.final_linear(self.final_norm(x[:, ctx.txt_len :]))  # (B, N, C*p*p)
+        return (v_pred, expert) if return_expert_pred else v_pred
+
+    def prologue(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        lune_features: Tensor | None,
+        sol_stats: Tensor | None,
+        sol_spatial: Tensor | None,
+        encoder_attention_mask: Tensor | None,
+        lune_mask: Tensor | None,
+        sol_mask: Tensor | None,
+        grid: tuple[int, int],
+        txt_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, AttentionContext, tuple[Tensor, Tensor | None] | None, dict[str, Tensor]]:
+        """Everything forward computes once before the blocks (forward's arguments; grid the (h, w) token grid):
+        the image and text tokens (B, N, D), (B, L, D), the conditioning vector (B, D), the attention context, the
+        blocks' precomputed inputs (_conditioning), and the experts' predictions. One region for compile_regions (torch.compile)."""
+        c = self.config
         dtype = hidden_states.dtype
         pooled = pooled_projections.to(dtype)
 
@@ -294,23 +350,13 @@ class TinyFluxDeep(nn.Module):
 
         img = self.img_in(hidden_states)  # (B, N, D)
         txt = self.txt_in(txt_states)  # (B, L, D)
-        txt_len = txt.shape[1]
-        grid = img_shape if img_shape is not None else _square_grid(n)
-        ctx = self._attention_context(img_ids, txt_ids, txt_len, encoder_attention_mask)
+        ctx = self._attention_context(img_ids, txt_ids, txt.shape[1], encoder_attention_mask)
         if self.sol_prior is not None:
             sol = self.sol_prior(timestep, time_pooled, sol_stats, sol_spatial, sol_mask)
             expert["sol_stats_pred"], expert["sol_spatial_pred"] = sol.stats_pred, sol.spatial_pred
             ctx.sol_map = F.interpolate(sol.spatial[:, None], size=grid, mode="bilinear", align_corners=False)
             ctx.sol_scale = ctx.head_scale / sol.temperature.mean(dim=1).clamp(min=0.1)  # (B,)
-
-        pre = self._block_inputs(vec, ctx)
-        for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, img, txt, vec, ctx, self.shared_txt_attn, pre and pre[i])
-        x = torch.cat([txt, img], dim=1)  # (B, L + N, D)
-        for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
-            x = self._run(block, x, vec, ctx, pre and pre[i])
-        v_pred = self.final_linear(self.final_norm(x[:, txt_len:]))  # (B, N, C*p*p)
-        return (v_pred, expert) if return_expert_pred else v_pred
+        return img, txt, vec, ctx, self._conditioning(vec, ctx), expert
 
     def _attention_context(
         self, img_ids: Tensor, txt_ids: Tensor | None, txt_len: int, mask: Tensor | None
@@ -339,36 +385,54 @@ class TinyFluxDeep(nn.Module):
         """Every block's adaLN outputs and Sol q / k scales, each computed in one call over all blocks: one linear
         whose weight is the adaLN weights laid end to end (each output the same dot product as its own linear's),
         one conv over all spatial_to_mod convs. None when fused conditioning is off or an adaLN linear is wrapped."""
-        blocks = [*self.double_blocks, *self.single_blocks]
+        conditioning = self._conditioning(vec, ctx)
+        return None if conditioning is None else self._per_block(*conditioning)
+
+    def _fused_norms(self) -> list[AdaRMSNorm] | None:
+        """Every block's adaLN, in block order, when fused conditioning can serve them; else None."""
         norms = [n for blk in self.double_blocks for n in (blk.img_norm1, blk.txt_norm1)]
         norms += [blk.norm for blk in self.single_blocks]
-        if not self.fused_conditioning or not blocks or any(type(n.linear) is not nn.Linear for n in norms):
+        if not self.fused_conditioning or not norms or any(type(n.linear) is not nn.Linear for n in norms):
             return None
         if any(type(n.linear.weight) not in (nn.Parameter, Tensor) for n in norms):
             return None  # sharded (FSDP2's DTensor): gathered only inside each block's own forward
+        return norms
+
+    def _conditioning(self, vec: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor | None] | None:
+        """_block_inputs' tensors before they are split per block: every shift, scale and gate (B, 1, K, D) and the
+        Sol q / k scales (2, B, n, H, L + N, 1) or None. Two tensors, so a compiled prologue returns two and its
+        backward takes two gradients, not one per block and chunk."""
+        norms = self._fused_norms()
+        if norms is None:
+            return None
         weight = torch.cat([n.linear.weight for n in norms])  # (sum of 3 * sets * D, D)
         bias = torch.cat([n.linear.bias for n in norms])
-        # Every shift, scale and gate of every block as a (B, 1, D) view: one split, so one op in backward
-        chunks = F.linear(F.silu(vec), weight, bias)[:, None].unflatten(-1, (-1, self.config.hidden_size)).unbind(-2)
-        mods, start = [], 0
+        mods = F.linear(F.silu(vec), weight, bias)[:, None].unflatten(-1, (-1, self.config.hidden_size))
+        if ctx.sol_scale is None:
+            return mods, None
+        blocks = [*self.double_blocks, *self.single_blocks]
+        convs = [blk.attn.spatial_to_mod for blk in blocks]
+        w = torch.cat([conv.weight for conv in convs])  # (n * H, 1, 1, 1)
+        b, h = vec.shape[0], self.config.num_attention_heads
+        img_mod = F.conv2d(ctx.sol_map, w, torch.cat([conv.bias for conv in convs]))  # (B, n * H, h, w)
+        img_mod = img_mod.clamp(-2, 2).exp().view(b, len(blocks), h, -1)  # (B, n, H, N)
+        counts = (len(self.double_blocks), len(self.single_blocks))
+        return mods, sol_qk_scales(img_mod, counts, ctx.sol_scale, ctx.head_scale, ctx.txt_len)
+
+    def _per_block(self, mods: Tensor, qk: Tensor | None) -> list[BlockInputs]:
+        """_conditioning's tensors as each block's BlockInputs: views (one unbind each, so one op in backward)."""
+        chunks = mods.unbind(-2)  # every shift, scale and gate of every block, (B, 1, D) each
+        norms = self._fused_norms() or []
+        per_norm, start = [], 0
         for n in norms:
-            mods.append(chunks[start : start + 3 * n.sets])
+            per_norm.append(tuple(chunks[start : start + 3 * n.sets]))
             start += 3 * n.sets
-        nd = len(self.double_blocks)
-        per_block = [mods[2 * i : 2 * i + 2] for i in range(nd)] + [
-            mods[2 * nd + i : 2 * nd + i + 1] for i in range(len(self.single_blocks))
+        nd, ns = len(self.double_blocks), len(self.single_blocks)
+        per_block = [tuple(per_norm[2 * i : 2 * i + 2]) for i in range(nd)] + [
+            (per_norm[2 * nd + i],) for i in range(ns)
         ]
-        scales: list[Tensor | None] = [None] * len(blocks)
-        if ctx.sol_scale is not None:
-            convs = [blk.attn.spatial_to_mod for blk in blocks]
-            w = torch.cat([conv.weight for conv in convs])  # (n * H, 1, 1, 1)
-            b, h = vec.shape[0], self.config.num_attention_heads
-            img_mod = F.conv2d(ctx.sol_map, w, torch.cat([conv.bias for conv in convs]))  # (B, n * H, h, w)
-            img_mod = img_mod.clamp(-2, 2).exp().view(b, len(blocks), h, -1)  # (B, n, H, N)
-            counts = (len(self.double_blocks), len(self.single_blocks))
-            qk = sol_qk_scales(img_mod, counts, ctx.sol_scale, ctx.head_scale, ctx.txt_len)  # (2, B, n, H, L + N, 1)
-            scales = list(qk.unbind(2))
-        return [BlockInputs(tuple(m), s) for m, s in zip(per_block, scales, strict=True)]
+        scales = list(qk.unbind(2)) if qk is not None else [None] * (nd + ns)
+        return [BlockInputs(m, s) for m, s in zip(per_block, scales, strict=True)]
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -167,14 +167,18 @@ def check_compile_mode(mode: str | None, engine: Engine) -> None:
 
 def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any] = "inductor") -> int:
     """torch.compile each block of the model's repeated block lists in place (regional compilation): the blocks of a
-    list share their code, so compile time is about that of one block, and state-dict names do not change. `backend`
-    is torch.compile's (another than inductor takes mode "default")."""
+    list share their code, so compile time is about that of one block, and state-dict names do not change. A model
+    with a prologue (TinyFluxDeep.compile_prologue) compiles it as one more region. `backend` is torch.compile's
+    (another than inductor takes mode "default"). Returns the number of blocks."""
+    mode_arg = None if mode == "default" else mode
     count = 0
     for child in model.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                block.compile(mode=None if mode == "default" else mode, backend=backend)
+                block.compile(mode=mode_arg, backend=backend)
                 count += 1
+    if hasattr(model, "compile_prologue"):
+        model.compile_prologue(mode=mode_arg, backend=backend)
     return count
 
 
