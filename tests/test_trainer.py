@@ -223,6 +223,7 @@ def test_compile_mode_compiles_each_block_in_place(tmp_path):
     blocks = [*trainer.model.double_blocks, *trainer.model.single_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert trainer.model._compiled_call_impl is None  # regional: the model itself stays eager
+    assert trainer.model._compiled_prologue is not None  # its once-per-forward prologue is one more region
     assert "double_blocks.0.attn.img_qkv.weight" in trainer.model.state_dict()  # names unchanged
 
 
