@@ -284,8 +284,7 @@ class TinyFluxDeep(nn.Module):
         (B, sol_num_stats), "sol_spatial_pred" (B, S, S)}.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        b, n, _ = hidden_states.shape
-        grid = img_shape if img_shape is not None else _square_grid(n)
+        grid = img_shape if img_shape is not None else _square_grid(hidden_states.shape[1])
         prologue = self._compiled_prologue or TinyFluxDeep.prologue
         img, txt, vec, ctx, conditioning, expert = prologue(
             self,
