@@ -161,6 +161,13 @@ def test_the_plain_tar_reader_gives_webdataset_s_samples_and_hands_other_headers
         assert [{k: v for k, v in s.items() if k != "__url__"} for s in got] == [
             {k: v for k, v in s.items() if k != "__url__"} for s in expected
         ]
-    # Cut inside a member's data: tarfile's error type, which the stream turns into a CacheFormatError (above).
-    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
-        list(plain_tar_samples(str(shard), io.BytesIO(shard.read_bytes()[:1100])))
+    # Cut inside a member's data or its padding, or empty: tarfile's error type, which the stream turns into a
+    # CacheFormatError (above).
+    data = shard.read_bytes()
+    first_size = int(data[124:136].rstrip(b"\0 "), 8)
+    assert first_size % 512  # so the second cut lands inside the first member's padding
+    for cut in (1100, 512 + first_size + 1):
+        with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+            list(plain_tar_samples(str(shard), io.BytesIO(data[:cut])))
+    with pytest.raises(tarfile.ReadError, match="empty file"):
+        list(plain_tar_samples(str(shard), io.BytesIO(b"")))

@@ -1,5 +1,6 @@
 """The student at a tiny size: shapes, init, gradients, teacher forcing, masks, presets."""
 
+import pickle
 import subprocess
 import sys
 from copy import deepcopy
@@ -356,8 +357,18 @@ def test_cpu_norm_and_modulation_in_one_function_match_autograd_of_the_two():
     torch.testing.assert_close(fused, ref)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
-    with torch.no_grad():  # sampling: the plain path
-        assert torch.equal(mod.norm_modulate(norm, x), mod.modulate(norm(x)))
+    with torch.no_grad():  # sampling: the plain path, the same numbers
+        torch.testing.assert_close(mod.norm_modulate(norm, x), fused)
+    # A second derivative raises instead of coming out wrong.
+    first = torch.autograd.grad(mod.norm_modulate(norm, x), x, g, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(first.sum(), x)
+    # A module with hooks (DeepSpeed ZeRO-3 gathers a sharded weight in one) is called, hooks and all.
+    calls = []
+    norm.register_forward_pre_hook(lambda *_: calls.append(1))
+    hooked = mod.norm_modulate(norm, x)
+    assert calls == [1] and type(hooked.grad_fn).__name__ != "_CpuRMSNormModulateBackward"
+    torch.testing.assert_close(hooked, fused)
 
 
 def test_model_code_never_imports_accelerate():
@@ -382,8 +393,10 @@ def test_a_compiled_prologue_computes_what_the_eager_one_does_and_a_copy_runs_it
     got, got_expert = m(**x, **tf, return_expert_pred=True)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_expert, want_expert)
-    copy = deepcopy(m)  # an EMA or sampling copy: the compiled function takes the model as an argument
+    copy = deepcopy(m)  # an EMA or sampling copy runs eager, its own weights; so does a pickled model
+    assert copy._compiled_prologue is None and m._compiled_prologue is not None
     with torch.no_grad():
         copy.img_in.weight.add_(1.0)
     assert not torch.allclose(copy(**x, **tf), want)
     torch.testing.assert_close(m(**x, **tf), want)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(m))(**x, **tf), want)

@@ -248,9 +248,12 @@ def plain_tar_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
 
 
 def _plain_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
-    read, sample = stream.read, None
+    read, sample, first = stream.read, None, True
     while True:
         header = read(_BLOCK)
+        if not header and first:
+            raise tarfile.ReadError(f"{url}: empty file")
+        first = False
         if not header or header == _END:
             break
         if len(header) < _BLOCK:
@@ -265,7 +268,8 @@ def _plain_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
         data = read(size)
         if len(data) < size:
             raise tarfile.ReadError(f"{url}: unexpected end of data in member {name}")
-        read(-size % _BLOCK)  # the member's padding to a whole block
+        if len(read(-size % _BLOCK)) < -size % _BLOCK:  # the member's padding to a whole block
+            raise tarfile.ReadError(f"{url}: unexpected end of data after member {name}")
         key, ext = wds.tariterators.base_plus_ext(name)
         if key is None or _META.match(name):
             continue

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.modules import module as module_state
 
 from tinyflux.model.math import RopeAngles, attention, flex_masked_attention, rotate
 
@@ -56,6 +58,7 @@ class _CpuRMSNorm(torch.autograd.Function):
         return x_hat * weight
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_hat, rstd, weight = ctx.saved_tensors
         grad_x = grad_w = None
@@ -84,6 +87,7 @@ class _CpuRMSNormModulate(torch.autograd.Function):
         return torch.addcmul(shift, x_hat, m)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x_hat, rstd, m = ctx.saved_tensors
         grad_x = grad_m = grad_shift = None
@@ -118,10 +122,22 @@ class ModulationOut:
         return x * (1 + self.scale) + self.shift
 
     def norm_modulate(self, norm: RMSNorm, x: Tensor) -> Tensor:
-        """modulate(norm(x)); one closed-form autograd function where RMSNorm takes its closed-form backward."""
-        if _closed_form_backward(x, norm.weight) and self.scale.dtype == self.shift.dtype == torch.float32:
+        """modulate(norm(x)); one closed-form autograd function where RMSNorm takes its closed-form backward and
+        its module has no hooks (the function reads the weight without calling the module: an engine that gathers
+        a sharded weight in a pre-forward hook, DeepSpeed ZeRO-3, gets the module's own call)."""
+        if (
+            _closed_form_backward(x, norm.weight)
+            and self.scale.dtype == self.shift.dtype == torch.float32
+            and not _has_hooks(norm)
+        ):
             return _CpuRMSNormModulate.apply(x, norm.weight * (1 + self.scale), self.shift, norm.eps)
         return self.modulate(norm(x))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module would run hooks of its own or global module hooks."""
+    own = module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+    return bool(own or module_state._global_forward_pre_hooks or module_state._global_forward_hooks)
 
 
 class AdaRMSNorm(nn.Module):

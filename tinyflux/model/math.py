@@ -106,9 +106,10 @@ def apply_rope_complex(x: Tensor, f: Tensor) -> Tensor:
 
     One multiply forward and one backward instead of the 4 + 4 of apply_rope_pairs, and no flip (a strided copy
     that does not vectorise on the CPU): 4-7x faster on the CPU (bench/NOTES.md, 2026-12-06). The product's parts are
-    x0 cos - x1 sin and x0 sin + x1 cos from the same rounded products as apply_rope; torch's vectorised CPU kernels
-    form them without a fused multiply-add, so there it equals apply_rope bit for bit (tested); a GPU kernel may
-    fuse one and differ in the last bit.
+    x0 cos - x1 sin and x0 sin + x1 cos from the same rounded products as apply_rope; torch's vectorised CPU kernel
+    forms them without a fused multiply-add, so where it covers the whole row (head dims that are multiples of 16,
+    as every preset's) it equals apply_rope bit for bit (tested); the scalar code for the rest of a row, and a GPU
+    kernel, may fuse one and differ in the last bit.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
     if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):

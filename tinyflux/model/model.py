@@ -183,11 +183,16 @@ class TinyFluxDeep(nn.Module):
             raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.attention_backend = name
 
+    def __getstate__(self) -> dict[str, Any]:
+        """As nn.Module's (which drops a compiled forward), less the compiled prologue: a pickled or deep-copied model
+        (torch.save of the module, an EMA or sampling copy) runs eager, as nn.Module.compile's copies do."""
+        return {**super().__getstate__(), "_compiled_prologue": None}
+
     def compile_prologue(self, **compile_kwargs: Any) -> None:
         """torch.compile the prologue (everything forward does once before the blocks: embedders, experts, RoPE,
         every block's adaLN and Sol inputs) as one region, beside the blocks that compile in place (regional
-        compilation: trainer.runtime.compile_regions). Eager, those are ~100 small ops and as many in backward. The
-        compiled function takes the model as an argument, so a copy of the model runs its own weights."""
+        compilation: trainer.runtime.compile_blocks). Eager, those are ~100 small ops and as many in backward. A
+        copy of the model runs eager (__getstate__)."""
         self._compiled_prologue = torch.compile(TinyFluxDeep.prologue, **compile_kwargs)
 
     def set_fused_conditioning(self, enabled: bool) -> None:
@@ -329,7 +334,7 @@ class TinyFluxDeep(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, AttentionContext, tuple[Tensor, Tensor | None] | None, dict[str, Tensor]]:
         """Everything forward computes once before the blocks (forward's arguments; grid the (h, w) token grid):
         the image and text tokens (B, N, D), (B, L, D), the conditioning vector (B, D), the attention context, the
-        blocks' precomputed inputs (_conditioning), and the experts' predictions. One region for compile_regions (torch.compile)."""
+        blocks' precomputed inputs (_conditioning), and the experts' predictions. One region for compile_prologue (torch.compile)."""
         c = self.config
         dtype = hidden_states.dtype
         pooled = pooled_projections.to(dtype)
