@@ -392,10 +392,15 @@ class TinyFluxDeep(nn.Module):
         conditioning = self._conditioning(vec, ctx)
         return None if conditioning is None else self._per_block(*conditioning)
 
+    def _adaln_norms(self) -> list[AdaRMSNorm]:
+        """Every block's adaLN, in block order: the layout of _conditioning's chunks."""
+        return [n for blk in self.double_blocks for n in (blk.img_norm1, blk.txt_norm1)] + [
+            blk.norm for blk in self.single_blocks
+        ]
+
     def _fused_norms(self) -> list[AdaRMSNorm] | None:
-        """Every block's adaLN, in block order, when fused conditioning can serve them; else None."""
-        norms = [n for blk in self.double_blocks for n in (blk.img_norm1, blk.txt_norm1)]
-        norms += [blk.norm for blk in self.single_blocks]
+        """_adaln_norms when fused conditioning can serve them; else None."""
+        norms = self._adaln_norms()
         if not self.fused_conditioning or not norms or any(type(n.linear) is not nn.Linear for n in norms):
             return None
         if any(type(n.linear.weight) not in (nn.Parameter, Tensor) for n in norms):
@@ -426,9 +431,8 @@ class TinyFluxDeep(nn.Module):
     def _per_block(self, mods: Tensor, qk: Tensor | None) -> list[BlockInputs]:
         """_conditioning's tensors as each block's BlockInputs: views (one unbind each, so one op in backward)."""
         chunks = mods.unbind(-2)  # every shift, scale and gate of every block, (B, 1, D) each
-        norms = self._fused_norms() or []
         per_norm, start = [], 0
-        for n in norms:
+        for n in self._adaln_norms():  # _conditioning checked that they can be fused
             per_norm.append(tuple(chunks[start : start + 3 * n.sets]))
             start += 3 * n.sets
         nd, ns = len(self.double_blocks), len(self.single_blocks)
