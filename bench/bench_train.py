@@ -412,7 +412,6 @@ def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[Non
     """Wall seconds spent in each phase of the Trainer's step, summed into `totals` (the device synchronised at
     each edge, so on a GPU a phase's own kernels are in it): methods patched for the duration of the block."""
     from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
 
     import tinyflux.trainer.trainer as trainer_module
 
@@ -425,8 +424,9 @@ def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[Non
         (Accelerator, "backward", "backward"),
         (trainer_module, "clip_in_fused_step", "gradient norm (and clipping)"),
         (Accelerator, "clip_grad_norm_", "gradient norm (and clipping)"),
-        (AcceleratedOptimizer, "step", "optimizer step"),
-        (AcceleratedOptimizer, "zero_grad", "zero_grad"),
+        # The torch optimizer's own methods: the Trainer calls them past accelerate's wrapper where it adds nothing.
+        (torch.optim.AdamW, "step", "optimizer step"),
+        (torch.optim.Optimizer, "zero_grad", "zero_grad"),
         (trainer_module.EMA, "update", "EMA"),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
