@@ -16,9 +16,11 @@ from tinyflux.model.math import (
     RopeAngles,
     apply_rope,
     apply_rope_complex,
+    apply_rope_pairs,
     rope,
     rope_angles,
     rope_factors,
+    rope_pairs,
     rotate,
     timestep_embedding,
 )
@@ -278,12 +280,13 @@ def test_sol_map_is_identity_on_q_k_at_init_and_geometric_prior_closed_forms(mod
 
 
 def test_fused_conditioning_and_fast_rope_keep_the_numbers():
-    # RoPE as one complex product equals the real form bit for bit (same products, same sums), q and k at once; so do
-    # its gradients, on a q / k slice of a wider tensor (as the blocks' fused qkv).
+    # RoPE in 4 ops and as one complex product equal the 7-op form bit for bit (same products, same sums), q and k at
+    # once; so do the complex product's gradients, on a q / k slice of a wider tensor (as the blocks' fused qkv).
     cos, sin = rope(torch.rand(2, 6, 3) * 10, (4, 6, 6), 10000)
     qkv = torch.randn(3, 2, 3, 6, 16, requires_grad=True)
     qk = qkv[:2]
     expected = apply_rope(qk, cos, sin)
+    torch.testing.assert_close(apply_rope_pairs(qk, *rope_pairs(cos, sin)), expected, atol=0, rtol=0)
     torch.testing.assert_close(apply_rope_complex(qk, rope_factors(cos, sin)), expected, atol=0, rtol=0)
     grad = torch.randn_like(expected)
     (want,) = torch.autograd.grad(expected, qkv, grad)

@@ -55,7 +55,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-# Devices with complex64 kernels for apply_rope_complex; elsewhere (MPS, XLA) rotate takes the real form.
+def rope_pairs(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rope()'s (cos, sin) (B, 1, N, D/2) as the per-channel factors (c, s) (B, 1, N, D) of apply_rope_pairs: c holds
+    each angle's cosine twice, s its sine as (-sin, sin)."""
+    c = torch.stack([cos, cos], dim=-1).flatten(-2)  # (B, 1, N, D)
+    s = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (B, 1, N, D)
+    return c, s
+
+
+def apply_rope_pairs(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """apply_rope in 4 elementwise ops instead of 7: x * c + swap(x) * s, swap exchanging each pair (x[2i], x[2i+1]).
+
+    Equal to apply_rope bit for bit: each output is the sum of the same two rounded products, x0 cos + x1 (-sin) =
+    x0 cos - x1 sin (negation is exact) and x1 cos + x0 sin (a sum does not depend on its order). x (..., N, D) with
+    any leading dims that broadcast against c, s (B, 1, N, D): q and k rotate in one call.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., N, D): (x1, x0) per pair
+    return (xf * c + swapped * s).type_as(x)
+
+
+# Devices with complex64 kernels for apply_rope_complex; elsewhere (MPS, XLA) rotate takes a real form.
 COMPLEX_ROPE_DEVICES = ("cpu", "cuda")
 
 
@@ -84,8 +104,8 @@ def apply_rope_complex(x: Tensor, f: Tensor) -> Tensor:
     """apply_rope as one complex product: each pair (x[2i], x[2i+1]) read as x0 + i x1 and multiplied by f = cos + i sin
     (rope_factors, (B, 1, N, D/2)). x (..., N, D) with leading dims that broadcast against f: q and k in one call.
 
-    One multiply forward and one backward instead of the real form's several; 4-7x faster on the CPU than the
-    real form written with a pair-swapping `flip` (bench/NOTES.md, 2026-12-06). The product's parts are
+    One multiply forward and one backward instead of the 4 + 4 of apply_rope_pairs, and no flip (a strided copy
+    that does not vectorise on the CPU): 4-7x faster on the CPU (bench/NOTES.md, 2026-12-06). The product's parts are
     x0 cos - x1 sin and x0 sin + x1 cos from the same rounded products as apply_rope; torch's vectorised CPU kernel
     forms them without a fused multiply-add, so where it covers the whole row (head dims that are multiples of 16,
     as every preset's) it equals apply_rope bit for bit (tested); the scalar code for the rest of a row, and a GPU
@@ -99,13 +119,16 @@ def apply_rope_complex(x: Tensor, f: Tensor) -> Tensor:
 
 
 def rotate(x: Tensor, rope: RopeAngles) -> Tensor:
-    """x (..., N, D) rotated by rope's angles: one complex product in eager mode where the device has the kernels;
-    apply_rope's real form inside a compiled region (dynamo breaks the graph at complex tensors; inductor fuses its
-    unbind / stack with the qkv split and Sol scales around it into kernels 1.5-2x faster than those of a
-    pair-swapping `flip`: bench/NOTES.md, 2026-12-06) and on other devices."""
+    """x (..., N, D) rotated by rope's angles: one complex product in eager mode where the device has the kernels.
+    Inside a compiled region (dynamo breaks the graph at complex tensors) and on other devices a real form: on the
+    CPU apply_rope's unbind / stack, whose inductor C++ kernels vectorise (a flip does not: the blocks' fused kernels
+    15-20% less time at `small`, at the price of one more kernel per block, bench/NOTES.md, 2026-12-06); elsewhere
+    apply_rope_pairs, which inductor fuses into one kernel fewer per block."""
     if not torch.compiler.is_compiling() and rope.factor is not None:
         return apply_rope_complex(x, rope.factor)
-    return apply_rope(x, rope.cos, rope.sin)
+    if x.device.type == "cpu":
+        return apply_rope(x, rope.cos, rope.sin)
+    return apply_rope_pairs(x, *rope_pairs(rope.cos, rope.sin))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
