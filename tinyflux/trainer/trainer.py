@@ -228,7 +228,7 @@ class Trainer:
         self._fused_step = self.engine.name in ("single", "ddp") and fused_adam(self.optimizer)
         self._fused_step &= cfg.dtype != torch.float16
         # accelerate's optimizer wrapper adds nothing to such a step (no loss scaler, no XLA) but looks for an optional
-        # package on disk twice per call and re-reads zero_grad's signature (0.5-1 ms a step at `tiny`): step the
+        # package on disk twice per call and re-reads zero_grad's signature (~0.1 ms a step, bench/NOTES.md): step the
         # torch optimizer itself there. Elsewhere (fp16's scaler, FSDP2, DeepSpeed) the wrapper does the work.
         self._stepper = torch_optimizer(self.optimizer) if self._fused_step else self.optimizer
         self._verdicts = StepVerdicts(
