@@ -4,6 +4,7 @@ ops split into forward, backward, optimizer and the rest of the step.
 
     python bench/bench_ops.py                        # `deep`, batch 1, 8x8 latents (16 image + 128 text tokens)
     python bench/bench_ops.py --compile              # the same with each block compiled (both sides)
+    python bench/bench_ops.py --compile --compile_scope model   # each whole model compiled as one graph
 
 On a GPU each such op is (at least) one kernel launch, 5-10 us of host time; at the sizes users train, the step is
 bound by them (bench/NOTES.md). The count does not depend on batch or resolution, so a small latent keeps the CPU run
@@ -20,19 +21,20 @@ import argparse
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
 from common import PRESET_CHOICES, Row, diffusers_twin, make_config, print_table
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import IterableDataset
 
 from tinyflux.cache.format import T_BUCKETS
 from tinyflux.model.config import TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.trainer.config import COMPILE_SCOPES
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
@@ -107,13 +109,15 @@ def launching_ops(prof: Any, by_name: Counter | None = None) -> Counter:
     return counts
 
 
-def _mark_forward(model: torch.nn.Module) -> None:
-    """Wrap the model's forward in a record_function named "model forward" (hooks: no change to the model)."""
-    ranges: list[Any] = []
-    model.register_forward_pre_hook(
-        lambda *_: ranges.append(torch.ops.profiler._record_function_enter_new("model forward"))
-    )
-    model.register_forward_hook(lambda *_: torch.ops.profiler._record_function_exit(ranges.pop()))
+def _marked(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` inside a record_function named "model forward". Around the call, not in hooks: a model compiled whole
+    (--compile_scope model) would trace its hooks into its graph."""
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        with record_function("model forward"):
+            return call(*args, **kwargs)
+
+    return marked
 
 
 class _OneBatch(IterableDataset):
@@ -164,17 +168,18 @@ def trainer_ops(cfg: TinyFluxConfig, args: argparse.Namespace, by_name: Counter)
     """Ops of `args.steps` Trainer steps after `args.warmup`, per step, by phase."""
     torch.manual_seed(0)
     model = TinyFluxDeep(cfg)
-    _mark_forward(model)
     work = tempfile.mkdtemp(prefix="bench_ops_")
     config = TrainerConfig(
         batch_size=args.batch, gradient_accumulation=1, total_steps=10**9, dtype=torch.float32,
-        compile_mode="default" if args.compile else None, save_every_steps=None, sample_every=None,
+        compile_mode="default" if args.compile else None, compile_scope=args.compile_scope if args.compile else "blocks",
+        save_every_steps=None, sample_every=None,
         log_every=10**9, log_with="none", checkpoint_dir=work, warmup_steps=0,
     )  # fmt: skip
     prof = profile(activities=[ProfilerActivity.CPU])
     events = {args.warmup: prof.start, args.warmup + args.steps: prof.stop}
     trainer = Trainer(model, config)
     trainer.setup(_Loader(_OneBatch(synthetic_batch(cfg, args.batch, args.latent, args.text_len), events)))
+    trainer._model = _marked(trainer._model)  # one process: the prepared model is the model, its wrapper no module
     try:  # one step more: asking for its batch stops the profiler, once the counted steps (EMA included) ended
         trainer.train(epochs=None, max_steps=args.warmup + args.steps + 1)
     finally:
@@ -194,13 +199,15 @@ def peer_ops(cfg: TinyFluxConfig, args: argparse.Namespace) -> Counter:
     txt_ids = torch.zeros(args.text_len, 3)
     target = torch.randn_like(x)
     model = diffusers_twin(cfg)
-    _mark_forward(model)
-    if args.compile:
+    if args.compile and args.compile_scope == "model":
+        model.compile()
+    elif args.compile:
         model.compile_repeated_blocks()
+    forward = _marked(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="cpu" in FUSED_ADAMW_DEVICES)
 
     def step() -> None:
-        v = model(x, txt, pooled, t, img_ids, txt_ids, return_dict=False)[0]
+        v = forward(x, txt, pooled, t, img_ids, txt_ids, return_dict=False)[0]
         (v.float() - target).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -222,6 +229,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps before counting (compilation, lazy state)")
     ap.add_argument("--steps", type=int, default=1, help="steps counted (the table gives ops per step)")
     ap.add_argument("--compile", action="store_true", help="compile each repeated block on both sides")
+    ap.add_argument(
+        "--compile_scope",
+        default="blocks",
+        choices=COMPILE_SCOPES,
+        help="with --compile: each block (diffusers' compile_repeated_blocks) or the whole model (nn.Module.compile)",
+    )
     ap.add_argument("--top", type=int, default=0, help="also list TinyFlux's N most frequent ops of each phase")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
@@ -236,7 +249,7 @@ def main() -> None:
     rows = [Row("whole step", sum(ours.values()), sum(peer.values()), "ops")]
     for phase in ("forward", "backward", "optimizer", "other"):
         rows.append(Row(f"  {phase}", ours[phase], peer[phase], "ops"))
-    label = "compiled blocks" if args.compile else "eager"
+    label = ("compiled blocks" if args.compile_scope == "blocks" else "compiled whole") if args.compile else "eager"
     title = (
         f"Launching ops per training step, {label}: preset={args.preset} batch={args.batch} latent={args.latent} "
         f"text={args.text_len} (other: draws, padding, teacher interpolation, losses, clipping, verdict, EMA, "

@@ -14,7 +14,8 @@ writer (Lune and Sol teacher features included), read by make_stream_loader with
 counts data loading, the forward with both expert heads, the losses, backward, gradient clipping, the finiteness
 verdict, the optimizer (fused AdamW), the LR scheduler and the EMA. The peer reads pre-made tensors already
 on the device and does forward, MSE, backward and AdamW only. `--compile` adds regional compilation of both models
-(each repeated block: Trainer's compile_mode, diffusers' compile_repeated_blocks).
+(each repeated block: Trainer's compile_mode, diffusers' compile_repeated_blocks; with `--compile_scope model`
+each whole model as one graph).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from common import (
 from tinyflux.cache.loaders import make_stream_loader
 from tinyflux.model.config import ATTENTION_BACKENDS, TinyFluxConfig
 from tinyflux.model.model import TinyFluxDeep, pack_latents
-from tinyflux.trainer.config import COMPILE_MODES
+from tinyflux.trainer.config import COMPILE_MODES, COMPILE_SCOPES
 from tinyflux.trainer.optim import FUSED_ADAMW_DEVICES
 from tinyflux.trainer.trainer import Trainer, TrainerConfig
 
@@ -126,6 +127,7 @@ def trainer_config(
         total_steps=10**9,
         dtype=dtype,
         compile_mode=args.compile_mode if compile else None,
+        compile_scope=args.compile_scope if compile else "blocks",
         gradient_checkpointing=args.grad_ckpt,
         attention_backend=args.attention_backend,
         save_every_steps=None,
@@ -222,8 +224,11 @@ class PeerLoop:
         self.model = diffusers_twin(cfg).to(device)
         if args.grad_ckpt:
             self.model.enable_gradient_checkpointing()
-        if compile:
-            self.model.compile_repeated_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        if compile and (args.peer_compile_scope or args.compile_scope) == "model":
+            self.model.compile(mode=mode)
+        elif compile:
+            self.model.compile_repeated_blocks(mode=mode)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
 
     def loss(self) -> torch.Tensor:
@@ -280,7 +285,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     with scratch_dir(args.workdir) as work:
         cache = write_synthetic_shards(cfg, work / "cache", args.cache_samples, args.latent, args.text_len)
         for compiled in modes:
-            label = "compiled" if compiled else "eager"
+            label = f"compiled ({args.compile_scope})" if compiled else "eager"
             pairs = []
             for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits both sides
                 ours = run_trainer(
@@ -619,6 +624,16 @@ def main() -> None:
         default="default",
         choices=COMPILE_MODES,
         help="torch.compile mode of --compile on both sides (reduce-overhead: CUDA graphs, static shapes only)",
+    )
+    ap.add_argument(
+        "--compile_scope",
+        default="blocks",
+        choices=COMPILE_SCOPES,
+        help="what --compile compiles on both sides: each block (the Trainer's and diffusers' regional compilation) "
+        "or the whole model as one graph (compile_scope='model'; diffusers' nn.Module.compile)",
+    )
+    ap.add_argument(
+        "--peer_compile_scope", default=None, choices=COMPILE_SCOPES, help="the peer's, when not --compile_scope"
     )
     ap.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
     ap.add_argument("--find_max_batch", action="store_true", help="GPU: the largest batch that fits (see --memory_gib)")

@@ -14,9 +14,10 @@ from tinyflux.cache.format import T_BUCKETS
 from tinyflux.cache.loaders import make_stream_loader
 from tinyflux.cache.memory import DatasetCache, EncodingCache, LuneFeatureCache, SolFeatureCache
 from tinyflux.model.model import TinyFluxDeep, pack_latents
+from tinyflux.trainer import trainer as trainer_module
 from tinyflux.trainer.batch import pad_text
 from tinyflux.trainer.config import TrainerConfigError
-from tinyflux.trainer.runtime import compile_blocks
+from tinyflux.trainer.runtime import compile_blocks, compile_model
 from tinyflux.trainer.trainer import Trainer
 
 
@@ -97,8 +98,9 @@ def _varied_captions(out: Path, n: int) -> Path:
     return out
 
 
+@pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_a_compiled_run_over_every_caption_length_compiles_once_per_bucket_and_never_after_warm_up(
-    tmp_path: Path,
+    tmp_path: Path, scope: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One caption a batch: each bucket comes up about a third of the time (with 4, nearly every batch's longest
     # would land in the largest bucket).
@@ -108,32 +110,43 @@ def test_a_compiled_run_over_every_caption_length_compiles_once_per_bucket_and_n
     # torch's counting backend runs dynamo's graphs eagerly: whether a batch recompiles is decided by dynamo's guards
     # whatever the backend, and this skips inductor's C++ builds, which take minutes on a CPU
     counter = CompileCounter()
-    compile_blocks(model, "default", backend=counter)
-    block_types = {
-        type(block) for blocks in model.children() if isinstance(blocks, torch.nn.ModuleList) for block in blocks
-    }
-    compiled_by_step: list[int] = []
-    model.register_forward_hook(lambda *_: compiled_by_step.append(counter.frame_count))
+    regions = compile_model(model, "default", scope, backend=counter)
+    # The probes stay outside the model: a hook on a model compiled whole would be traced into its graph.
     text_widths: set[int] = set()  # what the model (so every block) is given
-    model.register_forward_pre_hook(lambda _, args: text_widths.add(int(args[1].shape[1])))
+    monkeypatch.setattr(trainer_module, "pad_text", lambda *a: _recorded(text_widths, pad_text(*a)))
     cfg = config(tmp_path, total_steps=steps, gradient_accumulation=1, batch_size=batch_size, log_every=50)
     trainer = Trainer(model, cfg)
     loader = make_stream_loader(_varied_captions(tmp_path / "cache", 64), batch_size=batch_size, rank=0, world_size=1)
     trainer.setup(loader)
     lengths: set[int] = set()
+    compiled_by_step: list[int] = []
     original = trainer.train_step
 
     def step(batch: dict) -> dict:
         lengths.add(int(batch["t5_embeds"].shape[1]))
-        return original(batch)
+        parts = original(batch)
+        compiled_by_step.append(counter.frame_count)
+        return parts
 
     trainer.train_step = step  # records each batch's longest caption; the step itself is the Trainer's
     trainer.train(epochs=None)
     assert trainer.progress.step == steps and len(compiled_by_step) == steps
     assert len(lengths) > 40  # unpadded, most batches would be a new shape
     assert text_widths == {32, 64, 128} == {next(n for n in cfg.text_buckets if n >= length) for length in lengths}
-    regions = len(block_types) + 1  # and the prologue, one more region
-    assert model._compiled_prologue is not None
+    if scope == "blocks":
+        block_types = {
+            type(b) for blocks in model.children() if isinstance(blocks, torch.nn.ModuleList) for b in blocks
+        }
+        assert regions == len(model.double_blocks) + len(model.single_blocks) + 1  # and the prologue
+        assert model._compiled_prologue is not None
+        regions = len(block_types) + 1  # a list's blocks share their code: one compilation serves them all
+    else:
+        assert regions == 1 and model._compiled_call_impl is not None and model._compiled_prologue is None
     assert 0 < counter.frame_count <= len(cfg.text_buckets) * regions
     warm = next(i for i, n in enumerate(compiled_by_step) if n == counter.frame_count)
     assert warm < 20 and compiled_by_step[-1] == counter.frame_count  # nothing after warm-up
+
+
+def _recorded(widths: set[int], padded: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    widths.add(int(padded[0].shape[1]))
+    return padded

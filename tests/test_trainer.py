@@ -15,6 +15,7 @@ from tests.trainer_helpers import (
     TEXT_LEN,
     TINY,
     SyntheticCache,
+    collate,
     config,
     eval_loss,
     first_batch,
@@ -44,7 +45,7 @@ from tinyflux.trainer.optim import (
     clip_in_fused_step,
     torch_optimizer,
 )
-from tinyflux.trainer.runtime import check_compile_mode, make_accelerator
+from tinyflux.trainer.runtime import check_compile_mode, compile_model, make_accelerator
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.training_loader import EpochLoader
 
@@ -225,6 +226,43 @@ def test_compile_mode_compiles_each_block_in_place(tmp_path):
     assert trainer.model._compiled_call_impl is None  # regional: the model itself stays eager
     assert trainer.model._compiled_prologue is not None  # its once-per-forward prologue is one more region
     assert "double_blocks.0.attn.img_qkv.weight" in trainer.model.state_dict()  # names unchanged
+
+
+def test_compile_scope_model_compiles_the_whole_forward_as_one_region(tmp_path):
+    trainer = make_trainer(tmp_path, compile_mode="default", compile_scope="model")
+    assert trainer.model._compiled_call_impl is not None
+    blocks = [*trainer.model.double_blocks, *trainer.model.single_blocks]
+    assert all(block._compiled_call_impl is None for block in blocks)
+    assert trainer.model._compiled_prologue is None  # traced inside the one graph
+    assert "double_blocks.0.attn.img_qkv.weight" in trainer.model.state_dict()  # names unchanged
+    with pytest.raises(TrainerConfigError, match=r"compile_scope='fast': choose one of \['blocks', 'model'\]"):
+        config(tmp_path, compile_mode="default", compile_scope="fast")
+    with pytest.raises(TrainerConfigError, match="compile_scope='model' without compile_mode"):
+        config(tmp_path, compile_scope="model")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_model_compiled_whole_computes_the_eager_losses_and_gradients(tmp_path, checkpointing):
+    """One graph for the whole forward (compile_scope="model"), through AOTAutograd (aot_eager: the graphs inductor
+    would compile, run by eager kernels, so no C++ build), with text padded to a bucket, teacher dropout and masks."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = TinyFluxDeep(TINY)
+        perturb(model)
+        if compiled:
+            assert compile_model(model, "default", "model", backend="aot_eager") == 1
+        trainer = Trainer(model, config(tmp_path / str(compiled), gradient_checkpointing=checkpointing))
+        trainer.setup(torch.utils.data.DataLoader(SyntheticCache(), batch_size=4, collate_fn=collate))
+        parts = trainer.train_step(first_batch())
+        parts["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in parts.items()}, grads))
+    (eager, eager_grads), (whole, whole_grads) = results
+    assert eager.keys() == {"loss", "main", "lune", "sol"} and whole == pytest.approx(eager, rel=1e-5)
+    assert eager_grads.keys() == whole_grads.keys() and len(eager_grads) > 100
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(whole_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_attention_backend_reaches_the_model_and_flex_is_refused_on_the_cpu(tmp_path):
@@ -474,6 +512,14 @@ def test_cuda_graph_compile_modes_are_refused_where_parameters_move_every_step(c
         assert not caplog.records
         check_compile_mode("reduce-overhead", Engine("ddp"))
     assert "each new length records new graphs" in caplog.text
+
+
+def test_the_whole_model_scope_is_refused_where_an_engine_hooks_each_block():
+    for engine in (Engine("fsdp2"), Engine("deepspeed", zero_stage=2), Engine("deepspeed", zero_stage=3)):
+        with pytest.raises(TrainerConfigError, match="compile_scope='model' compiles the whole forward as one graph"):
+            check_compile_mode("default", engine, "model")
+    for engine in (Engine("single"), Engine("ddp")):
+        check_compile_mode("default", engine, "model")
 
 
 def test_the_accelerator_gets_the_collective_timeout_non_blocking_batches_and_no_cudnn_attention():

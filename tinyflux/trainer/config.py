@@ -25,6 +25,7 @@ from tinyflux.util import dtypes
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
 LUNE_MODES = ("cosine", "mse", "huber")  # the Lune distillation loss (losses.compute_lune_loss)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "model")  # what compile_mode compiles (runtime.compile_model)
 LOG_WITH = ("tensorboard", "wandb", "all", "none")
 
 # The accelerate mixed-precision mode of each training dtype (names: tinyflux.util.dtypes).
@@ -69,6 +70,7 @@ class TrainerConfig:
     # Memory optimization
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     compile_mode: Optional[str] = None  # torch.compile each transformer block with this mode; None = eager
+    compile_scope: str = "blocks"  # with compile_mode: "blocks" (each block its own graph), "model" (one graph)
     attention_backend: str = "sdpa"  # joint-attention kernel: "sdpa", or "flex" (FlexAttention; GPU only for training)
 
     # Flow matching
@@ -186,6 +188,9 @@ class TrainerConfig:
         choice("log_with", LOG_WITH)
         if self.compile_mode is not None:
             choice("compile_mode", COMPILE_MODES)
+        choice("compile_scope", COMPILE_SCOPES)
+        if self.compile_scope != "blocks" and self.compile_mode is None:
+            errors.append(f"compile_scope={self.compile_scope!r} without compile_mode: set compile_mode='default'")
         choice("attention_backend", ATTENTION_BACKENDS)
         for name in ("learning_rate", "snr_gamma", "huber_delta", "logit_std", "shift"):
             if getattr(self, name) <= 0:

@@ -146,8 +146,17 @@ def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that record CUDA graphs
 
 
-def check_compile_mode(mode: str | None, engine: Engine) -> None:
-    """Refuse CUDA-graph compile modes where the parameters move every step; warn of their cost elsewhere."""
+def check_compile_mode(mode: str | None, engine: Engine, scope: str = "blocks") -> None:
+    """Refuse what an engine cannot compile: CUDA-graph modes where the parameters move every step, the whole-model
+    scope outside one process and DDP; warn of the CUDA-graph modes' cost elsewhere."""
+    if mode is None:
+        return
+    if scope == "model" and engine.name not in ("single", "ddp"):
+        raise TrainerConfigError(
+            f"compile_scope='model' compiles the whole forward as one graph, but {engine} runs each block's weights "
+            f"through its own hooks (gathering or partitioning them) between the blocks. Use compile_scope='blocks' "
+            f"under FSDP2 and DeepSpeed, or train on one process or DDP"
+        )
     if mode not in CUDA_GRAPH_MODES:
         return
     if engine.shards_parameters:
@@ -157,12 +166,30 @@ def check_compile_mode(mode: str | None, engine: Engine) -> None:
             f"'max-autotune-no-cudagraphs'"
         )
     logger.warning(
-        "compile_mode=%r records CUDA graphs per block and per text length (one per text_buckets length in the "
+        "compile_mode=%r records CUDA graphs per %s and per text length (one per text_buckets length in the "
         "masked text regime; text_buckets=[] pads each batch to its longest caption, a new length almost every "
         "batch): each new length records new graphs and holds their memory. 'default' is the mode the benchmarks "
         "measure",
         mode,
+        "compiled region" if scope == "blocks" else "step",
     )
+
+
+def compile_model(
+    model: nn.Module, mode: str, scope: str = "blocks", backend: str | Callable[..., Any] = "inductor"
+) -> int:
+    """torch.compile the model in place (its state-dict names do not change); returns the number of compiled regions.
+
+    scope "blocks" (regional compilation, compile_blocks): each block of a repeated block list and the prologue its
+    own region; the blocks of a list share their code, so compile time is about that of one block and the prologue.
+    scope "model": the whole forward as one graph (fullgraph), so one set of guards a call, no eager glue between
+    regions and fusion across block boundaries, and under a CUDA-graph mode one graph for the forward and one for the
+    backward; compile time grows with depth (measured in bench/NOTES.md). Under DDP the gradients then all arrive
+    when the compiled backward ends, so their all-reduce cannot overlap it."""
+    if scope == "model":
+        model.compile(mode=None if mode == "default" else mode, backend=backend, fullgraph=True)
+        return 1
+    return compile_blocks(model, mode, backend) + hasattr(model, "compile_prologue")
 
 
 def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any] = "inductor") -> int:

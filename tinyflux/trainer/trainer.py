@@ -65,7 +65,7 @@ from tinyflux.trainer.optim import (
 )
 from tinyflux.trainer.runtime import (
     check_compile_mode,
-    compile_blocks,
+    compile_model,
     has_compiled_blocks,
     hparams,
     log_sample_grid,
@@ -116,9 +116,10 @@ class Trainer:
         # Every block's adaLN and Sol scales in one call before the blocks: not where the blocks' weights are gathered
         # only for their own forward.
         model.set_fused_conditioning(not self.engine.shards_parameters)
-        check_compile_mode(config.compile_mode, self.engine)
+        check_compile_mode(config.compile_mode, self.engine, config.compile_scope)
         if config.compile_mode is not None:
-            logger.info("compiled %d blocks (mode=%s)", compile_blocks(model, config.compile_mode), config.compile_mode)
+            regions = compile_model(model, config.compile_mode, config.compile_scope)
+            logger.info("compiled %d region(s) (mode=%s, scope=%s)", regions, config.compile_mode, config.compile_scope)
         self._params = model.get_trainable_parameters()
         self._stream_params = StreamParams.of(model)
         self.optimizer = build_optimizer(self._params, config, self.accelerator.device, lr_scales)
