@@ -422,7 +422,8 @@ def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[Non
 
     patched = [
         (Trainer, "_micro_step", "step"),
-        (TinyFluxDeep, "forward", "model forward"),
+        # the call, not forward: a model compiled whole (compile_scope="model") would trace a patched forward
+        (TinyFluxDeep, "__call__", "model forward"),
         (Trainer, "train_step", "train_step"),
         (Trainer, "_draws", "draws and teacher features"),
         (Trainer, "_teacher", "draws and teacher features"),

@@ -4,6 +4,7 @@
 # stages per lease, 1 and 3a first, calls back to back so the machine stays warm). From the repo root on the GPU machine:
 #   bash bench/gpu_session.sh 1   # the targets: whole Trainer step vs diffusers at 256 and 512 px, eager + compiled
 #   bash bench/gpu_session.sh 1b  # the same step at 256 px with CUDA graphs (compile_mode reduce-overhead), one process
+#   bash bench/gpu_session.sh 1c  # the same step at 256 px with the whole model one graph (compile_scope model)
 #   bash bench/gpu_session.sh 2   # why: profile, attention kernels (SDPA vs flex), largest batch with checkpointing
 #   bash bench/gpu_session.sh 3a  # gpu-marked tests but the engines: no host sync, flex, zoo offload
 #   bash bench/gpu_session.sh 3b  # the engine tests: FSDP2 / DeepSpeed on the deep preset, save + resume
@@ -13,7 +14,7 @@
 # deepspeed: bench/README.md says how to fetch them) are installed from .whl/ when it exists.
 # SMOKE=1 runs the same sequence at tiny sizes and short timeouts, to check this script on a CPU.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh 1|1b|2|3a|3b|4|5}
+stage=${1:?usage: bash bench/gpu_session.sh 1|1b|1c|2|3a|3b|4|5}
 out=${OUT:-runs/gpu_session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -75,6 +76,15 @@ case $stage in
   # replay; the Trainer refuses this mode under FSDP2 / ZeRO-3 (runtime.check_compile_mode).
   run train_256_cudagraphs "$long" "$py" bench/bench_train.py $train --latent $lo $compile --compile_mode reduce-overhead
   ;;
+1c)
+  # One graph for the whole forward and one for the backward instead of one per block: fewer guards and launches, and
+  # with CUDA graphs one replay a step. Against the peer's regional compile (the peer), then its whole one.
+  # --compile_scope is a no-op without $compile (SMOKE): these runs then repeat the eager step.
+  whole="--compile_scope model --compile_mode reduce-overhead"
+  run train_256_whole_cudagraphs $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole \
+    --peer_compile_scope blocks
+  run train_256_whole_vs_whole $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole
+  ;;
 2)
   run profile_256 "$short" "$py" bench/bench_train.py $train --latent $lo --profile $compile
   run attention_256 80 "$py" bench/bench_train.py $train --latent $lo --attention
@@ -107,7 +117,7 @@ case $stage in
   run sample $((long + 100)) "$py" bench/bench_sample.py $sample --latents $lo $hi $compile
   ;;
 *)
-  echo "unknown stage $stage: 1, 1b, 2, 3a, 3b, 4 or 5" >&2
+  echo "unknown stage $stage: 1, 1b, 1c, 2, 3a, 3b, 4 or 5" >&2
   exit 2
   ;;
 esac
