@@ -35,7 +35,7 @@ from tinyflux.trainer.lora import (
     expand_ranges,
 )
 from tinyflux.trainer.main import run_training
-from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV, compile_blocks
+from tinyflux.trainer.runtime import ENGINE_ON_CPU_ENV, compile_model
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
@@ -216,20 +216,22 @@ def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tmp_path):
 
 
 @pytest.mark.slow
-def test_block_compile_gives_the_adapter_the_same_gradients(tmp_path):
-    """Each block compiled with its LoRA layers in it (regional compile after injection): the loss and the adapter's
-    gradients of one micro-batch equal eager's. AOTAutograd's eager backend: dynamo's and AOTAutograd's tracing of
-    the peft layers (forward and backward graphs) without inductor's C++ builds, which take tens of seconds on a CPU;
-    the Trainer's own compile_mode path is the same compile_blocks call."""
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_block_compile_gives_the_adapter_the_same_gradients(tmp_path, scope):
+    """Each block compiled with its LoRA layers in it (regional compile after injection), or the whole model as one
+    graph: the loss and the adapter's gradients of one micro-batch equal eager's. AOTAutograd's eager backend:
+    dynamo's and AOTAutograd's tracing of the peft layers (forward and backward graphs) without inductor's C++
+    builds, which take tens of seconds on a CPU; the Trainer's own compile_mode path is the same compile_model call."""
     grads = []
     for compiled in (False, True):
         trainer = lora_trainer(tmp_path / str(compiled))
         if compiled:
-            compile_blocks(trainer.model, "default", backend="aot_eager")
+            compile_model(trainer.model, "default", scope, backend="aot_eager")
         trainer.train_step(first_batch())["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad]))
     blocks = [*trainer.model.double_blocks, *trainer.model.single_blocks]
-    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert all((block._compiled_call_impl is not None) == (scope == "blocks") for block in blocks)
+    assert (trainer.model._compiled_call_impl is not None) == (scope == "model")
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 

@@ -104,7 +104,7 @@ def test_a_compiled_run_over_every_caption_length_compiles_once_per_bucket_and_n
 ) -> None:
     # One caption a batch: each bucket comes up about a third of the time (with 4, nearly every batch's longest
     # would land in the largest bucket).
-    steps, batch_size = 200, 1
+    steps, batch_size = 1000, 1
     torch.manual_seed(0)
     model = TinyFluxDeep(TINY)
     # torch's counting backend runs dynamo's graphs eagerly: whether a batch recompiles is decided by dynamo's guards
