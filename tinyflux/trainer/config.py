@@ -69,7 +69,7 @@ class TrainerConfig:
 
     # Memory optimization
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
-    compile_mode: Optional[str] = None  # torch.compile each transformer block with this mode; None = eager
+    compile_mode: Optional[str] = None  # torch.compile with this mode what compile_scope names; None = eager
     compile_scope: str = "blocks"  # with compile_mode: "blocks" (each block its own graph), "model" (one graph)
     attention_backend: str = "sdpa"  # joint-attention kernel: "sdpa", or "flex" (FlexAttention; GPU only for training)
 

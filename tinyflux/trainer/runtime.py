@@ -210,7 +210,7 @@ def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any
 
 
 def has_compiled_blocks(model: nn.Module) -> bool:
-    """Whether any submodule was compiled in place (nn.Module.compile, as compile_blocks does)."""
+    """Whether the model or any submodule was compiled in place (nn.Module.compile, as compile_model does)."""
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
