@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 from tests.trainer_helpers import (
     TEXT_LEN,
@@ -313,6 +314,21 @@ def test_sample_grids_every_n_steps_from_the_ema(tmp_path, tiny_zoo):
     assert Image.open(next((tmp_path / "samples").glob("step0000004_000_*.png"))).size == (32, 32)  # 8 x sample_size
     assert trainer.model.training  # back in train mode, with the training weights (not the EMA) in place
     assert any(not torch.equal(trainer.ema.shadow[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_model_compiled_whole_draws_its_sample_grids_eager(tmp_path, tiny_zoo):
+    """Each sample shape and CFG batch would be a new whole-model graph (minutes at `deep`): the grids run eager, so
+    the run compiles only its training graph. The counting backend: dynamo's graphs, no inductor build."""
+    from tinyflux.sampling.sampler import Sampler
+
+    trainer = make_trainer(tmp_path, total_steps=4, sample_every=2, sample_steps=2, sample_size=4,
+                           sample_dir=str(tmp_path / "samples"))  # fmt: skip
+    counter = CompileCounter()
+    compile_model(trainer.model, "default", "model", backend=counter)  # in place: the prepared model is the model
+    trainer.sampler = Sampler(tiny_zoo, trainer.model, trainer.ema, device="cpu", dtype=torch.float32)
+    trainer.train(epochs=None)
+    assert len(list((tmp_path / "samples").glob("grid_*.png"))) == 2
+    assert counter.frame_count == 1  # the training step's graph; the grids' no_grad, CFG-sized calls compiled none
 
 
 def _dataset_cache(data: SyntheticCache, teachers: bool) -> DatasetCache:
