@@ -83,7 +83,8 @@ case $stage in
   whole="--compile_scope model --compile_mode reduce-overhead"
   run train_256_whole_cudagraphs $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole \
     --peer_compile_scope blocks
-  run train_256_whole_vs_whole $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole
+  # --warm_cache: TinyFlux's graphs come from the first run's inductor cache; the peer's whole model is new here
+  run train_256_whole_vs_whole $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole --warm_cache
   ;;
 2)
   run profile_256 "$short" "$py" bench/bench_train.py $train --latent $lo --profile $compile
