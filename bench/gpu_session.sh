@@ -80,11 +80,12 @@ case $stage in
   # One graph for the whole forward and one for the backward instead of one per block: fewer guards and launches, and
   # with CUDA graphs one replay a step. Against the peer's regional compile (the peer), then its whole one.
   # --compile_scope is a no-op without $compile (SMOKE): these runs then repeat the eager step.
-  whole="--compile_scope model --compile_mode reduce-overhead"
+  # --warm_cache on both: the default inductor cache, which stages 1 and 1b (cold, temporary caches) leave empty, so
+  # the first run's compile is still a cold one and the second reuses TinyFlux's graphs from it.
+  whole="--compile_scope model --compile_mode reduce-overhead --warm_cache"
   run train_256_whole_cudagraphs $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole \
     --peer_compile_scope blocks
-  # --warm_cache: TinyFlux's graphs come from the first run's inductor cache; the peer's whole model is new here
-  run train_256_whole_vs_whole $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole --warm_cache
+  run train_256_whole_vs_whole $((long - 20)) "$py" bench/bench_train.py $train --latent $lo $compile $whole
   ;;
 2)
   run profile_256 "$short" "$py" bench/bench_train.py $train --latent $lo --profile $compile
