@@ -54,6 +54,9 @@ main_port=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 if [[ "${DRY_RUN:-0}" != 1 ]] && ! timeout "${MAIN_ADDR_TIMEOUT:-30}" getent ahosts "$main_ip" >/dev/null; then
     echo "slurm/launch.sh: the main address $main_ip ($where) does not resolve within ${MAIN_ADDR_TIMEOUT:-30} s" \
         "on $(hostname): set MAIN_ADDR to an address of $main_node that every node reaches" >&2
+    # srun reports a task's exit before that task's last output (--kill-on-bad-exit then ends the step): once, in a
+    # full test run on 2026-12-07, this line never reached the job's output. Give it time to arrive first.
+    sleep 2
     exit 1
 fi
 
