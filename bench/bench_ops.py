@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
-from common import PRESET_CHOICES, Row, diffusers_twin, make_config, print_table
+from common import PRESET_CHOICES, Row, compile_twin, diffusers_twin, make_config, print_table
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import IterableDataset
 
@@ -199,10 +199,8 @@ def peer_ops(cfg: TinyFluxConfig, args: argparse.Namespace) -> Counter:
     txt_ids = torch.zeros(args.text_len, 3)
     target = torch.randn_like(x)
     model = diffusers_twin(cfg)
-    if args.compile and args.compile_scope == "model":
-        model.compile()
-    elif args.compile:
-        model.compile_repeated_blocks()
+    if args.compile:
+        compile_twin(model, args.compile_scope)
     forward = _marked(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="cpu" in FUSED_ADAMW_DEVICES)
 

@@ -42,6 +42,7 @@ from common import (
     add_device_args,
     best_of_rounds,
     cold_compile_caches,
+    compile_twin,
     describe_device,
     diffusers_twin,
     make_config,
@@ -224,11 +225,8 @@ class PeerLoop:
         self.model = diffusers_twin(cfg).to(device)
         if args.grad_ckpt:
             self.model.enable_gradient_checkpointing()
-        mode = None if args.compile_mode == "default" else args.compile_mode
-        if compile and (args.peer_compile_scope or args.compile_scope) == "model":
-            self.model.compile(mode=mode)
-        elif compile:
-            self.model.compile_repeated_blocks(mode=mode)
+        if compile:
+            compile_twin(self.model, args.peer_compile_scope or args.compile_scope, args.compile_mode)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
 
     def loss(self) -> torch.Tensor:
@@ -435,7 +433,8 @@ def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[Non
         (torch.optim.Optimizer, "zero_grad", "zero_grad"),
         (trainer_module.EMA, "update", "EMA"),
     ]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    # (owner, name, function, whether the owner defines it itself: an inherited one is deleted again, not copied in)
+    originals = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name, _ in patched]
 
     def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         def call(*a: Any, **k: Any) -> Any:
@@ -448,12 +447,15 @@ def timed_phases(totals: dict[str, float], device: torch.device) -> Iterator[Non
         return call
 
     try:
-        for (owner, name, label), (_, _, fn) in zip(patched, originals, strict=True):
+        for (owner, name, label), (_, _, fn, _) in zip(patched, originals, strict=True):
             setattr(owner, name, timed(fn, label))
         yield
     finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
+        for owner, name, fn, own in originals:
+            if own:
+                setattr(owner, name, fn)
+            else:
+                delattr(owner, name)
 
 
 def phases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:

@@ -71,6 +71,16 @@ def diffusers_twin(cfg: TinyFluxConfig) -> nn.Module:
     )
 
 
+def compile_twin(model: nn.Module, scope: str, mode: str = "default") -> None:
+    """Compile diffusers' twin as the Trainer's compile_scope compiles TinyFlux: each repeated block ("blocks",
+    diffusers' compile_repeated_blocks) or the whole model as one graph ("model", nn.Module.compile)."""
+    mode_arg = None if mode == "default" else mode
+    if scope == "model":
+        model.compile(mode=mode_arg)
+    else:
+        model.compile_repeated_blocks(mode=mode_arg)
+
+
 def add_device_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu) | bfloat16 | float32")

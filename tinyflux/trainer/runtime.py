@@ -210,13 +210,14 @@ def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any
 
 
 def compiled_whole(model: nn.Module) -> bool:
-    """Whether the model itself was compiled in place as one graph (compile_model's scope "model")."""
+    """Whether the module itself was compiled in place (nn.Module.compile): for a model, compile_model's scope
+    "model"."""
     return getattr(model, "_compiled_call_impl", None) is not None
 
 
 def has_compiled_blocks(model: nn.Module) -> bool:
     """Whether the model or any submodule was compiled in place (nn.Module.compile, as compile_model does)."""
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(compiled_whole(m) for m in model.modules())
 
 
 @contextmanager
