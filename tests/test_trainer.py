@@ -4,6 +4,7 @@ precision, compile, EMA, sample grids."""
 from __future__ import annotations
 
 import math
+import time
 from datetime import timedelta
 
 import pytest
@@ -314,6 +315,18 @@ def test_sample_grids_every_n_steps_from_the_ema(tmp_path, tiny_zoo):
     assert Image.open(next((tmp_path / "samples").glob("step0000004_000_*.png"))).size == (32, 32)  # 8 x sample_size
     assert trainer.model.training  # back in train mode, with the training weights (not the EMA) in place
     assert any(not torch.equal(trainer.ema.shadow[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_forward_that_cannot_be_one_graph_names_the_setting_and_the_way_out(tmp_path):
+    model = TinyFluxDeep(TINY)
+    model.register_forward_pre_hook(lambda *_: time.perf_counter())  # a builtin dynamo cannot put in a graph
+    compile_model(model, "default", "model", backend=CompileCounter())
+    trainer = Trainer(model, config(tmp_path))
+    trainer.setup(torch.utils.data.DataLoader(SyntheticCache(), batch_size=4, collate_fn=collate))
+    with pytest.raises(TrainerConfigError, match=r"compile_scope='model' needs the whole forward as one graph.*"
+                       r"Use compile_scope='blocks'") as caught:  # fmt: skip
+        trainer.train_step(first_batch())
+    assert isinstance(caught.value.__cause__, torch._dynamo.exc.Unsupported)
 
 
 def test_a_model_compiled_whole_draws_its_sample_grids_eager(tmp_path, tiny_zoo):

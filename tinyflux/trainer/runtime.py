@@ -209,6 +209,22 @@ def compile_blocks(model: nn.Module, mode: str, backend: str | Callable[..., Any
     return count
 
 
+@contextmanager
+def whole_graph_errors() -> Iterator[None]:
+    """A forward compiled whole (fullgraph) that dynamo cannot trace as one graph fails with dynamo's own report from
+    deep inside torch: say which setting asked for one graph and what to do. Compiled blocks allow graph breaks, so
+    they never raise this."""
+    try:
+        yield
+    except torch._dynamo.exc.Unsupported as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainerConfigError(
+            f"compile_scope='model' needs the whole forward as one graph, but dynamo cannot trace it ({first}): "
+            f"something in the model (a hook, a custom layer) breaks the graph. Use compile_scope='blocks', which "
+            f"compiles around such breaks, or train eager (compile_mode unset)"
+        ) from e
+
+
 def compiled_whole(model: nn.Module) -> bool:
     """Whether the module itself was compiled in place (nn.Module.compile): for a model, compile_model's scope
     "model"."""

@@ -73,6 +73,7 @@ from tinyflux.trainer.runtime import (
     make_accelerator,
     started,
     stop_signals,
+    whole_graph_errors,
     workers_ignore_stop_signals,
 )
 from tinyflux.trainer.schedules import get_lune_weight, get_sol_weight
@@ -287,7 +288,7 @@ class Trainer:
         teacher = self._teacher(batch, t)
         # The run's autocast: accelerate wraps the prepared forward in it for one process and DDP, not under FSDP2
         # (whose policy only gathers bf16 parameters); nested, it changes nothing. Off under DeepSpeed and float32.
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), whole_graph_errors():
             v_pred, expert = self._model(
                 self._input(x_t),
                 self._input(t5),
