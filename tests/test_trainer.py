@@ -50,6 +50,7 @@ from tinyflux.trainer.optim import (
 from tinyflux.trainer.runtime import check_compile_mode, compile_model, make_accelerator
 from tinyflux.trainer.trainer import Trainer
 from tinyflux.trainer.training_loader import EpochLoader
+from tinyflux.trainer.validation import Validator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -327,6 +328,11 @@ def test_a_forward_that_cannot_be_one_graph_names_the_setting_and_the_way_out(tm
                        r"Use compile_scope='blocks'") as caught:  # fmt: skip
         trainer.train_step(first_batch())
     assert isinstance(caught.value.__cause__, torch._dynamo.exc.Unsupported)
+    # the validation pass, which a run takes first (step 0), says the same
+    samples = [{**SyntheticCache()[i], "caption": "", "key": f"s{i}"} for i in range(2)]  # as read_samples gives
+    validator = Validator(samples, batch_size=2, timesteps=1)
+    with pytest.raises(TrainerConfigError, match=r"compile_scope='model' needs the whole forward as one graph"):
+        validator.evaluate(trainer)
 
 
 def test_a_model_compiled_whole_draws_its_sample_grids_eager(tmp_path, tiny_zoo):

@@ -28,6 +28,7 @@ from tinyflux.cache.format import TEACHER_TENSORS, decode_sample, load_manifest,
 from tinyflux.cache.loaders import collate_fn
 from tinyflux.model.model import TinyFluxDeep, pack_latents
 from tinyflux.trainer.batch import to_device
+from tinyflux.trainer.runtime import whole_graph_errors
 from tinyflux.util.predictions import flow_velocity, flow_x_t
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Validator:
         for t_value in self.timesteps.tolist():
             t = torch.full((b,), t_value, device=device)
             x_t = pack_latents(flow_x_t(latents, noise, t), cfg.patch_size)  # (B, N, C*p*p)
-            with trainer.accelerator.autocast():
+            with trainer.accelerator.autocast(), whole_graph_errors():
                 v_pred = trainer._model(
                     trainer._input(x_t),
                     trainer._input(t5),
